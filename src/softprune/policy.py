@@ -1,0 +1,155 @@
+"""The soft-to-hard policy and its presets.
+
+One policy covers the family (METHODS.md, "One policy, six methods"): at step t a group of N channels
+selects S_t, the floor(N * P_t) lowest-scoring channels; the floor(N * P_t * lambda_t) lowest of those
+are hard (zero and frozen, never back); the rest of S_t are soft and multiplied by alpha_t.
+
+A preset is a named bundle of the three schedules; every knob can be overridden.
+
+| preset | rate P_t    | decay alpha_t | hardness lambda_t | selection            |
+|--------|-------------|---------------|-------------------|----------------------|
+| hfp    | constant    | 0             | 1                 | chosen once, kept    |
+| sfp    | constant    | 0             | 0                 | re-chosen every step |
+| asfp   | asymptotic  | 0             | 0                 | re-chosen every step |
+| srfp   | constant    | exponential   | 0                 | re-chosen every step |
+| asrfp  | asymptotic  | exponential   | 0                 | re-chosen every step |
+| ghfp   | constant    | 0             | cubic ramp 0 -> 1 | soft part re-chosen  |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import SoftpruneError, choice_error
+from .schedules import (
+    AsymptoticRate,
+    Constant,
+    CubicRamp,
+    ExponentialDecay,
+    Schedule,
+    schedule_from_dict,
+)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Rate, decay and hardness schedules, plus HFP's "keep the first selection" rule."""
+
+    rate: Schedule
+    decay: Schedule
+    hardness: Schedule
+    keep_first: bool = False
+    name: str = "custom"
+
+    def values(self, t: int, T: int) -> tuple[float, float, float]:
+        """(P_t, alpha_t, lambda_t), each checked to lie in its range."""
+        p, a, h = self.rate(t, T), self.decay(t, T), self.hardness(t, T)
+        if not 0.0 <= p < 1.0:
+            raise SoftpruneError(f"the rate schedule gave P_t={p:.4g} at t={t}; rates must lie in [0, 1)")
+        if not 0.0 <= a <= 1.0:
+            raise SoftpruneError(f"the decay schedule gave alpha_t={a:.4g} at t={t}; decay must lie in [0, 1]")
+        if not 0.0 <= h <= 1.0:
+            raise SoftpruneError(f"the hardness schedule gave lambda_t={h:.4g} at t={t}; it must lie in [0, 1]")
+        return p, a, h
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "rate": self.rate.to_dict(),
+            "decay": self.decay.to_dict(),
+            "hardness": self.hardness.to_dict(),
+            "keep_first": self.keep_first,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Policy:
+        return cls(
+            rate=schedule_from_dict(data["rate"]),
+            decay=schedule_from_dict(data["decay"]),
+            hardness=schedule_from_dict(data["hardness"]),
+            keep_first=bool(data.get("keep_first", False)),
+            name=str(data.get("name", "custom")),
+        )
+
+
+def _preset(name: str, rate: float) -> Policy:
+    constant, asymptotic = Constant(rate), AsymptoticRate(rate)
+    zero = Constant(0.0)
+    table = {
+        "hfp": Policy(constant, zero, Constant(1.0), keep_first=True),
+        "sfp": Policy(constant, zero, zero),
+        "asfp": Policy(asymptotic, zero, zero),
+        "srfp": Policy(constant, ExponentialDecay(), zero),
+        "asrfp": Policy(asymptotic, ExponentialDecay(), zero),
+        "ghfp": Policy(constant, zero, CubicRamp()),
+    }
+    return replace(table[name], name=name)
+
+
+METHODS = ("hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp")
+
+# Override values that name a schedule rather than give its full mapping.
+_NAMED = {
+    "rate_schedule": {"constant": lambda p: Constant(p), "asymptotic": lambda p: AsymptoticRate(p)},
+    "decay": {"zero": lambda: Constant(0.0), "exponential": lambda: ExponentialDecay()},
+    "hardness": {"zero": lambda: Constant(0.0), "one": lambda: Constant(1.0), "cubic": lambda: CubicRamp()},
+}
+
+
+def check_rate(rate: object) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise SoftpruneError(f"rate must be a number in [0, 1), got {rate!r}")
+    if not 0.0 <= float(rate) < 1.0:
+        raise SoftpruneError(f"rate must lie in [0, 1) (the fraction of filters to prune), got {rate}")
+    return float(rate)
+
+
+def make_policy(
+    method: str,
+    rate: float,
+    *,
+    rate_schedule: str | dict | None = None,
+    decay: float | str | dict | None = None,
+    hardness: float | str | dict | None = None,
+    keep_first: bool | None = None,
+) -> Policy:
+    """A preset by name with any knob overridden.
+
+    ``rate_schedule``: "constant", "asymptotic", or a mapping such as {"kind": "asymptotic", "D": 0.25}
+    (the rate value always comes from ``rate``). ``decay``: a number (constant alpha), "zero",
+    "exponential" or a mapping such as {"kind": "exponential", "alpha0": 1, "sigma": 1e-3, "cutoff": 0.8}.
+    ``hardness``: a number, "zero", "one", "cubic" or a mapping. ``keep_first``: HFP's fixed selection.
+    """
+    if method not in METHODS:
+        raise choice_error("method", method, METHODS)
+    rate = check_rate(rate)
+    policy = _preset(method, rate)
+    changes: dict = {}
+    if rate_schedule is not None:
+        if isinstance(rate_schedule, str):
+            changes["rate"] = _named("rate_schedule", rate_schedule)(rate)
+        elif isinstance(rate_schedule, dict):
+            changes["rate"] = schedule_from_dict({**rate_schedule, "value": rate})
+        else:
+            raise SoftpruneError(f"rate_schedule must be 'constant', 'asymptotic' or a mapping, got {rate_schedule!r}")
+    for key, value in (("decay", decay), ("hardness", hardness)):
+        if value is None:
+            continue
+        changes[key] = _named(key, value)() if isinstance(value, str) else schedule_from_dict(value)
+    if keep_first is not None:
+        if not isinstance(keep_first, bool):
+            raise SoftpruneError(f"keep_first must be true or false, got {keep_first!r}")
+        changes["keep_first"] = keep_first
+    if changes:
+        policy = replace(policy, **changes)
+    # Check every value the schedules can take once, so bad overrides fail before training starts.
+    for t in range(0, 200):
+        policy.values(t, 200)
+    return policy
+
+
+def _named(key: str, value: str):
+    choices = _NAMED[key]
+    if value not in choices:
+        raise choice_error(key.replace("_", " "), value, choices)
+    return choices[value]

@@ -1,0 +1,139 @@
+"""Schedules: pure functions of the pruning step t (0 .. T-1) and the number of steps T.
+
+A soft-to-hard policy is three schedules (see docs/methods.md and ../METHODS.md):
+
+- the rate P_t, the fraction of a group's channels selected for pruning at step t;
+- the decay alpha_t, the factor applied to soft-pruned filters;
+- the hardness lambda_t, the fraction of the selected channels that become hard (zero and frozen).
+
+Each schedule is a small frozen dataclass: calling it gives the value, ``to_dict`` gives plain data
+for configs and checkpoints, and :func:`schedule_from_dict` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+from .errors import SoftpruneError, choice_error
+
+
+def _check_steps(t: int, T: int) -> None:
+    if T < 1:
+        raise SoftpruneError(f"total_steps must be at least 1, got {T}")
+    if not 0 <= t < T:
+        raise SoftpruneError(f"pruning step {t} is outside 0..{T - 1} (total_steps={T})")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Base class: ``schedule(t, T) -> float``."""
+
+    kind: ClassVar[str] = ""
+
+    def __call__(self, t: int, T: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """value_t = value. Rate of SFP and HFP; decay 0 (SFP) or a fixed alpha; hardness 0 or 1."""
+
+    value: float
+    kind: ClassVar[str] = "constant"
+
+    def __call__(self, t: int, T: int) -> float:
+        _check_steps(t, T)
+        return float(self.value)
+
+
+@dataclass(frozen=True)
+class AsymptoticRate(Schedule):
+    """ASFP (He et al., IEEE TCyb 2020): P_t = P * (1 - exp(-k t)), k = ln(4) / (D T).
+
+    With D = 1/8 the rate reaches 3P/4 at t = T/8. From t >= hold * T (0.95 T) the rate is held at P,
+    so the last steps prune exactly P.
+    """
+
+    value: float
+    D: float = 0.125
+    hold: float = 0.95
+    kind: ClassVar[str] = "asymptotic"
+
+    def __call__(self, t: int, T: int) -> float:
+        _check_steps(t, T)
+        if t >= self.hold * T:
+            return float(self.value)
+        k = math.log(4.0) / (self.D * T)
+        return float(self.value * (1.0 - math.exp(-k * t)))
+
+
+@dataclass(frozen=True)
+class ExponentialDecay(Schedule):
+    """SRFP (Cai et al., ICPR 2020): alpha_t = alpha0 * exp(-beta t),
+    beta = -ln(sigma / (alpha0 + 0.01 sigma)) / T, and alpha_t = 0 from t >= cutoff * T.
+
+    sigma = 1e-5 and cutoff = 0.9 for CIFAR; sigma = 1e-3 and cutoff = 0.8 for ImageNet from scratch.
+    With alpha0 = 0 it is SFP's decay (always 0).
+    """
+
+    alpha0: float = 1.0
+    sigma: float = 1e-5
+    cutoff: float = 0.9
+    kind: ClassVar[str] = "exponential"
+
+    def __call__(self, t: int, T: int) -> float:
+        _check_steps(t, T)
+        if t >= self.cutoff * T or self.alpha0 == 0.0:
+            return 0.0
+        beta = -math.log(self.sigma / (self.alpha0 + 0.01 * self.sigma)) / T
+        return float(self.alpha0 * math.exp(-beta * t))
+
+
+@dataclass(frozen=True)
+class CubicRamp(Schedule):
+    """GHFP (Cai et al., arXiv 2011.03170): lambda_t = 1 - (1 - (t+1)/T)^power, power = 3.
+
+    Starts near 0 (soft pruning, like SFP) and reaches exactly 1 at t = T-1 (hard pruning).
+    """
+
+    power: float = 3.0
+    kind: ClassVar[str] = "cubic"
+
+    def __call__(self, t: int, T: int) -> float:
+        _check_steps(t, T)
+        return float(1.0 - (1.0 - (t + 1) / T) ** self.power)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    cls.kind: cls for cls in (Constant, AsymptoticRate, ExponentialDecay, CubicRamp)
+}
+
+
+def schedule_from_dict(data: dict | float | int | Schedule) -> Schedule:
+    """Rebuild a schedule from ``to_dict`` output; a bare number means :class:`Constant`."""
+    if isinstance(data, Schedule):
+        return data
+    if isinstance(data, bool) or not isinstance(data, (dict, int, float)):
+        raise SoftpruneError(f"a schedule is a number or a mapping with 'kind', got {data!r}")
+    if isinstance(data, (int, float)):
+        return Constant(float(data))
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if kind not in SCHEDULES:
+        raise choice_error("schedule kind", kind, SCHEDULES)
+    cls = SCHEDULES[kind]
+    allowed = {f.name for f in fields(cls)}
+    unknown = set(data) - allowed
+    if unknown:
+        raise SoftpruneError(
+            f"schedule {kind!r} has no option {sorted(unknown)[0]!r}; its options are: {', '.join(sorted(allowed))}"
+        )
+    for key, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SoftpruneError(f"schedule {kind!r} option {key!r} must be a number, got {value!r}")
+    return cls(**{k: float(v) for k, v in data.items()})
