@@ -1,3 +1,44 @@
-"""softprune: soft-to-hard filter pruning for PyTorch CNNs, with exact compaction to a smaller model."""
+"""softprune: soft-to-hard filter pruning for PyTorch CNNs, with exact compaction to a smaller model.
+
+import softprune
+model = softprune.create_model("resnet56")
+pruner = softprune.Pruner(model, method="ghfp", rate=0.4, total_steps=epochs, optimizer=opt)
+...  # train; call pruner.step() at the end of each epoch
+small = pruner.compact()
+softprune.profile(small, torch.randn(1, 3, 32, 32))
+"""
+
+from .cost import latency, paper_flops_cifar_resnet, profile
+from .criteria import CRITERIA, Criterion, make_criterion, register_criterion
+from .errors import SoftpruneError
+from .graph import analyze, build_groups
+from .handlers import Handler, register_handler
+from .models import create_model, list_models
+from .ops import RULES, register_op
+from .policy import METHODS, Policy, make_policy
+from .pruner import Pruner
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CRITERIA",
+    "METHODS",
+    "RULES",
+    "Criterion",
+    "Handler",
+    "Policy",
+    "Pruner",
+    "SoftpruneError",
+    "analyze",
+    "build_groups",
+    "create_model",
+    "latency",
+    "list_models",
+    "make_criterion",
+    "make_policy",
+    "paper_flops_cifar_resnet",
+    "profile",
+    "register_criterion",
+    "register_handler",
+    "register_op",
+]

@@ -47,9 +47,13 @@ class Policy:
         if not 0.0 <= p < 1.0:
             raise SoftpruneError(f"the rate schedule gave P_t={p:.4g} at t={t}; rates must lie in [0, 1)")
         if not 0.0 <= a <= 1.0:
-            raise SoftpruneError(f"the decay schedule gave alpha_t={a:.4g} at t={t}; decay must lie in [0, 1]")
+            raise SoftpruneError(
+                f"the decay schedule gave alpha_t={a:.4g} at t={t}; decay must lie in [0, 1]"
+            )
         if not 0.0 <= h <= 1.0:
-            raise SoftpruneError(f"the hardness schedule gave lambda_t={h:.4g} at t={t}; it must lie in [0, 1]")
+            raise SoftpruneError(
+                f"the hardness schedule gave lambda_t={h:.4g} at t={t}; it must lie in [0, 1]"
+            )
         return p, a, h
 
     def to_dict(self) -> dict:
@@ -131,7 +135,9 @@ def make_policy(
         elif isinstance(rate_schedule, dict):
             changes["rate"] = schedule_from_dict({**rate_schedule, "value": rate})
         else:
-            raise SoftpruneError(f"rate_schedule must be 'constant', 'asymptotic' or a mapping, got {rate_schedule!r}")
+            raise SoftpruneError(
+                f"rate_schedule must be 'constant', 'asymptotic' or a mapping, got {rate_schedule!r}"
+            )
     for key, value in (("decay", decay), ("hardness", hardness)):
         if value is None:
             continue

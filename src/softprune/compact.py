@@ -1,0 +1,454 @@
+"""Compaction: turn a masked model into a physically smaller one that computes the same function.
+
+See docs/design.md ("Compaction"). Given the analysis of a model and the set of pruned units, every
+tensor of the trace gets a layout (for each dimension, the kept indices, or None when nothing is
+removed) and every node is rewritten:
+
+- modules with a handler are replaced by smaller ones built from the kept parameter slices;
+- element-wise nodes whose inputs have different layouts (independent residual adds) place each
+  input at its positions in the output layout (an index-add: SFP's "add the kept channels back");
+- data-movement nodes run unchanged when they give the right result on compact tensors ("native"),
+  a reshape with constant sizes gets the compact sizes, and otherwise the node runs at full width
+  between a scatter and a gather.
+
+The result is a copy of the user's model class with smaller modules when only module swaps and
+parameter slices were needed, else a ``torch.fx.GraphModule`` with the same submodule names.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import SoftpruneError
+from .graph import Analysis, _collect_tensors, _fetch_attr, _LazyParam, _map
+from .handlers import HANDLERS
+from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
+
+log = logging.getLogger(__name__)
+
+Layout = tuple  # tuple[torch.Tensor | None, ...]
+
+
+def relayout(
+    x: torch.Tensor, dim: int, src: torch.Tensor | None, dst: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Slices ``src`` of ``x`` along ``dim`` (all when None) placed at ``dst`` of a zero tensor of ``size``."""
+    shape = list(x.shape)
+    shape[dim] = size
+    part = x if src is None else x.index_select(dim, src)
+    return x.new_zeros(shape).index_copy(dim, dst, part)
+
+
+def add_at(a: torch.Tensor, b: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``a`` with ``b`` added at positions ``index`` along ``dim``: a residual add of a pruned branch."""
+    return a.index_add(dim, index, b)
+
+
+def select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    return x.index_select(dim, index)
+
+
+def layout_of(ids: torch.Tensor, alive: torch.Tensor) -> Layout:
+    """The kept indices of each dimension of a tensor whose channel ids are ``ids``."""
+    live = alive[ids]
+    if not bool(live.any()):
+        return (None,) * ids.dim()
+    out = []
+    for d in range(ids.dim()):
+        if ids.shape[d] <= 1:
+            out.append(None)
+            continue
+        other = [i for i in range(ids.dim()) if i != d]
+        keep = live.any(dim=other) if other else live
+        out.append(None if bool(keep.all()) else torch.nonzero(keep).view(-1))
+    return tuple(out)
+
+
+def apply_layout(ids: torch.Tensor, layout: Layout) -> torch.Tensor:
+    for d, idx in enumerate(layout):
+        if idx is not None:
+            ids = ids.index_select(d, idx)
+    return ids
+
+
+def _is_full(layout: Any) -> bool:
+    if isinstance(layout, (tuple, list)) and layout and not isinstance(layout[0], (torch.Tensor, type(None))):
+        return all(_is_full(x) for x in layout)
+    return layout is None or all(i is None for i in layout)
+
+
+def _rule_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        module = modules[node.target]
+        if type(module) in HANDLERS:
+            return "handler"
+        return getattr(MODULE_RULES.get(type(module)), "kind", "same")
+    if node.op == "call_function":
+        return getattr(FUNCTION_RULES.get(node.target), "kind", "same")
+    if node.op == "call_method":
+        return getattr(METHOD_RULES.get(node.target), "kind", "same")
+    return node.op
+
+
+class _Compactor:
+    def __init__(self, analysis: Analysis, alive: torch.Tensor) -> None:
+        self.a = analysis
+        self.alive = alive
+        self.old = analysis.gm
+        self.modules = dict(self.old.named_modules())
+        self.root = copy.deepcopy(self.old)
+        self.graph = torch.fx.Graph()
+        self.env: dict[str, torch.fx.Node] = {}
+        self.cval: dict[str, Any] = {}  # compact ids (tensors) or compact values (sizes, ints)
+        self.layout: dict[str, Any] = {}
+        self.full_env: dict[str, torch.fx.Node] = {}
+        self.structural = False  # any node added or changed beyond module swaps and slices
+        self.swapped: dict[str, nn.Module] = {}
+        self.sliced: dict[str, torch.Tensor] = {}
+        self._buffers = 0
+        param = next(iter(self.old.parameters()), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def const(self, t: torch.Tensor) -> torch.fx.Node:
+        name = f"_softprune_index_{self._buffers}"
+        self._buffers += 1
+        self.root.register_buffer(name, t.to(self.device), persistent=False)
+        return self.graph.get_attr(name)
+
+    def ids_of(self, node: torch.fx.Node) -> Any:
+        return self.a.node_ids[node.name]
+
+    def expected(self, node: torch.fx.Node) -> tuple[Any, Any]:
+        """(layout, compact ids) of a node from its full ids."""
+        ids = self.ids_of(node)
+
+        def lay(t):
+            return layout_of(t, self.alive) if isinstance(t, torch.Tensor) else None
+
+        layout = _map(ids, lay)
+
+        def shrink(t):
+            return apply_layout(t, layout_of(t, self.alive)) if isinstance(t, torch.Tensor) else t
+
+        return layout, _map(ids, shrink)
+
+    def to_full(self, old: torch.fx.Node) -> torch.fx.Node:
+        """A node giving ``old``'s value at full width (zeros at removed positions)."""
+        if old.name in self.full_env:
+            return self.full_env[old.name]
+        layout = self.layout.get(old.name)
+        val = self.ids_of(old) if old.name in self.a.node_ids else None
+        if isinstance(val, torch.Tensor):
+            new = self.env[old.name]
+            for d, idx in enumerate(layout or ()):
+                if idx is not None:
+                    new = self.graph.call_function(relayout, (new, d, None, self.const(idx), val.shape[d]))
+        elif old.op in ("placeholder", "get_attr") or val is None or not _collect_tensors(val):
+            if old.op in ("call_function", "call_method") and any(
+                isinstance(a, torch.fx.Node) for a in old.all_input_nodes
+            ):
+                new = self.graph.node_copy(old, lambda n: self.to_full(n))
+            else:
+                new = self.env[old.name]
+        else:
+            raise SoftpruneError(f"internal: cannot rebuild full-width value of node '{old.name}'")
+        self.full_env[old.name] = new
+        return new
+
+    def run_compact(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+        """Execute a movement op on compact ids (``args`` mapped from compact values)."""
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        return node.target(*args, **kwargs)
+
+    def compact_args(self, node: torch.fx.Node) -> tuple[tuple, dict]:
+        args = torch.fx.node.map_arg(node.args, lambda n: self.cval[n.name])
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: self.cval[n.name])
+        return args, kwargs
+
+    # -- node kinds ----------------------------------------------------------------------------
+    def placeholder(self, node: torch.fx.Node) -> None:
+        self.env[node.name] = self.graph.node_copy(node)
+        self.cval[node.name] = self.ids_of(node)
+        self.layout[node.name] = None
+
+    def get_attr(self, node: torch.fx.Node) -> None:
+        self.env[node.name] = self.graph.node_copy(node)
+        ids = self.a.node_ids.get(("param", node.target))
+        if isinstance(ids, torch.Tensor):
+            layout = layout_of(ids, self.alive)
+            self.layout[node.name] = layout
+            self.cval[node.name] = apply_layout(ids, layout)
+            if not _is_full(layout):
+                value = _fetch_attr(self.old, node.target)
+                small = apply_layout(
+                    value.detach(), tuple(None if i is None else i.to(value.device) for i in layout)
+                )
+                self.sliced[node.target] = small
+                owner_name, _, attr = node.target.rpartition(".")
+                owner = self.root.get_submodule(owner_name) if owner_name else self.root
+                if isinstance(value, nn.Parameter):
+                    setattr(owner, attr, nn.Parameter(small.clone(), requires_grad=value.requires_grad))
+                else:
+                    owner.register_buffer(attr, small.clone())
+        else:
+            value = _fetch_attr(self.old, node.target)
+            self.cval[node.name] = value
+            self.layout[node.name] = None
+
+    def handler_module(self, node: torch.fx.Node) -> None:
+        name = node.target
+        module = self.modules[name]
+        members = {(m.param, m.dim): m for m in self.a.members if m.module == name and m.dim is not None}
+
+        def keep(param: str, dim: int) -> torch.Tensor | None:
+            m = members.get((param, dim))
+            if m is None:
+                return None
+            live = self.alive[m.unit]
+            return None if bool(live.all()) else torch.nonzero(live).view(-1)
+
+        if name not in self.swapped:
+            if any(keep(p, d) is not None for p, d in members):
+                new = HANDLERS[type(module)].compact(module, keep)
+                self.swapped[name] = new
+                self.root.set_submodule(name, new)
+        self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
+        self.layout[node.name], self.cval[node.name] = self.expected(node)
+
+    def same(self, node: torch.fx.Node) -> None:
+        """Ops that keep layouts by construction (element-wise unary, pooling, reductions)."""
+        self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
+        if node.name in self.a.node_ids and _collect_tensors(self.ids_of(node)):
+            self.layout[node.name], self.cval[node.name] = self.expected(node)
+        else:
+            args, kwargs = self.compact_args(node)
+            self.cval[node.name] = self.run_compact(node, args, kwargs)
+            self.layout[node.name] = None
+
+    def binary(self, node: torch.fx.Node) -> None:
+        out_layout, out_c = self.expected(node)
+        self.layout[node.name], self.cval[node.name] = out_layout, out_c
+        out_ids = self.ids_of(node)
+        fixes: dict[int, list[tuple[int, torch.Tensor | None, torch.Tensor, int]]] = {}
+        for i, arg in enumerate(node.args[:2]):
+            if not isinstance(arg, torch.fx.Node) or not isinstance(self.ids_of(arg), torch.Tensor):
+                continue
+            in_ids, in_layout = self.ids_of(arg), self.layout[arg.name]
+            offset = out_ids.dim() - in_ids.dim()
+            for d in range(in_ids.dim()):
+                if in_ids.shape[d] == 1:
+                    continue
+                n = in_ids.shape[d]
+                src_full = torch.arange(n) if in_layout is None or in_layout[d] is None else in_layout[d]
+                o = out_layout[d + offset]
+                dst_full = torch.arange(n) if o is None else o
+                if torch.equal(src_full, dst_full):
+                    continue
+                common = src_full[torch.isin(src_full, dst_full)]
+                src = torch.searchsorted(src_full, common)
+                dst = torch.searchsorted(dst_full, common)
+                src = None if src.numel() == src_full.numel() else src
+                fixes.setdefault(i, []).append((d, src, dst, dst_full.numel()))
+        if not fixes:
+            self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
+            return
+        self.structural = True
+        is_add = node.target in ("add", "__add__") or node.target in (
+            __import__("operator").add,
+            __import__("operator").iadd,
+            torch.add,
+        )
+        if is_add and len(fixes) == 1 and len(next(iter(fixes.values()))) == 1 and not node.kwargs:
+            i = next(iter(fixes))
+            d, src, dst, _ = fixes[i][0]
+            other = node.args[1 - i]
+            if src is None and isinstance(other, torch.fx.Node):
+                offset = out_ids.dim() - self.ids_of(node.args[i]).dim()
+                self.env[node.name] = self.graph.call_function(
+                    add_at, (self.env[other.name], self.env[node.args[i].name], d + offset, self.const(dst))
+                )
+                return
+        new_args = list(torch.fx.node.map_arg(node.args, lambda n: self.env[n.name]))
+        for i, steps in fixes.items():
+            x = new_args[i]
+            for d, src, dst, size in steps:
+                x = self.graph.call_function(
+                    relayout, (x, d, None if src is None else self.const(src), self.const(dst), size)
+                )
+            new_args[i] = x
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: self.env[n.name])
+        self.env[node.name] = self.graph.create_node(
+            node.op, node.target, tuple(new_args), kwargs, name=node.name
+        )
+
+    def movement(self, node: torch.fx.Node) -> None:
+        out_layout, out_c = self.expected(node)
+        self.layout[node.name], self.cval[node.name] = out_layout, out_c
+        args, kwargs = self.compact_args(node)
+        if self._matches(node, args, kwargs, out_c):
+            self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
+            return
+        self.structural = True
+        rewritten = self._reshape_rewrite(node, args, kwargs, out_c)
+        if rewritten is not None:
+            self.env[node.name] = rewritten
+            return
+        # last resort: run at full width, then keep the surviving positions
+        full = self.graph.node_copy(node, lambda n: self.to_full(n))
+        self.env[node.name] = self._select_layout(full, out_layout)
+
+    def _matches(self, node, args, kwargs, expected) -> bool:
+        try:
+            got = self.run_compact(node, args, kwargs)
+        except Exception:  # wrong sizes on compact ids: the op is not native
+            return False
+        return _same_ids(got, expected)
+
+    def _reshape_rewrite(self, node, args, kwargs, expected) -> torch.fx.Node | None:
+        """view/reshape with constant sizes: use the compact sizes where they changed."""
+        is_method = node.op == "call_method" and node.target in ("view", "reshape")
+        is_fn = node.op == "call_function" and node.target is torch.reshape
+        if not (is_method or is_fn) or not isinstance(expected, torch.Tensor):
+            return None
+        old_shape = (
+            node.args[1:]
+            if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list))
+            else node.args[1]
+        )
+        full_val = self.ids_of(node)
+        if len(old_shape) != expected.dim():
+            return None
+        new_shape = []
+        for i, s in enumerate(old_shape):
+            if isinstance(s, torch.fx.Node):
+                if self.cval[s.name] not in (-1, expected.shape[i]):
+                    return None
+                new_shape.append(self.env[s.name])
+            elif s == -1 or s == expected.shape[i]:
+                new_shape.append(s)
+            elif s == full_val.shape[i]:
+                new_shape.append(expected.shape[i])
+            else:
+                return None
+        x = self.env[node.args[0].name]
+        new = self.graph.call_method("reshape", (x, *new_shape))
+        cargs = [
+            self.cval[node.args[0].name],
+            *[self.cval[s.name] if isinstance(s, torch.fx.Node) else s for s in new_shape],
+        ]
+        if not self._matches(
+            type("N", (), {"op": "call_method", "target": "reshape"})(), cargs, {}, expected
+        ):
+            self.graph.erase_node(new)
+            return None
+        return new
+
+    def _select_layout(self, full: torch.fx.Node, layout: Any) -> torch.fx.Node:
+        if isinstance(layout, tuple) and all(isinstance(i, (torch.Tensor, type(None))) for i in layout):
+            x = full
+            for d, idx in enumerate(layout):
+                if idx is not None:
+                    x = self.graph.call_function(select, (x, d, self.const(idx)))
+            return x
+        if _is_full(layout):
+            return full
+        raise SoftpruneError("internal: a full-width fallback with several outputs of changed layout")
+
+    def output(self, node: torch.fx.Node) -> None:
+        def fix(n: torch.fx.Node) -> torch.fx.Node:
+            return self.to_full(n) if not _is_full(self.layout.get(n.name)) else self.env[n.name]
+
+        self.graph.output(torch.fx.node.map_arg(node.args[0], fix))
+
+    # -- driver --------------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.old.graph.nodes:
+            if node.op == "placeholder":
+                self.placeholder(node)
+            elif node.op == "get_attr":
+                self.get_attr(node)
+            elif node.op == "output":
+                self.output(node)
+            else:
+                kind = _rule_kind(node, self.modules)
+                if kind == "handler":
+                    self.handler_module(node)
+                elif kind == "binary":
+                    self.binary(node)
+                elif kind == "movement":
+                    self.movement(node)
+                else:
+                    self.same(node)
+
+
+def _same_ids(got: Any, expected: Any) -> bool:
+    if isinstance(expected, torch.Tensor):
+        return isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected)
+    if isinstance(expected, (tuple, list)):
+        return (
+            isinstance(got, (tuple, list))
+            and len(got) == len(expected)
+            and all(_same_ids(g, e) for g, e in zip(got, expected))
+        )
+    return True
+
+
+def compact_model(model: nn.Module, analysis: Analysis, pruned_classes: torch.Tensor) -> nn.Module:
+    """A smaller model equal to ``model`` (masked) with the units of ``pruned_classes`` removed."""
+    alive = analysis.ids.alive(pruned_classes)
+    worker = _Compactor(analysis, alive)
+    worker.run()
+    worker.graph.lint()
+    training = model.training
+    if not worker.structural:
+        small = copy.deepcopy(model)
+        for name, module in worker.swapped.items():
+            small.set_submodule(name, copy.deepcopy(module))
+        for target, value in worker.sliced.items():
+            owner_name, _, attr = target.rpartition(".")
+            owner = small.get_submodule(owner_name) if owner_name else small
+            old = getattr(owner, attr)
+            if isinstance(old, nn.Parameter):
+                setattr(owner, attr, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
+            else:
+                owner.register_buffer(attr, value.clone())
+    else:
+        small = torch.fx.GraphModule(worker.root, worker.graph, class_name=type(model).__name__)
+    small.train(training)
+    return small
+
+
+def max_difference(reference: nn.Module, candidate: nn.Module, example_inputs: tuple) -> tuple[float, float]:
+    """(max |reference - candidate|, max |reference|) over every output tensor, in eval mode."""
+    was_ref, was_cand = reference.training, candidate.training
+    reference.eval()
+    candidate.eval()
+    try:
+        with torch.no_grad():
+            ref = _collect_tensors(reference(*example_inputs))
+            got = _collect_tensors(candidate(*example_inputs))
+    finally:
+        reference.train(was_ref)
+        candidate.train(was_cand)
+    if len(ref) != len(got):
+        return float("inf"), 0.0
+    diff, scale = 0.0, 0.0
+    for r, g in zip(ref, got):
+        if r.shape != g.shape:
+            return float("inf"), 0.0
+        diff = max(diff, float((r.float() - g.float()).abs().max()) if r.numel() else 0.0)
+        scale = max(scale, float(r.float().abs().max()) if r.numel() else 0.0)
+    return diff, scale
+
+
+__all__ = ["compact_model", "max_difference", "relayout", "add_at", "select", "layout_of", "_LazyParam"]

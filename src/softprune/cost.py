@@ -1,0 +1,118 @@
+"""Cost: parameters, MACs (measured and the papers' convention) and latency.
+
+MACs are measured with ``torch.utils.flop_counter.FlopCounterMode`` on a real forward pass (it counts
+2 FLOPs per multiply-accumulate of convolutions and matrix products; softprune reports MACs = FLOPs/2).
+``conv_macs`` keeps only convolutions, the papers' convention (FC layers ignored), so a compact model's
+``conv_macs`` is the papers' FLOPs figure realized in a real model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import SoftpruneError
+
+_CONV_OPS = ("convolution", "conv2d", "conv1d", "conv3d", "_convolution")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+@torch.no_grad()
+def measure_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """{"macs": all multiply-accumulates, "conv_macs": convolutions only} for one forward pass,
+    divided by the batch size of the first input (MACs per sample)."""
+    inputs = _as_tuple(example_inputs)
+    batch = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0 else 1
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        model.train(was_training)
+    total = counter.get_total_flops()
+    conv = sum(
+        flops
+        for op, flops in counter.get_flop_counts().get("Global", {}).items()
+        if any(c in str(op) for c in _CONV_OPS)
+    )
+    return {"macs": int(total // 2 // batch), "conv_macs": int(conv // 2 // batch)}
+
+
+def profile(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """Parameters and MACs per sample: {"params", "macs", "conv_macs"}."""
+    if not isinstance(model, nn.Module):
+        raise SoftpruneError(f"profile() takes a torch.nn.Module, got {type(model).__name__}")
+    return {"params": count_parameters(model), **measure_macs(model, example_inputs)}
+
+
+@torch.no_grad()
+def latency(
+    model: nn.Module, example_inputs: Any, *, warmup: int = 5, repeats: int = 20, threads: int | None = None
+) -> dict[str, float]:
+    """Median, min and max wall time of a forward pass in eval mode, in milliseconds.
+
+    CUDA inputs are synchronized around each run. ``threads`` sets torch's intra-op threads for the
+    measurement and restores them after.
+    """
+    inputs = _as_tuple(example_inputs)
+    cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(*inputs)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        model.train(was_training)
+        torch.set_num_threads(old_threads)
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "repeats": repeats,
+    }
+
+
+def paper_flops_cifar_resnet(depth: int, rate: float) -> float:
+    """The papers' FLOPs count of a CIFAR ResNet-(6n+2) with every conv pruned at ``rate``
+    (FPGM/SFP code; METHODS.md): conv multiply-accumulates only, with k = 1 - rate,
+
+        27*16*32^2*k + sum over blocks [C_in*C*9*HW*f_a + C^2*9*HW*k^2],
+
+    f_a = k^2 for the first block of stage 1 (its input is the pruned stem) and k otherwise.
+    """
+    if (depth - 2) % 6 != 0 or depth < 8:
+        raise SoftpruneError(f"a CIFAR ResNet has depth 6n+2 (20, 32, 56, 110, ...), got {depth}")
+    n, k = (depth - 2) // 6, 1.0 - rate
+    widths, sides = (16, 32, 64), (32, 16, 8)
+    total = 27 * 16 * 32**2 * k
+    for stage, (c, side) in enumerate(zip(widths, sides)):
+        hw = side * side
+        for block in range(n):
+            c_in = widths[stage - 1] if block == 0 and stage > 0 else c
+            f_a = k * k if stage == 0 and block == 0 else k
+            total += c_in * c * 9 * hw * f_a + c * c * 9 * hw * k * k
+    return total

@@ -1,0 +1,677 @@
+"""Channel dependency analysis: trace a model and find its channel groups.
+
+See docs/design.md ("The channel graph"). The model is traced with torch.fx; the trace is run once
+on the example input with real tensors and, beside each, a tensor of channel ids of the same shape
+(batch 1). Handlers (modules with parameters) and op rules (everything else) move the ids; joined
+ids become units; units sharing producers become groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import SoftpruneError
+from .groups import ChannelGroup, Member, Role
+
+log = logging.getLogger(__name__)
+
+ZERO = 0  # a constant zero (padding): joins nothing, removable
+CONST = 1  # a constant or input value: joins nothing, never removable
+_UNIT, _SUM, _DERIVED = 0, 1, 2
+
+
+class IdTable:
+    """Channel ids, their joins (union-find edges), sums and derived ids, and frozen reasons."""
+
+    def __init__(self) -> None:
+        self.count = 2
+        self._kind = torch.zeros(1024, dtype=torch.int8)
+        self._base = torch.arange(1024)
+        self.parts: dict[int, tuple[int, ...]] = {}  # sum id -> part ids
+        self.collapsed: set[int] = set()  # sum ids that were joined with their parts
+        self._derived: dict[int, int] = {}  # base id -> its derived id
+        self.frozen: dict[int, str] = {}
+        self._edges: list[torch.Tensor] = []
+        self.label: torch.Tensor | None = None  # class of every id, after resolve()
+
+    def _grow(self, n: int) -> None:
+        need = self.count + n
+        if need <= self._kind.numel():
+            return
+        size = max(need, 2 * self._kind.numel())
+        kind = torch.zeros(size, dtype=torch.int8)
+        kind[: self._kind.numel()] = self._kind
+        base = torch.arange(size)
+        base[: self._base.numel()] = self._base
+        self._kind, self._base = kind, base
+
+    def new(self, n: int, kind: int = _UNIT) -> torch.Tensor:
+        self._grow(n)
+        ids = torch.arange(self.count, self.count + n)
+        self._kind[self.count : self.count + n] = kind
+        self.count += n
+        return ids
+
+    def kind(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._kind[ids]
+
+    def base(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._base[ids]
+
+    def new_sum(self, parts: Iterable[int]) -> int:
+        flat: list[int] = []
+        for p in parts:
+            flat.extend(self.parts.get(p, (p,)))
+        sid = int(self.new(1, _SUM))
+        self.parts[sid] = tuple(sorted(set(flat)))
+        return sid
+
+    def derived(self, ids: torch.Tensor) -> torch.Tensor:
+        """The derived id of each id: "depends on this channel but is nonzero when it is pruned"."""
+        out = ids.clone()
+        flat = out.view(-1)
+        uniq = torch.unique(flat)
+        table = {}
+        for u in uniq.tolist():
+            if u in (ZERO, CONST):
+                table[u] = CONST if u == CONST else ZERO
+                continue
+            b = int(self._base[u])
+            if b not in self._derived:
+                d = int(self.new(1, _DERIVED))
+                self._base[d] = b
+                self._derived[b] = d
+            table[u] = self._derived[b]
+        lookup = torch.tensor([table[u] for u in uniq.tolist()])
+        return lookup[torch.searchsorted(uniq, flat)].view_as(ids)
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Join the classes of a[i] and b[i] for every i (zeros and constants are skipped)."""
+        a, b = self.base(a.reshape(-1)), self.base(b.reshape(-1))
+        keep = (a > CONST) & (b > CONST) & (a != b)
+        if not bool(keep.any()):
+            return
+        pairs = torch.unique(torch.stack([a[keep], b[keep]]), dim=1)
+        self._edges.append(pairs)
+        for sid in torch.unique(pairs).tolist():
+            if sid in self.parts and sid not in self.collapsed:
+                self.collapsed.add(sid)
+                parts = torch.tensor(self.parts[sid])
+                self._edges.append(torch.stack([torch.full_like(parts, sid), parts]))
+
+    def union_all(self, ids: torch.Tensor) -> int:
+        """Join every id in ``ids`` (ignoring zeros and constants); return one of them or ZERO/CONST."""
+        flat = torch.unique(self.base(ids.reshape(-1)))
+        real = flat[flat > CONST]
+        if real.numel() == 0:
+            return CONST if bool((flat == CONST).any()) else ZERO
+        if real.numel() > 1:
+            self.union(real[:1].expand(real.numel() - 1), real[1:])
+        return int(real[0])
+
+    def freeze(self, ids: torch.Tensor | Iterable[int], reason: str) -> None:
+        ids = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids).reshape(-1)
+        for i in torch.unique(self.base(ids)).tolist():
+            if i <= CONST:
+                continue
+            for p in self.parts.get(i, (i,)):
+                self.frozen.setdefault(p, reason)
+
+    def resolve(self) -> torch.Tensor:
+        """Connected components of the join edges: ``label[id]`` is the class of every id."""
+        n = self.count
+        label = torch.arange(n)
+        if self._edges:
+            edges = torch.cat(self._edges, dim=1)
+            u, v = edges[0], edges[1]
+            while True:  # hook smaller labels onto larger, then compress paths, until stable
+                lu, lv = label[u], label[v]
+                m = torch.minimum(lu, lv)
+                new = label.clone()
+                new.scatter_reduce_(0, lu, m, reduce="amin")
+                new.scatter_reduce_(0, lv, m, reduce="amin")
+                while True:
+                    nxt = new[new]
+                    if torch.equal(nxt, new):
+                        break
+                    new = nxt
+                if torch.equal(new, label):
+                    break
+                label = new
+        label = label[self._base[:n]]  # derived ids belong to their base's class
+        self.label = label
+        return label
+
+    def alive(self, pruned_classes: torch.Tensor) -> torch.Tensor:
+        """Per id: does it survive when the classes flagged in ``pruned_classes`` are removed?"""
+        assert self.label is not None
+        n = self.count
+        alive = ~pruned_classes[self.label]
+        alive[ZERO] = False
+        alive[CONST] = True
+        for sid, parts in self.parts.items():
+            if sid not in self.collapsed:
+                alive[sid] = bool(alive[list(parts)].any())
+        # derived ids follow their base (a sum base included)
+        derived = torch.nonzero(self._kind[:n] == _DERIVED).view(-1)
+        if derived.numel():
+            alive[derived] = alive[self._base[derived]]
+        return alive
+
+
+class Context:
+    """What a handler or op rule can do while ids flow through one node."""
+
+    def __init__(self, analysis: Analysis, node: torch.fx.Node, module_name: str = "") -> None:
+        self.analysis = analysis
+        self.ids = analysis.ids
+        self.node = node
+        self.module_name = module_name
+        self.out: Any = None  # the node's real output
+
+    @property
+    def residual(self) -> str:
+        return self.analysis.residual
+
+    def where(self) -> str:
+        return f"{self.node.op} {self.node.target!s} (node '{self.node.name}')"
+
+    def fresh(self, n: int) -> torch.Tensor:
+        return self.ids.new(n)
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.ids.union(a, b)
+
+    def freeze(self, ids: torch.Tensor, reason: str) -> None:
+        self.ids.freeze(ids, reason)
+
+    def positions(self, ids: torch.Tensor, dim: int) -> torch.Tensor:
+        """One id per position along ``dim``, for a consumer that mixes that dimension.
+
+        The consumer's weights for a position are shared by every element of the slice, so the slice's
+        ids are joined. A derived id here would be a nonzero constant after pruning, so its channel is
+        frozen; a constant next to a channel freezes the channel too.
+        """
+        moved = ids.movedim(dim, 0).reshape(ids.shape[dim], -1)
+        base = self.ids.base(moved)
+        kind = self.ids.kind(moved)
+        derived = kind == _DERIVED
+        if bool(derived.any()):
+            self.freeze(
+                base[derived],
+                f"reaches {self.where()} through an operation that is not zero at zero",
+            )
+        out = torch.empty(moved.shape[0], dtype=torch.long)
+        first = base[:, 0]
+        uniform = (base == first[:, None]).all(dim=1)
+        out[uniform] = first[uniform]
+        for p in torch.nonzero(~uniform).view(-1).tolist():
+            row = base[p]
+            if bool((row == CONST).any()):
+                self.freeze(row, f"shares a position with a constant at {self.where()}")
+                out[p] = CONST
+            else:
+                out[p] = self.ids.union_all(row)
+        return out
+
+    def channels(self, ids: torch.Tensor, dim: int) -> torch.Tensor:
+        """One id per position along ``dim`` for a channel-wise operation (BatchNorm, depthwise conv).
+
+        Unlike :meth:`positions`, derived ids stay derived: a channel-wise op does not mix channels, so
+        a nonzero constant stays in its own channel and is judged where it is consumed.
+        """
+        moved = ids.movedim(dim, 0).reshape(ids.shape[dim], -1)
+        first = moved[:, 0]
+        uniform = (moved == first[:, None]).all(dim=1)
+        out = first.clone()
+        for p in torch.nonzero(~uniform).view(-1).tolist():
+            row = torch.unique(moved[p])
+            row = row[row != ZERO]
+            if row.numel() == 1:
+                out[p] = row[0]
+            elif bool((row == CONST).any()):
+                self.freeze(row, f"shares a channel with a constant at {self.where()}")
+                out[p] = CONST
+            else:
+                rep = self.ids.union_all(row)
+                derived = bool((self.ids.kind(row) == _DERIVED).any())
+                out[p] = int(self.ids.derived(torch.tensor([rep]))[0]) if derived else rep
+        return out
+
+    def member(
+        self, param: str, dim: int | None, ids: torch.Tensor, role: Role, module: str | None = None
+    ) -> None:
+        """Declare that position i of ``param`` along ``dim`` belongs to channel ``ids[i]``.
+
+        A module called more than once (shared weights) declares the same slice again: the ids of
+        every call are joined, since one weight slice cannot be kept for one call and pruned for another.
+        """
+        module = self.module_name if module is None else module
+        key = (module, param, dim, role)
+        seen = self.analysis.member_index.get(key)
+        if seen is not None:
+            self.union(seen.unit, self.ids.base(ids))
+            return
+        member = Member(module, param, dim, self.ids.base(ids), role)
+        self.analysis.member_index[key] = member
+        self.analysis.members.append(member)
+
+    @staticmethod
+    def broadcast(ids_1d: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
+        view = [1] * len(shape)
+        view[dim] = ids_1d.numel()
+        return ids_1d.view(view).expand(shape)
+
+
+Rule = Callable[..., Any]
+
+
+class Tracer(torch.fx.Tracer):
+    """fx tracer whose leaves are the modules softprune has a handler or rule for."""
+
+    def __init__(
+        self, handlers: dict[type, Any], module_rules: dict[type, Rule], leaf_modules: Iterable[str] = ()
+    ):
+        super().__init__()
+        self.handlers = handlers
+        self.module_rules = module_rules
+        self.extra_leaves = set(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.extra_leaves or type(m) in self.handlers or type(m) in self.module_rules:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(
+    model: nn.Module, handlers=None, module_rules=None, leaf_modules: Iterable[str] = ()
+) -> torch.fx.GraphModule:
+    from .handlers import HANDLERS
+    from .ops import MODULE_RULES
+
+    handlers = HANDLERS if handlers is None else handlers
+    module_rules = MODULE_RULES if module_rules is None else module_rules
+    tracer = Tracer(handlers, module_rules, leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types; the user needs the cause and the way out
+        raise SoftpruneError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
+            "softprune needs a traceable forward; move data-dependent Python control flow into a "
+            "submodule and list it in ignore= (it is then kept whole), or register a handler for it"
+        ) from exc
+    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+@dataclass
+class Analysis:
+    """The result of running the ids through a trace."""
+
+    model: nn.Module
+    gm: torch.fx.GraphModule
+    residual: str
+    ids: IdTable = field(default_factory=IdTable)
+    members: list[Member] = field(default_factory=list)
+    member_index: dict[tuple, Member] = field(default_factory=dict)
+    node_ids: dict[str, Any] = field(default_factory=dict)  # node name -> ids (tensor or nested)
+    node_vals: dict[str, Any] = field(default_factory=dict)  # node name -> non-tensor values
+    param_nodes: dict[str, str] = field(default_factory=dict)  # get_attr node name -> qualified name
+    module_of_node: dict[str, str] = field(default_factory=dict)
+    consumers: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _map(value: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    return fn(value)
+
+
+def _example_batch1(example_inputs: tuple) -> tuple:
+    def one(x):
+        return x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+
+    return tuple(_map(x, one) for x in example_inputs)
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: tuple,
+    *,
+    residual: str = "independent",
+    handlers: dict | None = None,
+    leaf_modules: Iterable[str] = (),
+    gm: torch.fx.GraphModule | None = None,
+) -> Analysis:
+    """Trace ``model`` and run ids through it on ``example_inputs`` (only the first sample is used)."""
+    from .handlers import HANDLERS
+    from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, rule_for_unknown
+
+    handlers = {**HANDLERS, **(handlers or {})}
+    gm = gm if gm is not None else trace(model, handlers, MODULE_RULES, leaf_modules)
+    result = Analysis(model=model, gm=gm, residual=residual)
+    ids = result.ids
+    inputs = iter(_example_batch1(example_inputs))
+    vals: dict[str, Any] = {}
+    idmap: dict[str, Any] = {}
+    modules = dict(gm.named_modules())
+
+    was_training = model.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            for node in gm.graph.nodes:
+                ctx = Context(result, node)
+                if node.op == "placeholder":
+                    try:
+                        val = next(inputs)
+                    except StopIteration:
+                        if node.args:  # a default value
+                            val = node.args[0]
+                        else:
+                            raise SoftpruneError(
+                                f"the model's forward takes an input '{node.target}' that example_inputs does not give"
+                            ) from None
+                    vals[node.name] = val
+                    idmap[node.name] = _map(
+                        val, lambda v: torch.full(v.shape, CONST) if isinstance(v, torch.Tensor) else None
+                    )
+                    continue
+                if node.op == "output":
+                    out_ids = _collect_tensors(_load(node.args, idmap))
+                    for t in out_ids:
+                        ids.freeze(t, "reaches the model's output")
+                    continue
+                args = _load(node.args, vals)
+                kwargs = _load(node.kwargs, vals)
+                arg_ids = _load(node.args, idmap)
+                kwarg_ids = _load(node.kwargs, idmap)
+                if node.op == "get_attr":
+                    val = _fetch_attr(gm, node.target)
+                    vals[node.name] = val
+                    if isinstance(val, torch.Tensor):
+                        result.param_nodes[node.name] = node.target
+                        idmap[node.name] = _LazyParam(node.target)
+                    else:
+                        idmap[node.name] = None
+                    continue
+                if node.op == "call_module":
+                    module = modules[node.target]
+                    val = module(*args, **kwargs)
+                    ctx.module_name = node.target
+                    ctx.out = val
+                    result.module_of_node[node.name] = node.target
+                    arg_ids = _materialize(arg_ids, result, node)
+                    kwarg_ids = _materialize(kwarg_ids, result, node)
+                    handler = handlers.get(type(module))
+                    if handler is not None:
+                        out = handler.propagate(module, ctx, *arg_ids, **kwarg_ids)
+                    elif type(module) in MODULE_RULES:
+                        out = MODULE_RULES[type(module)](ctx, module, arg_ids, kwarg_ids, args, kwargs)
+                    elif node.target in set(leaf_modules):
+                        out = _opaque(
+                            ctx, arg_ids, kwarg_ids, val, f"module '{node.target}' is listed in ignore"
+                        )
+                    else:
+                        raise SoftpruneError(
+                            f"softprune has no handler for module '{node.target}' ({type(module).__name__}). "
+                            "Either pass ignore=['"
+                            + node.target
+                            + "'] to keep it whole, or register a handler "
+                            "with softprune.register_handler(" + type(module).__name__ + ", handler)"
+                        )
+                else:  # call_function / call_method
+                    fn = node.target
+                    if node.op == "call_method":
+                        self_val = args[0]
+                        val = getattr(self_val, fn)(*args[1:], **kwargs)
+                        rule = METHOD_RULES.get(fn) if isinstance(self_val, torch.Tensor) else None
+                    else:
+                        val = fn(*args, **kwargs)
+                        rule = FUNCTION_RULES.get(fn)
+                    ctx.out = val
+                    has_tensor = _has_tensor(args) or _has_tensor(kwargs)
+                    if not has_tensor:
+                        out = _map(
+                            val, lambda v: torch.full(v.shape, CONST) if isinstance(v, torch.Tensor) else None
+                        )
+                    else:
+                        arg_ids = _materialize(arg_ids, result, node)
+                        kwarg_ids = _materialize(kwarg_ids, result, node)
+                        if rule is None:
+                            rule = rule_for_unknown(node)
+                        out = rule(ctx, arg_ids, kwarg_ids, args, kwargs)
+                vals[node.name] = val
+                idmap[node.name] = out
+                _check_shapes(node, val, out)
+    finally:
+        gm.train(was_training)
+    result.node_ids = idmap
+    result.node_vals = {k: v for k, v in vals.items() if not isinstance(v, torch.Tensor)}
+    return result
+
+
+class _LazyParam:
+    """ids of a parameter used outside a module, made only when an op needs them element by element."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _materialize(value: Any, result: Analysis, node: torch.fx.Node) -> Any:
+    def one(v):
+        if not isinstance(v, _LazyParam):
+            return v
+        made = result.node_ids.get(("param", v.name))
+        if made is None:
+            param = _fetch_attr(result.gm, v.name)
+            made = result.ids.new(param.numel()).view(param.shape)
+            result.node_ids[("param", v.name)] = made
+            mult_only = all(
+                u.op in ("call_function", "call_method")
+                and str(getattr(u.target, "__name__", u.target)) in ("mul", "mul_", "truediv", "div")
+                for u in node.graph.find_nodes(op="get_attr", target=v.name)[0].users
+            )
+            module, _, attr = v.name.rpartition(".")
+            result.members.append(
+                Member(module, attr, None, made, Role.SCALE if mult_only else Role.ADDITIVE)
+            )
+        return made
+
+    return _map(value, one)
+
+
+def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _load(value: Any, env: dict) -> Any:
+    return torch.fx.node.map_arg(value, lambda n: env[n.name])
+
+
+def _has_tensor(value: Any) -> bool:
+    found = False
+
+    def visit(v):
+        nonlocal found
+        if isinstance(v, torch.Tensor):
+            found = True
+        return v
+
+    _map(value, visit)
+    return found
+
+
+def _collect_tensors(value: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+
+    def visit(v):
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        return v
+
+    _map(value, visit)
+    return out
+
+
+def _check_shapes(node: torch.fx.Node, val: Any, out: Any) -> None:
+    """The ids must mirror the real value (both batch 1); a mismatch is a bug in a rule or handler."""
+    if isinstance(val, torch.Tensor) and (not isinstance(out, torch.Tensor) or out.shape != val.shape):
+        raise SoftpruneError(
+            f"internal: channel ids of node '{node.name}' ({node.target}) have shape "
+            f"{tuple(getattr(out, 'shape', ()))} but the tensor has {tuple(val.shape)}; please report this model"
+        )
+
+
+def _opaque(ctx: Context, arg_ids: Any, kwarg_ids: Any, val: Any, reason: str) -> Any:
+    """An operation softprune does not look inside: its inputs are frozen, its outputs are constants."""
+    for t in _collect_tensors(arg_ids) + _collect_tensors(kwarg_ids):
+        ctx.freeze(t, reason)
+    return _map(val, lambda v: torch.full(v.shape, CONST) if isinstance(v, torch.Tensor) else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# From ids to groups
+
+
+def build_groups(
+    analysis: Analysis, selected: Callable[[str, nn.Module], bool], ignore: Iterable[str] = ()
+) -> list[ChannelGroup]:
+    """Resolve classes, find each class's producers and form the groups.
+
+    ``selected(name, module)`` says whether a producer layer may be pruned (the papers' default: every
+    convolution); a group with any producer that is not selected is kept whole. ``ignore`` names
+    modules whose parameters must not change at all (their input and output channels are frozen).
+    """
+    ids = analysis.ids
+    modules = dict(analysis.model.named_modules())
+    ignore = set(ignore)
+    for m in analysis.members:
+        if m.module in ignore:
+            ids.freeze(
+                m.unit[m.unit > CONST] if m.unit.numel() else m.unit, f"module '{m.module}' is in ignore"
+            )
+    label = ids.resolve()
+
+    frozen_class: dict[int, str] = {}
+    for i, reason in ids.frozen.items():
+        frozen_class.setdefault(int(label[i]), reason)
+
+    # classes owned by each producer (FILTER members)
+    producers_of: dict[int, list[str]] = {}
+    for m in analysis.members:
+        if m.role is Role.FILTER:
+            for c in torch.unique(label[m.unit[m.unit > CONST]]).tolist():
+                lst = producers_of.setdefault(c, [])
+                if m.module not in lst:
+                    lst.append(m.module)
+    # groups: classes connected through shared producers (union-find over producer names)
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for prods in producers_of.values():
+        for p in prods[1:]:
+            parent[find(p)] = find(prods[0])
+    by_root: dict[str, list[int]] = {}
+    for c, prods in producers_of.items():
+        by_root.setdefault(find(prods[0]), []).append(c)
+
+    # order units by their first producer's position, so unit i of a plain conv is its filter i
+    position: dict[int, tuple[int, int]] = {}
+    order_of_module = {name: i for i, name in enumerate(modules)}
+    for m in analysis.members:
+        if m.role is Role.FILTER and m.dim is not None:
+            for pos, c in enumerate(label[m.unit].tolist()):
+                key = (order_of_module.get(m.module, 1 << 30), pos)
+                if c not in position or key < position[c]:
+                    position[c] = key
+
+    groups: list[ChannelGroup] = []
+    root_order = sorted(by_root, key=lambda r: min(position.get(c, (1 << 30, 0)) for c in by_root[r]))
+    for root in root_order:
+        classes = sorted(by_root[root], key=lambda c: position.get(c, (1 << 30, c)))
+        class_index = torch.full((int(label.max()) + 1,), -1, dtype=torch.long)
+        class_index[torch.tensor(classes)] = torch.arange(len(classes))
+        members: list[Member] = []
+        for m in analysis.members:
+            unit = class_index[label[m.unit]]
+            unit[m.unit <= CONST] = -1
+            if bool((unit >= 0).any()):
+                members.append(Member(m.module, m.param, m.dim, unit, m.role))
+        prods: list[str] = []
+        cons: list[str] = []
+        for m in members:
+            target = prods if m.role is Role.FILTER else cons if m.role is Role.CONSUMER else None
+            if target is not None and m.module not in target:
+                target.append(m.module)
+        frozen = torch.tensor([c in frozen_class for c in classes], dtype=torch.bool)
+        reasons = {i: frozen_class[c] for i, c in enumerate(classes) if c in frozen_class}
+        excluded = None
+        not_selected = [p for p in prods if not selected(p, modules[p])]
+        if not_selected:
+            excluded = f"layer '{not_selected[0]}' is not selected for pruning"
+        groups.append(
+            ChannelGroup(
+                index=len(groups),
+                size=len(classes),
+                members=members,
+                producers=prods,
+                consumers=cons,
+                frozen=frozen,
+                classes=torch.tensor(classes),
+                reasons=reasons,
+                excluded=excluded,
+            )
+        )
+    return groups
+
+
+def selector(layers: Any = None, ignore: Iterable[str] = ()) -> Callable[[str, nn.Module], bool]:
+    """Which producer layers may be pruned.
+
+    ``layers`` is None (every convolution: the papers' choice), or a list whose items are module
+    names, glob/regex patterns (``"layer1.*"``, ``"re:layer[12]\\..*conv1"``) or module types
+    (``nn.Conv2d``, ``nn.Linear``). ``ignore`` removes names or patterns from the selection.
+    """
+    conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def matches(spec: Any, name: str, module: nn.Module) -> bool:
+        if isinstance(spec, type):
+            return isinstance(module, spec)
+        if isinstance(spec, str):
+            if spec.startswith("re:"):
+                return re.fullmatch(spec[3:], name) is not None
+            if any(ch in spec for ch in "*?["):
+                import fnmatch
+
+                return fnmatch.fnmatchcase(name, spec)
+            return name == spec or name.startswith(spec + ".")
+        raise SoftpruneError(f"a layer selector is a module name, a pattern or a module type, got {spec!r}")
+
+    ignore = list(ignore)
+
+    def selected(name: str, module: nn.Module) -> bool:
+        if any(matches(s, name, module) for s in ignore):
+            return False
+        if layers is None:
+            return isinstance(module, conv_types)
+        return any(matches(s, name, module) for s in layers)
+
+    return selected

@@ -1,0 +1,262 @@
+"""Handlers: how a module with parameters moves channel ids, and how it shrinks.
+
+A handler has two methods:
+
+- ``propagate(module, ctx, *input_ids, **kw) -> output_ids``: declare which slice of which parameter
+  belongs to which channel id (``ctx.member``), give fresh ids to produced channels (``ctx.fresh``),
+  and join ids that must be pruned together (``ctx.union``, ``ctx.positions``);
+- ``compact(module, keep) -> module``: a smaller module, where ``keep(param, dim)`` gives the kept
+  indices of a declared slice (None when nothing is removed).
+
+Built-in handlers cover convolutions (plain, grouped, depthwise), Linear, BatchNorm, GroupNorm,
+LayerNorm, Embedding and PReLU. Register one for a custom module with :func:`register_handler`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .graph import CONST, ZERO, Context
+from .groups import Role
+
+Keep = Callable[[str, int], "torch.Tensor | None"]
+
+
+class Handler:
+    """Base class for module handlers; see the module docstring."""
+
+    def propagate(self, module: nn.Module, ctx: Context, *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compact(self, module: nn.Module, keep: Keep) -> nn.Module:
+        raise NotImplementedError
+
+
+def resized(module: nn.Module, params: dict[str, torch.Tensor | None], **attrs) -> nn.Module:
+    """A shallow copy of ``module`` with new parameter/buffer tensors and attributes."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name in module._parameters:
+            old = module._parameters[name]
+            new._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        else:
+            new._buffers[name] = value.detach().clone()
+    for key, value in attrs.items():
+        setattr(new, key, value)
+    return new
+
+
+def _take(t: torch.Tensor | None, dim: int, index: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or index is None:
+        return t
+    return t.index_select(dim, index.to(t.device))
+
+
+class ConvHandler(Handler):
+    """Conv1d/2d/3d. Plain: consumer of input channels, producer of output channels.
+
+    Grouped (in_channels/groups > 1): the same positions are removed in every group, so the groups stay
+    valid (channel j of every group is one unit, for inputs and for outputs). Depthwise
+    (in_channels/groups == 1): channel-wise, output channel c belongs to input channel c, and groups
+    shrink with the channels.
+    """
+
+    def propagate(self, m: nn.Module, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        nd = m.weight.dim() - 2
+        cdim = x.dim() - nd - 1
+        g = m.groups
+        cin_g, cout_g = m.in_channels // g, m.out_channels // g
+        if g > 1 and cin_g == 1:  # depthwise, channel multiplier cout_g
+            cin = ctx.channels(x, cdim)
+            if cout_g == 1:
+                out = torch.where(
+                    cin == ZERO, torch.full_like(cin, CONST if m.bias is not None else ZERO), cin
+                )
+                role = Role.SCALE
+            else:
+                out = ctx.fresh(m.out_channels)
+                ctx.union(out.view(g, cout_g), cin.view(g, 1).expand(g, cout_g))
+                role = Role.FILTER
+            ctx.member("weight", 0, out, role)
+        else:
+            cin = ctx.positions(x, cdim)
+            if g > 1:
+                cin = ctx.positions(cin.view(g, cin_g), 0)  # join channel j of every group
+            ctx.member("weight", 1, cin, Role.CONSUMER)
+            out = ctx.fresh(m.out_channels)
+            if g > 1:
+                out_g = out.view(g, cout_g)
+                ctx.union(out_g[:1].expand(g - 1, cout_g), out_g[1:])
+            ctx.member("weight", 0, out, Role.FILTER)
+        if m.bias is not None:
+            ctx.member("bias", 0, out, Role.ADDITIVE)
+        return ctx.broadcast(out, ctx.out.shape, cdim)
+
+    def compact(self, m: nn.Module, keep: Keep) -> nn.Module:
+        k_out, k_in = keep("weight", 0), keep("weight", 1)
+        weight = _take(_take(m.weight, 0, k_out), 1, k_in)
+        bias = _take(m.bias, 0, k_out)
+        g, cin_g, cout_g = m.groups, m.in_channels // m.groups, m.out_channels // m.groups
+        out_channels = weight.shape[0]
+        if g > 1 and cin_g == 1:
+            groups = out_channels // cout_g
+            in_channels = groups
+        else:
+            groups = g
+            in_channels = weight.shape[1] * g
+        return resized(
+            m,
+            {"weight": weight, "bias": bias},
+            in_channels=in_channels,
+            out_channels=out_channels,
+            groups=groups,
+        )
+
+
+class LinearHandler(Handler):
+    """Linear: consumer of the last dimension, producer of its outputs."""
+
+    def propagate(self, m: nn.Linear, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        cin = ctx.positions(x, -1)
+        ctx.member("weight", 1, cin, Role.CONSUMER)
+        out = ctx.fresh(m.out_features)
+        ctx.member("weight", 0, out, Role.FILTER)
+        if m.bias is not None:
+            ctx.member("bias", 0, out, Role.ADDITIVE)
+        return ctx.broadcast(out, ctx.out.shape, -1)
+
+    def compact(self, m: nn.Linear, keep: Keep) -> nn.Module:
+        k_out, k_in = keep("weight", 0), keep("weight", 1)
+        weight = _take(_take(m.weight, 0, k_out), 1, k_in)
+        return resized(
+            m,
+            {"weight": weight, "bias": _take(m.bias, 0, k_out)},
+            in_features=weight.shape[1],
+            out_features=weight.shape[0],
+        )
+
+
+class BatchNormHandler(Handler):
+    """BatchNorm1d/2d/3d: channel-wise; scale, shift and running statistics follow the channel."""
+
+    def propagate(self, m: nn.Module, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        cdim = 1 if x.dim() > 1 else 0
+        c = ctx.channels(x, cdim)
+        for name, role in (("weight", Role.SCALE), ("bias", Role.ADDITIVE)):
+            if getattr(m, name, None) is not None:
+                ctx.member(name, 0, c, role)
+        if getattr(m, "running_mean", None) is not None:
+            ctx.member("running_mean", 0, c, Role.MEAN)
+            ctx.member("running_var", 0, c, Role.VAR)
+        # a channel that is always zero leaves BatchNorm as a constant
+        return torch.where(x == ZERO, torch.full_like(x, CONST), x)
+
+    def compact(self, m: nn.Module, keep: Keep) -> nn.Module:
+        k = keep("running_mean", 0) if getattr(m, "running_mean", None) is not None else keep("weight", 0)
+        params = {
+            n: _take(getattr(m, n, None), 0, k) for n in ("weight", "bias", "running_mean", "running_var")
+        }
+        n = m.num_features if k is None else int(k.numel())
+        return resized(m, params, num_features=n)
+
+
+class GroupNormHandler(Handler):
+    """GroupNorm: statistics are per group, so a whole group is one unit (removing it is exact)."""
+
+    def propagate(self, m: nn.GroupNorm, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        c = ctx.channels(x, 1)
+        groups = c.view(m.num_groups, -1)
+        for row in groups:
+            ctx.ids.union_all(row)
+        if m.affine:
+            ctx.member("weight", 0, c, Role.SCALE)
+            ctx.member("bias", 0, c, Role.ADDITIVE)
+        return torch.where(x == ZERO, torch.full_like(x, CONST), x)
+
+    def compact(self, m: nn.GroupNorm, keep: Keep) -> nn.Module:
+        k = keep("weight", 0) if m.affine else None
+        if k is None:
+            return m
+        per_group = m.num_channels // m.num_groups
+        return resized(
+            m,
+            {"weight": _take(m.weight, 0, k), "bias": _take(m.bias, 0, k)},
+            num_channels=int(k.numel()),
+            num_groups=int(k.numel()) // per_group,
+        )
+
+
+class LayerNormHandler(Handler):
+    """LayerNorm over the last dimensions: the mean and variance mix the normalized channels, so
+    removing one would change every output. Those channels are frozen (kept whole)."""
+
+    def propagate(self, m: nn.LayerNorm, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        k = len(m.normalized_shape)
+        block = x.reshape(-1, *x.shape[x.dim() - k :])
+        ctx.freeze(block, f"is normalized by LayerNorm '{ctx.module_name}' together with other channels")
+        if m.elementwise_affine:
+            ids = block[0] if k > 1 else ctx.channels(x, -1)
+            dim = None if k > 1 else 0
+            ctx.member("weight", dim, ids, Role.SCALE)
+            if m.bias is not None:
+                ctx.member("bias", dim, ids, Role.ADDITIVE)
+        return x
+
+    def compact(self, m: nn.LayerNorm, keep: Keep) -> nn.Module:
+        return m  # its channels are frozen
+
+
+class EmbeddingHandler(Handler):
+    """Embedding: a producer of its embedding dimension (weight columns)."""
+
+    def propagate(self, m: nn.Embedding, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        out = ctx.fresh(m.embedding_dim)
+        ctx.member("weight", 1, out, Role.FILTER)
+        return ctx.broadcast(out, ctx.out.shape, -1)
+
+    def compact(self, m: nn.Embedding, keep: Keep) -> nn.Module:
+        k = keep("weight", 1)
+        weight = _take(m.weight, 1, k)
+        return resized(m, {"weight": weight}, embedding_dim=weight.shape[1])
+
+
+class PReLUHandler(Handler):
+    """PReLU with one slope per channel (channel-wise), or one shared slope (nothing to slice)."""
+
+    def propagate(self, m: nn.PReLU, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        if m.num_parameters > 1:
+            ctx.member("weight", 0, ctx.channels(x, 1 if x.dim() > 1 else 0), Role.SCALE)
+        return x
+
+    def compact(self, m: nn.PReLU, keep: Keep) -> nn.Module:
+        k = keep("weight", 0) if m.num_parameters > 1 else None
+        if k is None:
+            return m
+        return resized(m, {"weight": _take(m.weight, 0, k)}, num_parameters=int(k.numel()))
+
+
+HANDLERS: dict[type, Handler] = {}
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    HANDLERS[_cls] = ConvHandler()
+for _cls in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+    HANDLERS[_cls] = LinearHandler()
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+    HANDLERS[_cls] = BatchNormHandler()
+HANDLERS[nn.GroupNorm] = GroupNormHandler()
+HANDLERS[nn.LayerNorm] = LayerNormHandler()
+HANDLERS[nn.Embedding] = EmbeddingHandler()
+HANDLERS[nn.PReLU] = PReLUHandler()
+
+
+def register_handler(module_type: type, handler: Handler) -> None:
+    """Use ``handler`` for every module of exactly this type (subclasses are traced through)."""
+    HANDLERS[module_type] = handler

@@ -1,0 +1,151 @@
+"""Masks: apply a pruning decision to the weights, and keep hard channels at zero.
+
+Per group, every unit is kept, soft (selected this step; multiplied by alpha_t and free to recover)
+or hard (zero, and kept at zero after every optimizer step). See docs/design.md ("Masks") for which
+parameter slices each state touches under ``mask_scope`` "channel" (default) and "filter".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import check_choice
+from .groups import ChannelGroup, Member, Role
+
+SCOPES = ("channel", "filter")
+
+
+@dataclass
+class GroupMask:
+    """The state of one group: which units are hard, which are soft."""
+
+    size: int
+    hard: torch.Tensor = field(default=None)  # bool [size]
+    soft: torch.Tensor = field(default=None)  # bool [size]
+
+    def __post_init__(self) -> None:
+        if self.hard is None:
+            self.hard = torch.zeros(self.size, dtype=torch.bool)
+        if self.soft is None:
+            self.soft = torch.zeros(self.size, dtype=torch.bool)
+
+    @property
+    def pruned(self) -> torch.Tensor:
+        return self.hard | self.soft
+
+
+def _soft_exponent(role: Role, scope: str) -> int | None:
+    """How a soft factor alpha applies to a role: alpha**k, or None when the slice is left alone."""
+    if scope == "filter":
+        return 1 if role is Role.FILTER else None
+    return {Role.FILTER: 1, Role.ADDITIVE: 1, Role.MEAN: 1, Role.VAR: 2}.get(role)
+
+
+def _hard_roles(scope: str) -> tuple[Role, ...]:
+    if scope == "filter":
+        return (Role.FILTER,)
+    return (Role.FILTER, Role.ADDITIVE, Role.SCALE, Role.MEAN, Role.VAR)
+
+
+@torch.no_grad()
+def apply(group: ChannelGroup, mask: GroupMask, model: nn.Module, alpha: float, scope: str) -> None:
+    """Multiply soft units' slices by alpha (per role) and zero hard units' slices."""
+    check_choice("mask_scope", scope, SCOPES)
+    hard_roles = _hard_roles(scope)
+    for member in group.members:
+        if member.role is Role.CONSUMER:
+            continue
+        factor = torch.ones(group.size)
+        k = _soft_exponent(member.role, scope)
+        if k is not None:
+            factor[mask.soft] = alpha**k
+        if member.role in hard_roles:
+            factor[mask.hard] = 0.0
+        if bool((factor == 1).all()):
+            continue
+        tensor = member.tensor(model)
+        tensor.mul_(member.factor(factor.to(tensor.dtype).to(tensor.device), tensor.shape))
+
+
+@torch.no_grad()
+def zero_units(group: ChannelGroup, units: torch.Tensor, model: nn.Module) -> None:
+    """Zero every non-consumer slice of ``units`` (bool [size]): the channel outputs exactly zero."""
+    if not bool(units.any()):
+        return
+    factor = torch.ones(group.size)
+    factor[units] = 0.0
+    for member in group.members:
+        if member.role is Role.CONSUMER:
+            continue
+        tensor = member.tensor(model)
+        tensor.mul_(member.factor(factor.to(tensor.dtype).to(tensor.device), tensor.shape))
+
+
+class HardKeeper:
+    """Keeps hard units at exactly zero whatever the optimizer does.
+
+    After every optimizer step it zeroes the hard slices of each parameter and the same slices of the
+    optimizer's per-parameter state (momentum buffers, Adam's moments), so neither weight decay,
+    momentum nor an adaptive step can bring a hard channel back. The slices are precomputed as index
+    lists per parameter, so the hook costs a few ``index_fill_`` calls per step.
+    """
+
+    def __init__(self, model: nn.Module, scope: str) -> None:
+        self.model = model
+        self.scope = scope
+        self._slices: list[tuple[torch.Tensor, int | None, torch.Tensor]] = []
+        self._handle = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def update(self, groups: list[ChannelGroup], masks: list[GroupMask]) -> None:
+        roles = _hard_roles(self.scope)
+        slices = []
+        for group, mask in zip(groups, masks):
+            if not bool(mask.hard.any()):
+                continue
+            for member in group.members:
+                if member.role not in roles:
+                    continue
+                tensor = member.tensor(self.model)
+                hit = _hard_positions(member, mask.hard)
+                if hit is not None:
+                    slices.append((tensor, member.dim, hit.to(tensor.device)))
+        self._slices = slices
+
+    def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.optimizer = optimizer
+        if optimizer is not None:
+            self._handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.enforce())
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        state = self.optimizer.state if self.optimizer is not None else {}
+        for tensor, dim, index in self._slices:
+            _fill(tensor, dim, index)
+            for value in state.get(tensor, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                    _fill(value, dim, index)
+
+    def detach(self) -> None:
+        self.attach(None)
+
+
+def _hard_positions(member: Member, hard: torch.Tensor) -> torch.Tensor | None:
+    unit = member.unit
+    flags = torch.cat([hard, hard.new_zeros(1)])[unit]  # -1 -> False
+    if not bool(flags.any()):
+        return None
+    return torch.nonzero(flags.reshape(-1) if member.dim is None else flags).view(-1)
+
+
+def _fill(tensor: torch.Tensor, dim: int | None, index: torch.Tensor) -> None:
+    if dim is None:
+        tensor.view(-1).index_fill_(0, index, 0)
+    else:
+        tensor.index_fill_(dim, index, 0)

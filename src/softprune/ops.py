@@ -1,0 +1,572 @@
+"""How channel ids move through functions, tensor methods and parameter-free modules.
+
+Every rule has the signature ``rule(ctx, arg_ids, kwarg_ids, args, kwargs) -> ids`` where ``*_ids``
+mirror the arguments with id tensors in place of tensors, and ``args``/``kwargs`` are the real values.
+Module rules take the module after ``ctx``. See docs/design.md for the three kinds of ids.
+
+Users extend the tables with :func:`register_op` (functions and method names).
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SoftpruneError
+from .graph import _DERIVED, _SUM, CONST, ZERO, Context, _collect_tensors, _map
+
+_PARAM_KIND = 3  # ids of parameters used outside modules; see _materialize in graph.py
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _first_tensor(values: Any) -> torch.Tensor:
+    found = _collect_tensors(values)
+    if not found:
+        raise SoftpruneError("internal: an op rule found no tensor argument")
+    return found[0]
+
+
+def _scalar_ids(value: Any, like: torch.Tensor) -> torch.Tensor:
+    """ids for a Python number in an element-wise op: zero joins nothing, anything else is constant."""
+    is_zero = isinstance(value, (int, float, bool)) and not isinstance(value, bool) and value == 0
+    return torch.full((), ZERO if is_zero else CONST, dtype=torch.long).expand(like.shape)
+
+
+def _is_zp(ctx: Context, i: int) -> bool:
+    return i == ZERO or (i != CONST and int(ctx.ids.kind(torch.tensor(i))) != _DERIVED)
+
+
+def _combine(
+    ctx: Context, a: torch.Tensor, b: torch.Tensor, pair: Callable[[Context, int, int], int]
+) -> torch.Tensor:
+    a, b = torch.broadcast_tensors(a, b)
+    shape = a.shape
+    if a.numel() == 0:
+        return torch.empty(shape, dtype=torch.long)
+    stacked = torch.stack([a.reshape(-1), b.reshape(-1)])
+    pairs, inverse = torch.unique(stacked, dim=1, return_inverse=True)
+    kinds = ctx.ids.kind(pairs)
+    results = torch.empty(pairs.shape[1], dtype=torch.long)
+    # bulk case, done at once: both plain channels of the same kind rule (joined, first kept)
+    simple = (pairs > CONST).all(0) & (kinds != _DERIVED).all(0) & (kinds != _SUM).all(0)
+    if pair is _add_pair and ctx.residual == "independent":
+        simple &= (kinds == _PARAM_KIND).any(0)
+    if bool(simple.any()):
+        ctx.union(pairs[0, simple], pairs[1, simple])
+        results[simple] = pairs[0, simple]
+    for k in torch.nonzero(~simple).view(-1).tolist():
+        results[k] = pair(ctx, int(pairs[0, k]), int(pairs[1, k]))
+    return results[inverse].view(shape)
+
+
+def _derived1(ctx: Context, i: int) -> int:
+    return int(ctx.ids.derived(torch.tensor([i]))[0])
+
+
+def _add_pair(ctx: Context, x: int, y: int) -> int:
+    if x == ZERO:
+        return y
+    if y == ZERO:
+        return x
+    if x == CONST and y == CONST:
+        return CONST
+    if x == CONST or y == CONST:
+        return _derived1(ctx, y if x == CONST else x)
+    base = ctx.ids.base(torch.tensor([x, y]))
+    if int(base[0]) == int(base[1]):
+        return x if _is_zp(ctx, x) and _is_zp(ctx, y) else _derived1(ctx, x)
+    kx, ky = (int(k) for k in ctx.ids.kind(torch.tensor([x, y])))
+    if kx == _DERIVED or ky == _DERIVED:
+        ctx.union(torch.tensor([x]), torch.tensor([y]))
+        return _derived1(ctx, x)
+    if ctx.residual == "independent" and kx != _PARAM_KIND and ky != _PARAM_KIND:
+        key = (min(x, y), max(x, y))
+        memo = ctx.analysis.__dict__.setdefault("_sums", {})
+        if key not in memo:
+            memo[key] = ctx.ids.new_sum(key)
+        return memo[key]
+    ctx.union(torch.tensor([x]), torch.tensor([y]))
+    return x
+
+
+def _mul_pair(ctx: Context, x: int, y: int) -> int:
+    if x == ZERO or y == ZERO:
+        return ZERO
+    if x == CONST:
+        return y
+    if y == CONST:
+        return x
+    ctx.union(torch.tensor([x]), torch.tensor([y]))
+    if _is_zp(ctx, x):
+        return x
+    if _is_zp(ctx, y):
+        return y
+    return x
+
+
+def _div_pair(ctx: Context, x: int, y: int) -> int:
+    if x == ZERO:
+        return ZERO
+    if y == CONST:
+        return x
+    if x == CONST:
+        return _derived1(ctx, y) if y > CONST else CONST
+    ctx.union(torch.tensor([x]), torch.tensor([y]))
+    return x if _is_zp(ctx, x) else _derived1(ctx, x)
+
+
+def _other_pair(ctx: Context, x: int, y: int) -> int:
+    real = [i for i in (x, y) if i > CONST]
+    if not real:
+        return CONST if CONST in (x, y) else ZERO
+    if len(real) == 2:
+        ctx.union(torch.tensor([real[0]]), torch.tensor([real[1]]))
+    return _derived1(ctx, real[0])
+
+
+def _binary(pair: Callable[[Context, int, int], int], reverse: bool = False):
+    def rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+        a_val, b_val = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        a_ids, b_ids = arg_ids[0], arg_ids[1] if len(arg_ids) > 1 else kwarg_ids.get("other")
+        out = ctx.out
+        if not isinstance(a_val, torch.Tensor):
+            a_ids = _scalar_ids(a_val, out)
+        if not isinstance(b_val, torch.Tensor):
+            b_ids = _scalar_ids(b_val, out)
+        if reverse:
+            a_ids, b_ids = b_ids, a_ids
+        if pair is _add_pair and kwargs.get("alpha", 1) == 0:
+            return a_ids.expand(out.shape).clone()
+        return _combine(ctx, a_ids, b_ids, pair).expand(out.shape)
+
+    rule.kind = "binary"
+    return rule
+
+
+def _unary_zp(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """f(0) = 0: ids pass through unchanged."""
+    return _first_tensor(arg_ids)
+
+
+def _unary_nz(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """f(0) != 0: the value is a nonzero constant once the channel is pruned."""
+    return ctx.ids.derived(_first_tensor(arg_ids))
+
+
+def _movement(data: Callable[[int], bool] | None = None):
+    """Apply the operation itself to the id tensors (views, cat, split, pad, slicing, shuffles).
+
+    ``data(i)`` says which positional arguments carry data; the others (index tensors of gather or
+    index_select) keep their real values.
+    """
+
+    def rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+        fn = ctx.node.target
+        new_args = [
+            ids if _collect_tensors(v) and (data is None or data(i)) else v
+            for i, (v, ids) in enumerate(zip(args, arg_ids))
+        ]
+        new_kwargs = {
+            k: kwarg_ids[k] if _collect_tensors(v) and data is None else v for k, v in kwargs.items()
+        }
+        if ctx.node.op == "call_method":
+            return getattr(new_args[0], fn)(*new_args[1:], **new_kwargs)
+        return fn(*new_args, **new_kwargs)
+
+    rule.kind = "movement"
+    return rule
+
+
+def _pad(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    x_ids = arg_ids[0]
+    pad = args[1] if len(args) > 1 else kwargs["pad"]
+    mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    value = args[3] if len(args) > 3 else kwargs.get("value", None)
+    if mode != "constant":
+        # reflect/replicate copy channels within the padded (spatial) dims; computed on float ids
+        padded = F.pad(x_ids.to(torch.float64), pad, mode=mode)
+        return padded.round().to(torch.long)
+    out = F.pad(x_ids, pad, mode="constant", value=0)
+    if value not in (None, 0, 0.0):
+        inside = F.pad(torch.ones_like(x_ids, dtype=torch.bool), pad, mode="constant", value=False)
+        out = torch.where(inside, out, torch.full_like(out, CONST))
+    return out
+
+
+def _setitem(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    target, index, value = arg_ids
+    updated = target.clone()
+    if isinstance(args[2], torch.Tensor):
+        updated[args[1]] = value
+    else:
+        updated[args[1]] = ZERO if args[2] == 0 else CONST
+    ctx.analysis.__dict__.setdefault("_setitem", []).append((ctx.node.args[0].name, updated))
+    return None
+
+
+def _representative(ctx: Context, rows: torch.Tensor, sum_reduce: bool, what: str) -> torch.Tensor:
+    """One id per row of ``rows`` ([positions, reduced]): the row's id if uniform, else joined/summed."""
+    if rows.shape[1] == 0:
+        return torch.full((rows.shape[0],), ZERO, dtype=torch.long)
+    uniq_rows, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    out = torch.empty(uniq_rows.shape[0], dtype=torch.long)
+    for r in range(uniq_rows.shape[0]):
+        vals = torch.unique(uniq_rows[r])
+        vals = vals[vals != ZERO]
+        if vals.numel() == 0:
+            out[r] = ZERO
+        elif vals.numel() == 1:
+            out[r] = vals[0]
+        elif sum_reduce:
+            real = [int(v) for v in vals if int(v) != CONST]
+            if int(vals[0]) == CONST or any(int(ctx.ids.kind(torch.tensor(v))) == _DERIVED for v in real):
+                ctx.freeze(torch.tensor(real), f"summed with a constant in {what}")
+                out[r] = CONST
+            else:
+                memo = ctx.analysis.__dict__.setdefault("_sums", {})
+                key = tuple(real)
+                if key not in memo:
+                    memo[key] = ctx.ids.new_sum(real)
+                out[r] = memo[key]
+        else:
+            real = vals[vals != CONST]
+            ctx.freeze(real, f"is mixed with other channels by {what}; removing it would change the result")
+            out[r] = CONST
+    return out[inverse]
+
+
+def _spatial(spatial_dims: int):
+    """Pooling, resizing: each output channel comes from the same input channel."""
+
+    def rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs, *_module):
+        x = _first_tensor(arg_ids)
+        out_shape = ctx.out.shape
+        lead = x.dim() - spatial_dims  # batch and channel dims, kept as they are
+        rows = x.reshape(*x.shape[:lead], -1).reshape(-1, math.prod(x.shape[lead:]))
+        rep = _representative(ctx, rows, sum_reduce=True, what=ctx.where())
+        return rep.view(*x.shape[:lead], *([1] * spatial_dims)).expand(out_shape)
+
+    return rule
+
+
+def _reduce_dims(args, kwargs, ndim: int):
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", None)
+    if dim is None:
+        return list(range(ndim))
+    if isinstance(dim, int):
+        dim = [dim]
+    return sorted(d % ndim for d in dim)
+
+
+def _reduction(sum_like: bool):
+    def rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+        x = arg_ids[0]
+        if not isinstance(args[0], torch.Tensor):
+            x = _first_tensor(arg_ids)
+        dims = _reduce_dims(args, kwargs, x.dim())
+        keep = [d for d in range(x.dim()) if d not in dims]
+        moved = x.permute(*keep, *dims).reshape(math.prod([x.shape[d] for d in keep]) if keep else 1, -1)
+        rep = _representative(ctx, moved, sum_reduce=sum_like, what=ctx.where())
+        out = ctx.out[0] if isinstance(ctx.out, tuple) else ctx.out  # max(dim) gives (values, indices)
+        ids = rep.view([x.shape[d] for d in keep]) if keep else rep.view(())
+        ids = ids.reshape(out.shape)
+        if isinstance(ctx.out, tuple):
+            return type(ctx.out)((ids, torch.full(out.shape, CONST)))
+        return ids
+
+    return rule
+
+
+def _normalize_over(dim_arg: int, what: str):
+    """softmax-like: every output element depends on the whole dimension."""
+
+    def rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+        x = arg_ids[0]
+        dim = args[dim_arg] if len(args) > dim_arg else kwargs.get("dim")
+        rows = x.movedim(dim, -1).reshape(-1, x.shape[dim])
+        varies = ~(rows == rows[:, :1]).all(1)
+        if bool(varies.any()):
+            ctx.freeze(rows[varies], f"is normalized together with other channels by {what}")
+        return ctx.ids.derived(x)
+
+    return rule
+
+
+def _constant_like(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    out = ctx.out
+    return _map(
+        out,
+        lambda v: (
+            torch.full(v.shape, ZERO if bool((v == 0).all()) else CONST)
+            if isinstance(v, torch.Tensor)
+            else None
+        ),
+    )
+
+
+def _size_like(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    return _map(ctx.out, lambda v: torch.full(v.shape, CONST) if isinstance(v, torch.Tensor) else None)
+
+
+def _getitem(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """Slicing a tensor slices its ids; indexing a tuple (split, chunk) picks the part's ids."""
+    return arg_ids[0][args[1]]
+
+
+# ------------------------------------------------------------------------------------------------
+# tables
+
+_ZP_FUNCTIONS = [
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu,
+    F.selu, F.celu, F.mish, F.hardtanh, F.dropout, F.dropout2d, F.dropout1d, F.dropout3d, F.alpha_dropout,
+    torch.tanh, torch.neg, torch.abs, torch.clone, F.tanhshrink, F.softsign, torch.sin, torch.square,
+    torch.nn.functional.hardshrink, torch.nn.functional.softshrink, F.threshold, torch.clamp,
+    torch.clip, torch.sign, torch.sqrt, torch.erf, torch.asinh, torch.atan,
+    operator.neg, operator.pos,
+]  # fmt: skip
+_NZ_FUNCTIONS = [
+    torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.exp, F.softplus, torch.cos, F.logsigmoid, torch.log,
+    torch.rsqrt, torch.reciprocal, torch.cosh, torch.nan_to_num,
+]  # fmt: skip
+_ZP_METHODS = [
+    "relu", "relu_", "tanh", "tanh_", "neg", "abs", "clone", "contiguous", "float", "double", "half",
+    "bfloat16", "to", "type", "type_as", "detach", "clamp", "clamp_", "clip", "sign", "sqrt", "square",
+    "requires_grad_", "cpu", "cuda", "gelu", "silu", "hardswish", "erf",
+]  # fmt: skip
+_NZ_METHODS = ["sigmoid", "sigmoid_", "exp", "exp_", "log", "rsqrt", "reciprocal", "cos"]
+_MOVE_FUNCTIONS = [
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat, torch.concatenate,
+    torch.stack, torch.split, torch.chunk, torch.unsqueeze, torch.squeeze, torch.roll, torch.flip,
+    torch.narrow, torch.select, torch.unbind, torch.t, torch.movedim, torch.swapaxes, torch.swapdims,
+    torch.unflatten, torch.tile, torch.hstack, torch.vstack, F.channel_shuffle, F.pixel_shuffle,
+    F.pixel_unshuffle, torch.channel_shuffle, torch.tensor_split, torch.index_select, torch.gather,
+    torch.take_along_dim, torch.repeat_interleave, torch.diagonal,
+]  # fmt: skip
+_MOVE_METHODS = [
+    "view", "reshape", "flatten", "permute", "transpose", "transpose_", "unsqueeze", "squeeze", "expand",
+    "expand_as", "repeat", "roll", "flip", "narrow", "select", "unbind", "t", "chunk", "split", "movedim",
+    "unflatten", "view_as", "reshape_as", "swapaxes", "swapdims", "tile", "index_select", "gather",
+    "repeat_interleave", "unfold", "tensor_split", "diagonal", "mT",
+]  # fmt: skip
+_DATA_FIRST_ONLY = {torch.index_select, torch.gather, torch.take_along_dim, torch.repeat_interleave}
+_SPATIAL_FUNCTIONS = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3, F.lp_pool2d: 2, F.lp_pool1d: 1,
+    torch.max_pool2d: 2, torch.avg_pool1d: 1, torch.adaptive_avg_pool1d: 1,
+}  # fmt: skip
+_REDUCE_FUNCTIONS = {
+    torch.sum: True, torch.mean: False, torch.amax: False, torch.amin: False, torch.std: False,
+    torch.var: False, torch.logsumexp: False, torch.max: False, torch.min: False, torch.prod: False,
+    torch.norm: False,
+}  # fmt: skip
+_REDUCE_METHODS = {
+    "sum": True, "mean": False, "amax": False, "amin": False, "std": False, "var": False, "max": False,
+    "min": False, "logsumexp": False, "prod": False, "norm": False,
+}  # fmt: skip
+
+FUNCTION_RULES: dict[Any, Callable] = {}
+METHOD_RULES: dict[str, Callable] = {}
+
+for f in _ZP_FUNCTIONS:
+    FUNCTION_RULES[f] = _unary_zp
+for f in _NZ_FUNCTIONS:
+    FUNCTION_RULES[f] = _unary_nz
+for name in _ZP_METHODS:
+    METHOD_RULES[name] = _unary_zp
+for name in _NZ_METHODS:
+    METHOD_RULES[name] = _unary_nz
+for f in _MOVE_FUNCTIONS:
+    FUNCTION_RULES[f] = _movement((lambda i: i == 0) if f in _DATA_FIRST_ONLY else None)
+for name in _MOVE_METHODS:
+    METHOD_RULES[name] = _movement(
+        (lambda i: i == 0)
+        if name in ("index_select", "gather", "repeat_interleave", "expand_as", "view_as", "reshape_as")
+        else None
+    )
+for f, n in _SPATIAL_FUNCTIONS.items():
+    FUNCTION_RULES[f] = _spatial(n)
+FUNCTION_RULES[F.interpolate] = lambda ctx, ai, ki, a, k: _spatial(ai[0].dim() - 2)(ctx, ai, ki, a, k)
+for f, s in _REDUCE_FUNCTIONS.items():
+    FUNCTION_RULES[f] = _reduction(s)
+for name, s in _REDUCE_METHODS.items():
+    METHOD_RULES[name] = _reduction(s)
+
+for f in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, torch.subtract):
+    FUNCTION_RULES[f] = _binary(_add_pair)
+for name in ("add", "add_", "sub", "sub_", "__add__", "__radd__", "__sub__"):
+    METHOD_RULES[name] = _binary(_add_pair)
+for f in (operator.mul, operator.imul, torch.mul, torch.multiply):
+    FUNCTION_RULES[f] = _binary(_mul_pair)
+for name in ("mul", "mul_", "__mul__", "__rmul__"):
+    METHOD_RULES[name] = _binary(_mul_pair)
+for f in (operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.divide):
+    FUNCTION_RULES[f] = _binary(_div_pair)
+for name in ("div", "div_", "__truediv__"):
+    METHOD_RULES[name] = _binary(_div_pair)
+for f in (torch.maximum, torch.minimum, torch.pow, operator.pow, torch.atan2, torch.fmod, torch.remainder):
+    FUNCTION_RULES[f] = _binary(_other_pair)
+for name in ("pow", "maximum", "minimum"):
+    METHOD_RULES[name] = _binary(_other_pair)
+FUNCTION_RULES[operator.getitem] = _getitem
+FUNCTION_RULES[operator.setitem] = _setitem
+FUNCTION_RULES[F.pad] = _pad
+FUNCTION_RULES[torch.softmax] = _normalize_over(1, "softmax")
+FUNCTION_RULES[F.softmax] = _normalize_over(1, "softmax")
+FUNCTION_RULES[F.log_softmax] = _normalize_over(1, "log_softmax")
+METHOD_RULES["softmax"] = _normalize_over(1, "softmax")
+METHOD_RULES["log_softmax"] = _normalize_over(1, "log_softmax")
+for f in (
+    torch.zeros_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.empty_like,
+    torch.rand_like,
+    torch.randn_like,
+):
+    FUNCTION_RULES[f] = _constant_like
+for name in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zero_", "fill_"):
+    METHOD_RULES[name] = _constant_like
+for f in (builtins.getattr, torch.numel, torch.is_floating_point):
+    FUNCTION_RULES[f] = _size_like
+for name in (
+    "size",
+    "dim",
+    "numel",
+    "nelement",
+    "ndimension",
+    "is_contiguous",
+    "element_size",
+    "argmax",
+    "argmin",
+):
+    METHOD_RULES[name] = _size_like
+FUNCTION_RULES[torch.argmax] = _size_like
+FUNCTION_RULES[torch.argmin] = _size_like
+
+
+# ------------------------------------------------------------------------------------------------
+# parameter-free torch.nn modules (leaves of the trace)
+
+
+def _module_from(fn_rule: Callable) -> Callable:
+    def rule(ctx: Context, module: nn.Module, arg_ids, kwarg_ids, args, kwargs):
+        return fn_rule(ctx, arg_ids, kwarg_ids, args, kwargs)
+
+    return rule
+
+
+def _flatten_module(ctx: Context, module: nn.Flatten, arg_ids, kwarg_ids, args, kwargs):
+    return arg_ids[0].flatten(module.start_dim, module.end_dim)
+
+
+def _unflatten_module(ctx: Context, module: nn.Unflatten, arg_ids, kwarg_ids, args, kwargs):
+    return arg_ids[0].unflatten(module.dim, module.unflattened_size)
+
+
+def _softmax_module(ctx: Context, module, arg_ids, kwarg_ids, args, kwargs):
+    dim = module.dim if module.dim is not None else -1
+    return _normalize_over(1, type(module).__name__)(ctx, [arg_ids[0], dim], {}, [args[0], dim], {})
+
+
+def _channel_shuffle_module(ctx: Context, module: nn.ChannelShuffle, arg_ids, kwarg_ids, args, kwargs):
+    return F.channel_shuffle(arg_ids[0], module.groups)
+
+
+def _pixel_shuffle_module(ctx: Context, module, arg_ids, kwarg_ids, args, kwargs):
+    return module(arg_ids[0])  # a pure permutation of elements: the module works on ids directly
+
+
+def _pad_module(ctx: Context, module, arg_ids, kwarg_ids, args, kwargs):
+    mode = (
+        getattr(module, "mode", "constant")
+        if not isinstance(module, nn.modules.padding._ConstantPadNd)
+        else "constant"
+    )
+    value = getattr(module, "value", 0)
+    return _pad(ctx, arg_ids, {}, [args[0], module.padding, mode, value], {})
+
+
+MODULE_RULES: dict[type, Callable] = {}
+for cls in (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+    nn.Hardtanh, nn.Tanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold,
+):  # fmt: skip
+    MODULE_RULES[cls] = _module_from(_unary_zp)
+for cls in (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid):
+    MODULE_RULES[cls] = _module_from(_unary_nz)
+for cls, n in (
+    (nn.MaxPool1d, 1), (nn.MaxPool2d, 2), (nn.MaxPool3d, 3), (nn.AvgPool1d, 1), (nn.AvgPool2d, 2),
+    (nn.AvgPool3d, 3), (nn.AdaptiveAvgPool1d, 1), (nn.AdaptiveAvgPool2d, 2), (nn.AdaptiveAvgPool3d, 3),
+    (nn.AdaptiveMaxPool1d, 1), (nn.AdaptiveMaxPool2d, 2), (nn.AdaptiveMaxPool3d, 3), (nn.LPPool2d, 2),
+):  # fmt: skip
+    MODULE_RULES[cls] = _module_from(_spatial(n))
+MODULE_RULES[nn.Upsample] = lambda ctx, m, ai, ki, a, k: _spatial(ai[0].dim() - 2)(ctx, ai, ki, a, k)
+MODULE_RULES[nn.Flatten] = _flatten_module
+MODULE_RULES[nn.Unflatten] = _unflatten_module
+MODULE_RULES[nn.Softmax] = _softmax_module
+MODULE_RULES[nn.LogSoftmax] = _softmax_module
+MODULE_RULES[nn.ChannelShuffle] = _channel_shuffle_module
+MODULE_RULES[nn.PixelShuffle] = _pixel_shuffle_module
+MODULE_RULES[nn.PixelUnshuffle] = _pixel_shuffle_module
+for cls in (
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+):  # fmt: skip
+    MODULE_RULES[cls] = _pad_module
+
+# Compaction checks these on compact tensors (see compact.py); other rules keep layouts by construction.
+_pad.kind = _getitem.kind = "movement"
+for _rule in (
+    _flatten_module,
+    _unflatten_module,
+    _channel_shuffle_module,
+    _pad_module,
+    _pixel_shuffle_module,
+):
+    _rule.kind = "movement"
+
+
+def register_op(target: Callable | str, rule: Callable) -> None:
+    """Teach softprune an operation: a function (or a tensor method name) and its id rule.
+
+    The rule receives ``(ctx, arg_ids, kwarg_ids, args, kwargs)`` and returns the output ids; see the
+    rules in this module (``_unary_zp``, ``_movement()``, ``_spatial(n)``) for ready-made ones, exported
+    as :data:`RULES`.
+    """
+    if isinstance(target, str):
+        METHOD_RULES[target] = rule
+    else:
+        FUNCTION_RULES[target] = rule
+
+
+RULES = {
+    "elementwise": _unary_zp,
+    "elementwise_nonzero_at_zero": _unary_nz,
+    "movement": _movement(),
+    "spatial1d": _spatial(1),
+    "spatial2d": _spatial(2),
+    "spatial3d": _spatial(3),
+}
+
+
+def rule_for_unknown(node) -> Callable:
+    name = getattr(node.target, "__name__", str(node.target))
+    raise SoftpruneError(
+        f"softprune does not know how channels flow through {node.op} '{name}' (node '{node.name}'). "
+        f"Register a rule with softprune.register_op({name if node.op == 'call_method' else name!s}, "
+        "softprune.RULES['elementwise' | 'movement' | ...]), or wrap the code in a submodule and pass its "
+        "name in ignore= so it is kept whole"
+    )

@@ -1,0 +1,338 @@
+"""The Pruner: channel groups + criterion + soft-to-hard policy + masks, in an ordinary training loop.
+
+    pruner = softprune.Pruner(model, method="ghfp", rate=0.4, total_steps=epochs, optimizer=opt)
+    for epoch in range(epochs):
+        train_one_epoch(model, opt)
+        pruner.step()                 # pruning step t = epoch
+    small = pruner.compact()          # a physically smaller model, same function as the masked one
+
+At step t each group of N units selects S_t (floor(N P_t) lowest-ranked units), of which the
+floor(N P_t lambda_t) lowest are hard (zero for good; hard units rank first at every later step, so
+they never come back); the rest of S_t are soft and multiplied by alpha_t.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compact import compact_model, max_difference
+from .criteria import Criterion, make_criterion
+from .errors import SoftpruneError, check_choice
+from .graph import Analysis, analyze, build_groups, selector
+from .groups import ChannelGroup
+from .masks import SCOPES, GroupMask, HardKeeper, apply, zero_units
+from .policy import Policy, make_policy
+
+log = logging.getLogger(__name__)
+
+RESIDUAL_MODES = ("independent", "coupled")
+
+
+@dataclass
+class StepReport:
+    """What one pruning step did, summed over groups (for logs and progress bars)."""
+
+    t: int
+    rate: float
+    alpha: float
+    hardness: float
+    kept: int
+    soft: int
+    hard: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _floor(x: float) -> int:
+    return int(math.floor(x + 1e-9))  # 10 * 0.3 is 2.9999999999999996 in floating point
+
+
+def example_inputs_for(model: nn.Module, example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        shape = getattr(model, "example_input_shape", None)
+        if shape is None:
+            raise SoftpruneError(
+                f"{type(model).__name__} needs example_inputs= (a tensor or tuple the model's forward accepts) "
+                "so softprune can trace it; models from softprune.create_model carry their own"
+            )
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else "cpu"
+        example_inputs = torch.randn(*shape, device=device)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise SoftpruneError(
+            f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}"
+        )
+    return example_inputs
+
+
+class Pruner:
+    """Soft-to-hard filter pruning of any traceable model.
+
+    Args:
+        model: the network (not a DDP wrapper: pass ``ddp.module``).
+        method: a preset, one of hfp, sfp, asfp, srfp, asrfp, ghfp.
+        rate: the fraction of each group's filters to prune, in [0, 1).
+        total_steps: T, the number of pruning steps (epochs, by default).
+        optimizer: hooked so that hard filters stay exactly zero after every step.
+        criterion: l1, l2 (default), fpgm, fpgm_mix, or a Criterion instance.
+        criterion_options: e.g. {"aggregate": "sum"} or {"norm_fraction": 0.25}.
+        example_inputs: what the forward takes, for tracing (softprune's models have a default).
+        residual: "independent" (each branch prunes its own filters and adds its kept channels back,
+            the papers' compact ResNet) or "coupled" (one mask across a residual stream).
+        layers: which producer layers may be pruned: None = every convolution (the papers' choice),
+            else names, glob or "re:" patterns, or module types.
+        ignore: modules kept whole (names or patterns); the classifier is never pruned anyway.
+        interval: prune every ``interval`` optimizer steps instead of on ``step()`` calls.
+        mask_scope: "channel" (exact at every step) or "filter" (the papers' code: conv weights only).
+        rate_schedule, decay, hardness, keep_first: override the preset's knobs (see make_policy).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "sfp",
+        rate: float = 0.4,
+        total_steps: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        criterion: str | Criterion = "l2",
+        criterion_options: dict | None = None,
+        example_inputs: Any = None,
+        residual: str = "independent",
+        layers: Iterable[Any] | None = None,
+        ignore: Iterable[str] = (),
+        interval: int | None = None,
+        mask_scope: str = "channel",
+        rate_schedule: str | dict | None = None,
+        decay: float | str | dict | None = None,
+        hardness: float | str | dict | None = None,
+        keep_first: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise SoftpruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise SoftpruneError(
+                "pass the wrapped network (ddp.module) to Pruner, not the DDP/DataParallel wrapper"
+            )
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise SoftpruneError(
+                f"total_steps must be an integer >= 1 (the number of pruning steps), got {total_steps!r}"
+            )
+        if interval is not None and (
+            isinstance(interval, bool) or not isinstance(interval, int) or interval < 1
+        ):
+            raise SoftpruneError(f"interval must be a positive number of optimizer steps, got {interval!r}")
+        check_choice("residual mode", residual, RESIDUAL_MODES)
+        check_choice("mask_scope", mask_scope, SCOPES)
+        self.policy: Policy = make_policy(
+            method, rate, rate_schedule=rate_schedule, decay=decay, hardness=hardness, keep_first=keep_first
+        )
+        self.criterion = make_criterion(criterion, **(criterion_options or {}))
+        self.model = model
+        self.total_steps = total_steps
+        self.interval = interval
+        self.mask_scope = mask_scope
+        self.residual = residual
+        self.example_inputs = example_inputs_for(model, example_inputs)
+        ignore = list(ignore)
+        self.analysis: Analysis = analyze(model, self.example_inputs, residual=residual, leaf_modules=ignore)
+        self.groups: list[ChannelGroup] = build_groups(self.analysis, selector(layers, ignore), ignore)
+        self.prunable = [g for g in self.groups if g.prunable]
+        if not self.prunable:
+            reasons = sorted(
+                {g.excluded or next(iter(g.reasons.values()), "all channels frozen") for g in self.groups}
+            )
+            raise SoftpruneError(
+                f"nothing to prune in {type(model).__name__}: no group of channels is both selected and free "
+                f"({'; '.join(reasons[:3]) or 'no convolution found'}). Check layers= and ignore="
+            )
+        self.masks = [GroupMask(g.size) for g in self.prunable]
+        self.first: list[torch.Tensor | None] = [None] * len(self.prunable)
+        self.t = 0
+        self.history: list[StepReport] = []
+        self._optimizer_steps = 0
+        self._keeper = HardKeeper(model, mask_scope)
+        self._interval_handle = None
+        self.attach(optimizer)
+
+    # -- optimizer hooks ------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Hook ``optimizer`` (replacing any earlier one): hard filters are re-zeroed after its steps."""
+        self._keeper.attach(optimizer)
+        if self._interval_handle is not None:
+            self._interval_handle.remove()
+            self._interval_handle = None
+        if optimizer is not None and self.interval is not None:
+            self._interval_handle = optimizer.register_step_post_hook(lambda opt, a, k: self._count_step())
+        self.optimizer = optimizer
+
+    def _count_step(self) -> None:
+        self._optimizer_steps += 1
+        if self._optimizer_steps % self.interval == 0 and self.t < self.total_steps:
+            self.step()
+
+    def enforce(self) -> None:
+        """Zero hard filters now (done automatically after each step of the attached optimizer)."""
+        self._keeper.enforce()
+
+    # -- the pruning step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> StepReport:
+        """Pruning step t: rank, select S_t and H_t, mask; then t advances."""
+        if self.t >= self.total_steps:
+            raise SoftpruneError(
+                f"all {self.total_steps} pruning steps are done; Pruner.step() was called once too often"
+            )
+        t, T = self.t, self.total_steps
+        rate, alpha, hardness = self.policy.values(t, T)
+        for i, (group, mask) in enumerate(zip(self.prunable, self.masks)):
+            self._select(i, group, mask, rate, hardness)
+            apply(group, mask, self.model, alpha, self.mask_scope)
+        self._keeper.update(self.prunable, self.masks)
+        self._keeper.enforce()
+        self.t += 1
+        report = StepReport(t, rate, alpha, hardness, *self.counts())
+        self.history.append(report)
+        log.debug("pruning step %d: P=%.4f alpha=%.4g lambda=%.4f kept=%d soft=%d hard=%d", t, rate, alpha,
+                  hardness, report.kept, report.soft, report.hard)  # fmt: skip
+        return report
+
+    def _select(self, i: int, group: ChannelGroup, mask: GroupMask, rate: float, hardness: float) -> None:
+        n = group.size
+        free = ~group.frozen
+        n_sel = min(_floor(n * rate), int(free.sum()), n - 1)
+        n_hard = min(_floor(n * rate * hardness), n_sel)
+        n_hard = max(n_hard, int(mask.hard.sum()))  # hard units never come back
+        n_sel = max(n_sel, n_hard)
+        order = self.criterion.rank(group, self.model, n_sel)
+        # hard units first, then HFP's first selection, then the criterion's order; frozen units last
+        priority = torch.zeros(n)
+        priority[mask.hard] = -2
+        if self.policy.keep_first and self.first[i] is not None:
+            priority[self.first[i] & ~mask.hard] = -1
+        priority[group.frozen] = 1
+        position = torch.empty(n, dtype=torch.long)
+        position[order] = torch.arange(n)
+        final = torch.argsort(priority * (n + 1) + position.float(), stable=True)
+        selected = torch.zeros(n, dtype=torch.bool)
+        selected[final[:n_sel]] = True
+        hard = torch.zeros(n, dtype=torch.bool)
+        hard[final[:n_hard]] = True
+        mask.hard = hard
+        mask.soft = selected & ~hard
+        if self.policy.keep_first and self.first[i] is None and n_sel > 0:
+            self.first[i] = selected.clone()
+
+    # -- reporting ------------------------------------------------------------------------------
+    def counts(self) -> tuple[int, int, int]:
+        """(kept, soft, hard) units over all prunable groups."""
+        soft = sum(int(m.soft.sum()) for m in self.masks)
+        hard = sum(int(m.hard.sum()) for m in self.masks)
+        total = sum(g.size for g in self.prunable)
+        return total - soft - hard, soft, hard
+
+    def pruned_classes(self, include_soft: bool = True) -> torch.Tensor:
+        label = self.analysis.ids.label
+        pruned = torch.zeros(int(label.max()) + 1, dtype=torch.bool)
+        for group, mask in zip(self.prunable, self.masks):
+            units = mask.pruned if include_soft else mask.hard
+            pruned[group.classes[units]] = True
+        return pruned
+
+    def summary(self) -> list[dict]:
+        rows = []
+        for g in self.groups:
+            row = g.summary()
+            if g in self.prunable:
+                m = self.masks[self.prunable.index(g)]
+                row.update(hard=int(m.hard.sum()), soft=int(m.soft.sum()))
+            rows.append(row)
+        return rows
+
+    # -- the end ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Make every selected unit hard and exactly zero (what the last step of training does)."""
+        for group, mask in zip(self.prunable, self.masks):
+            mask.hard = mask.pruned.clone()
+            mask.soft = torch.zeros_like(mask.soft)
+            zero_units(group, mask.hard, self.model)
+        self._keeper.scope = "channel"
+        self._keeper.update(self.prunable, self.masks)
+
+    def compact(self, verify: bool = True, tolerance: float = 1e-5) -> nn.Module:
+        """A physically smaller model computing what the masked model computes.
+
+        Selected units become hard and exactly zero first (``finalize``). The compact model is checked
+        against the masked one on the example inputs in eval mode: a max difference above
+        ``tolerance`` times the output's scale raises instead of returning a wrong model.
+        """
+        self.finalize()
+        small = compact_model(self.model, self.analysis, self.pruned_classes())
+        if verify:
+            diff, scale = max_difference(self.model, small, self.example_inputs)
+            self.last_verification = {"max_abs_diff": diff, "output_scale": scale}
+            if not diff <= tolerance * max(scale, 1e-12):
+                raise SoftpruneError(
+                    f"the compact model differs from the masked one by {diff:.3g} (output scale {scale:.3g}); "
+                    "this is a bug, please report the model"
+                )
+        return small
+
+    # -- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "t": self.t,
+            "total_steps": self.total_steps,
+            "optimizer_steps": self._optimizer_steps,
+            "policy": self.policy.to_dict(),
+            "criterion": {"name": self.criterion.name, **self.criterion.options()},
+            "residual": self.residual,
+            "mask_scope": self.mask_scope,
+            "groups": [
+                {
+                    "name": g.name,
+                    "size": g.size,
+                    "hard": m.hard.clone(),
+                    "soft": m.soft.clone(),
+                    "first": None if f is None else f.clone(),
+                }
+                for g, m, f in zip(self.prunable, self.masks, self.first)
+            ],
+            "history": [r.as_dict() for r in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        groups = state.get("groups", [])
+        if len(groups) != len(self.prunable) or any(
+            s["name"] != g.name or s["size"] != g.size for s, g in zip(groups, self.prunable)
+        ):
+            raise SoftpruneError(
+                "this pruner state belongs to a different model or layer selection "
+                f"({len(groups)} groups saved, {len(self.prunable)} here)"
+            )
+        if state.get("residual", self.residual) != self.residual:
+            raise SoftpruneError(
+                f"the saved state used residual={state['residual']!r}, this pruner {self.residual!r}"
+            )
+        self.t = int(state["t"])
+        self.total_steps = int(state["total_steps"])
+        self._optimizer_steps = int(state.get("optimizer_steps", 0))
+        for i, s in enumerate(groups):
+            self.masks[i].hard = s["hard"].clone().bool()
+            self.masks[i].soft = s["soft"].clone().bool()
+            self.first[i] = None if s.get("first") is None else s["first"].clone().bool()
+        self.history = [StepReport(**r) for r in state.get("history", [])]
+        self._keeper.update(self.prunable, self.masks)
