@@ -8,11 +8,13 @@ small = pruner.compact()
 softprune.profile(small, torch.randn(1, 3, 32, 32))
 """
 
+from .calibrate import recalibrate_batchnorm
 from .cost import latency, paper_flops_cifar_resnet, profile
 from .criteria import CRITERIA, Criterion, make_criterion, register_criterion
 from .errors import SoftpruneError
 from .graph import analyze, build_groups
 from .handlers import Handler, register_handler
+from .io import load, save
 from .models import create_model, list_models
 from .ops import RULES, register_op
 from .policy import METHODS, Policy, make_policy
@@ -34,11 +36,14 @@ __all__ = [
     "create_model",
     "latency",
     "list_models",
+    "load",
     "make_criterion",
     "make_policy",
     "paper_flops_cifar_resnet",
     "profile",
+    "recalibrate_batchnorm",
     "register_criterion",
     "register_handler",
     "register_op",
+    "save",
 ]

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SoftpruneError
-from .graph import Analysis, _collect_tensors, _fetch_attr, _LazyParam, _map
+from .graph import Analysis, _collect_tensors, _fetch_attr, _map
 from .handlers import HANDLERS
 from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 
@@ -35,23 +37,47 @@ log = logging.getLogger(__name__)
 Layout = tuple  # tuple[torch.Tensor | None, ...]
 
 
-def relayout(
-    x: torch.Tensor, dim: int, src: torch.Tensor | None, dst: torch.Tensor, size: int
-) -> torch.Tensor:
-    """Slices ``src`` of ``x`` along ``dim`` (all when None) placed at ``dst`` of a zero tensor of ``size``."""
-    shape = list(x.shape)
-    shape[dim] = size
-    part = x if src is None else x.index_select(dim, src)
-    return x.new_zeros(shape).index_copy(dim, dst, part)
+class ChannelRemap(nn.Module):
+    """Moves slices along ``dim``: output position ``dst[i]`` gets input position ``src[i]``, the
+    other output positions are zero; given a second input ``base``, the result is added to it.
 
+    This is how a compact graph adds a pruned branch's kept channels back at their indices (SFP's
+    compact ResNet), gathers surviving channels, or widens a tensor for an op that must run at full
+    width. On channels-last 4-D tensors a remap along channels runs as a 1x1 convolution with a 0/1
+    weight: index operations there are several times slower and return the wrong memory format.
+    """
 
-def add_at(a: torch.Tensor, b: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``a`` with ``b`` added at positions ``index`` along ``dim``: a residual add of a pruned branch."""
-    return a.index_add(dim, index, b)
+    def __init__(self, dim: int, src: torch.Tensor, dst: torch.Tensor, in_size: int, out_size: int) -> None:
+        super().__init__()
+        self.dim, self.in_size, self.out_size = dim, in_size, out_size
+        self.register_buffer("src", src.clone(), persistent=False)
+        self.register_buffer("dst", dst.clone(), persistent=False)
+        weight = torch.zeros(out_size, in_size, 1, 1)
+        weight[dst, src] = 1.0
+        self.register_buffer("weight", weight, persistent=False)
 
+    def _channels_last(self, x: torch.Tensor) -> bool:
+        return (
+            self.dim == 1
+            and x.dim() == 4
+            and x.is_floating_point()
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()
+        )
 
-def select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    return x.index_select(dim, index)
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        if self._channels_last(x):
+            moved = F.conv2d(x, self.weight.to(x.dtype))
+            return moved if base is None else base + moved
+        part = x.index_select(self.dim, self.src)
+        if base is not None:
+            return base.index_add(self.dim, self.dst, part)
+        shape = list(x.shape)
+        shape[self.dim] = self.out_size
+        return x.new_zeros(shape).index_copy(self.dim, self.dst, part)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, {self.in_size} -> {self.out_size}, moved={self.src.numel()}"
 
 
 def layout_of(ids: torch.Tensor, alive: torch.Tensor) -> Layout:
@@ -97,12 +123,14 @@ def _rule_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 class _Compactor:
-    def __init__(self, analysis: Analysis, alive: torch.Tensor) -> None:
+    def __init__(self, analysis: Analysis, alive: torch.Tensor, model: nn.Module) -> None:
         self.a = analysis
         self.alive = alive
         self.old = analysis.gm
         self.modules = dict(self.old.named_modules())
-        self.root = copy.deepcopy(self.old)
+        # A copy of the user's model, not of the trace: its containers keep their classes
+        # (Sequential, ModuleList), so `small.layer1[0]` still works on the result.
+        self.root = copy.deepcopy(model)
         self.graph = torch.fx.Graph()
         self.env: dict[str, torch.fx.Node] = {}
         self.cval: dict[str, Any] = {}  # compact ids (tensors) or compact values (sizes, ints)
@@ -110,17 +138,27 @@ class _Compactor:
         self.full_env: dict[str, torch.fx.Node] = {}
         self.structural = False  # any node added or changed beyond module swaps and slices
         self.swapped: dict[str, nn.Module] = {}
-        self.sliced: dict[str, torch.Tensor] = {}
         self._buffers = 0
         param = next(iter(self.old.parameters()), None)
         self.device = param.device if param is not None else torch.device("cpu")
 
     # -- helpers -------------------------------------------------------------------------------
-    def const(self, t: torch.Tensor) -> torch.fx.Node:
-        name = f"_softprune_index_{self._buffers}"
+    def remap(
+        self,
+        x: torch.fx.Node,
+        dim: int,
+        src: torch.Tensor | None,
+        dst: torch.Tensor,
+        in_size: int,
+        out_size: int,
+        base: torch.fx.Node | None = None,
+    ) -> torch.fx.Node:
+        """Insert a ChannelRemap module (src=None: every input position, in order)."""
+        src = torch.arange(in_size) if src is None else src
+        name = f"_softprune_remap_{self._buffers}"
         self._buffers += 1
-        self.root.register_buffer(name, t.to(self.device), persistent=False)
-        return self.graph.get_attr(name)
+        self.root.add_module(name, ChannelRemap(dim, src, dst, in_size, out_size).to(self.device))
+        return self.graph.call_module(name, (x,) if base is None else (x, base))
 
     def ids_of(self, node: torch.fx.Node) -> Any:
         return self.a.node_ids[node.name]
@@ -149,7 +187,7 @@ class _Compactor:
             new = self.env[old.name]
             for d, idx in enumerate(layout or ()):
                 if idx is not None:
-                    new = self.graph.call_function(relayout, (new, d, None, self.const(idx), val.shape[d]))
+                    new = self.remap(new, d, None, idx, idx.numel(), val.shape[d])
         elif old.op in ("placeholder", "get_attr") or val is None or not _collect_tensors(val):
             if old.op in ("call_function", "call_method") and any(
                 isinstance(a, torch.fx.Node) for a in old.all_input_nodes
@@ -193,7 +231,6 @@ class _Compactor:
                 small = apply_layout(
                     value.detach(), tuple(None if i is None else i.to(value.device) for i in layout)
                 )
-                self.sliced[node.target] = small
                 owner_name, _, attr = node.target.rpartition(".")
                 owner = self.root.get_submodule(owner_name) if owner_name else self.root
                 if isinstance(value, nn.Parameter):
@@ -236,19 +273,20 @@ class _Compactor:
             self.layout[node.name] = None
 
     def binary(self, node: torch.fx.Node) -> None:
+        """Element-wise op: inputs whose layout differs from the output's are remapped into it."""
         out_layout, out_c = self.expected(node)
         self.layout[node.name], self.cval[node.name] = out_layout, out_c
         out_ids = self.ids_of(node)
-        fixes: dict[int, list[tuple[int, torch.Tensor | None, torch.Tensor, int]]] = {}
+        fixes: dict[int, list[tuple[int, torch.Tensor | None, torch.Tensor, int, int]]] = {}
         for i, arg in enumerate(node.args[:2]):
             if not isinstance(arg, torch.fx.Node) or not isinstance(self.ids_of(arg), torch.Tensor):
                 continue
             in_ids, in_layout = self.ids_of(arg), self.layout[arg.name]
             offset = out_ids.dim() - in_ids.dim()
             for d in range(in_ids.dim()):
-                if in_ids.shape[d] == 1:
-                    continue
                 n = in_ids.shape[d]
+                if n == 1:
+                    continue  # broadcast
                 src_full = torch.arange(n) if in_layout is None or in_layout[d] is None else in_layout[d]
                 o = out_layout[d + offset]
                 dst_full = torch.arange(n) if o is None else o
@@ -257,38 +295,35 @@ class _Compactor:
                 common = src_full[torch.isin(src_full, dst_full)]
                 src = torch.searchsorted(src_full, common)
                 dst = torch.searchsorted(dst_full, common)
-                src = None if src.numel() == src_full.numel() else src
-                fixes.setdefault(i, []).append((d, src, dst, dst_full.numel()))
+                fixes.setdefault(i, []).append(
+                    (
+                        d,
+                        None if src.numel() == src_full.numel() else src,
+                        dst,
+                        src_full.numel(),
+                        dst_full.numel(),
+                    )
+                )
         if not fixes:
             self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
             return
         self.structural = True
-        is_add = node.target in ("add", "__add__") or node.target in (
-            __import__("operator").add,
-            __import__("operator").iadd,
-            torch.add,
-        )
-        if is_add and len(fixes) == 1 and len(next(iter(fixes.values()))) == 1 and not node.kwargs:
-            i = next(iter(fixes))
-            d, src, dst, _ = fixes[i][0]
+        args = list(torch.fx.node.map_arg(node.args, lambda n: self.env[n.name]))
+        if _is_add(node) and len(fixes) == 1 and not node.kwargs:
+            (i, steps), other = next(iter(fixes.items())), None
             other = node.args[1 - i]
-            if src is None and isinstance(other, torch.fx.Node):
+            if len(steps) == 1 and isinstance(other, torch.fx.Node):
+                # a pruned branch added into a wider stream: one fused "add at these channels"
+                d, src, dst, n_in, n_out = steps[0]
                 offset = out_ids.dim() - self.ids_of(node.args[i]).dim()
-                self.env[node.name] = self.graph.call_function(
-                    add_at, (self.env[other.name], self.env[node.args[i].name], d + offset, self.const(dst))
-                )
+                self.env[node.name] = self.remap(args[i], d + offset, src, dst, n_in, n_out, base=args[1 - i])
                 return
-        new_args = list(torch.fx.node.map_arg(node.args, lambda n: self.env[n.name]))
         for i, steps in fixes.items():
-            x = new_args[i]
-            for d, src, dst, size in steps:
-                x = self.graph.call_function(
-                    relayout, (x, d, None if src is None else self.const(src), self.const(dst), size)
-                )
-            new_args[i] = x
+            for d, src, dst, n_in, n_out in steps:
+                args[i] = self.remap(args[i], d, src, dst, n_in, n_out)
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: self.env[n.name])
         self.env[node.name] = self.graph.create_node(
-            node.op, node.target, tuple(new_args), kwargs, name=node.name
+            node.op, node.target, tuple(args), kwargs, name=node.name
         )
 
     def movement(self, node: torch.fx.Node) -> None:
@@ -305,7 +340,9 @@ class _Compactor:
             return
         # last resort: run at full width, then keep the surviving positions
         full = self.graph.node_copy(node, lambda n: self.to_full(n))
-        self.env[node.name] = self._select_layout(full, out_layout)
+        full_ids = self.ids_of(node)
+        sizes = tuple(full_ids.shape) if isinstance(full_ids, torch.Tensor) else ()
+        self.env[node.name] = self._select_layout(full, out_layout, sizes)
 
     def _matches(self, node, args, kwargs, expected) -> bool:
         try:
@@ -353,12 +390,12 @@ class _Compactor:
             return None
         return new
 
-    def _select_layout(self, full: torch.fx.Node, layout: Any) -> torch.fx.Node:
+    def _select_layout(self, full: torch.fx.Node, layout: Any, sizes: tuple) -> torch.fx.Node:
         if isinstance(layout, tuple) and all(isinstance(i, (torch.Tensor, type(None))) for i in layout):
             x = full
             for d, idx in enumerate(layout):
                 if idx is not None:
-                    x = self.graph.call_function(select, (x, d, self.const(idx)))
+                    x = self.remap(x, d, idx, torch.arange(idx.numel()), int(sizes[d]), idx.numel())
             return x
         if _is_full(layout):
             return full
@@ -391,6 +428,12 @@ class _Compactor:
                     self.same(node)
 
 
+def _is_add(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("add", "__add__")
+    return node.target in (operator.add, operator.iadd, torch.add)
+
+
 def _same_ids(got: Any, expected: Any) -> bool:
     if isinstance(expected, torch.Tensor):
         return isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected)
@@ -404,27 +447,22 @@ def _same_ids(got: Any, expected: Any) -> bool:
 
 
 def compact_model(model: nn.Module, analysis: Analysis, pruned_classes: torch.Tensor) -> nn.Module:
-    """A smaller model equal to ``model`` (masked) with the units of ``pruned_classes`` removed."""
+    """A smaller model equal to ``model`` (masked) with the units of ``pruned_classes`` removed.
+
+    ``model`` is not changed. The result is a copy of ``model``'s class with smaller modules when the
+    forward works unchanged at the new widths, else a GraphModule holding the same submodules.
+    """
     alive = analysis.ids.alive(pruned_classes)
-    worker = _Compactor(analysis, alive)
+    worker = _Compactor(analysis, alive, model)
     worker.run()
     worker.graph.lint()
-    training = model.training
-    if not worker.structural:
-        small = copy.deepcopy(model)
-        for name, module in worker.swapped.items():
-            small.set_submodule(name, copy.deepcopy(module))
-        for target, value in worker.sliced.items():
-            owner_name, _, attr = target.rpartition(".")
-            owner = small.get_submodule(owner_name) if owner_name else small
-            old = getattr(owner, attr)
-            if isinstance(old, nn.Parameter):
-                setattr(owner, attr, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
-            else:
-                owner.register_buffer(attr, value.clone())
-    else:
-        small = torch.fx.GraphModule(worker.root, worker.graph, class_name=type(model).__name__)
-    small.train(training)
+    small = worker.root
+    if worker.structural:
+        graph_module = torch.fx.GraphModule(worker.root, worker.graph, class_name=type(model).__name__)
+        for name, child in worker.root.named_children():
+            graph_module._modules[name] = child
+        small = graph_module
+    small.train(model.training)
     return small
 
 
@@ -451,4 +489,4 @@ def max_difference(reference: nn.Module, candidate: nn.Module, example_inputs: t
     return diff, scale
 
 
-__all__ = ["compact_model", "max_difference", "relayout", "add_at", "select", "layout_of", "_LazyParam"]
+__all__ = ["ChannelRemap", "compact_model", "max_difference", "layout_of"]

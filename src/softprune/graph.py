@@ -347,7 +347,7 @@ def analyze(
     model: nn.Module,
     example_inputs: tuple,
     *,
-    residual: str = "independent",
+    residual: str = "coupled",
     handlers: dict | None = None,
     leaf_modules: Iterable[str] = (),
     gm: torch.fx.GraphModule | None = None,

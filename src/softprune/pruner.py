@@ -26,7 +26,7 @@ from .compact import compact_model, max_difference
 from .criteria import Criterion, make_criterion
 from .errors import SoftpruneError, check_choice
 from .graph import Analysis, analyze, build_groups, selector
-from .groups import ChannelGroup
+from .groups import ChannelGroup, Role
 from .masks import SCOPES, GroupMask, HardKeeper, apply, zero_units
 from .policy import Policy, make_policy
 
@@ -53,6 +53,18 @@ class StepReport:
 
 def _floor(x: float) -> int:
     return int(math.floor(x + 1e-9))  # 10 * 0.3 is 2.9999999999999996 in floating point
+
+
+def _owners(group: ChannelGroup) -> torch.Tensor:
+    """bool [producers, units]: which units each producer layer writes."""
+    rows = []
+    for name in group.producers:
+        row = torch.zeros(group.size, dtype=torch.bool)
+        for member in group.members_with(Role.FILTER):
+            if member.module == name:
+                row[member.unit[member.unit >= 0]] = True
+        rows.append(row)
+    return torch.stack(rows) if rows else torch.zeros(0, group.size, dtype=torch.bool)
 
 
 def example_inputs_for(model: nn.Module, example_inputs: Any) -> tuple:
@@ -89,8 +101,9 @@ class Pruner:
         criterion: l1, l2 (default), fpgm, fpgm_mix, or a Criterion instance.
         criterion_options: e.g. {"aggregate": "sum"} or {"norm_fraction": 0.25}.
         example_inputs: what the forward takes, for tracing (softprune's models have a default).
-        residual: "independent" (each branch prunes its own filters and adds its kept channels back,
-            the papers' compact ResNet) or "coupled" (one mask across a residual stream).
+        residual: "coupled" (default: one mask across a residual stream, so the stream narrows too; the
+            fastest compact model) or "independent" (each branch prunes its own filters and adds its
+            kept channels back at their indices: the papers' compact ResNet and FLOPs figures).
         layers: which producer layers may be pruned: None = every convolution (the papers' choice),
             else names, glob or "re:" patterns, or module types.
         ignore: modules kept whole (names or patterns); the classifier is never pruned anyway.
@@ -110,7 +123,7 @@ class Pruner:
         criterion: str | Criterion = "l2",
         criterion_options: dict | None = None,
         example_inputs: Any = None,
-        residual: str = "independent",
+        residual: str = "coupled",
         layers: Iterable[Any] | None = None,
         ignore: Iterable[str] = (),
         interval: int | None = None,
@@ -147,6 +160,7 @@ class Pruner:
         self.residual = residual
         self.example_inputs = example_inputs_for(model, example_inputs)
         ignore = list(ignore)
+        self.ignore = ignore
         self.analysis: Analysis = analyze(model, self.example_inputs, residual=residual, leaf_modules=ignore)
         self.groups: list[ChannelGroup] = build_groups(self.analysis, selector(layers, ignore), ignore)
         self.prunable = [g for g in self.groups if g.prunable]
@@ -159,6 +173,7 @@ class Pruner:
                 f"({'; '.join(reasons[:3]) or 'no convolution found'}). Check layers= and ignore="
             )
         self.masks = [GroupMask(g.size) for g in self.prunable]
+        self._owners = [_owners(g) for g in self.prunable]
         self.first: list[torch.Tensor | None] = [None] * len(self.prunable)
         self.t = 0
         self.history: list[StepReport] = []
@@ -226,14 +241,44 @@ class Pruner:
         position = torch.empty(n, dtype=torch.long)
         position[order] = torch.arange(n)
         final = torch.argsort(priority * (n + 1) + position.float(), stable=True)
+        picked = self._within_quota(i, final, mask.hard, group.frozen, rate, n_sel)
         selected = torch.zeros(n, dtype=torch.bool)
-        selected[final[:n_sel]] = True
+        selected[picked] = True
         hard = torch.zeros(n, dtype=torch.bool)
-        hard[final[:n_hard]] = True
-        mask.hard = hard
-        mask.soft = selected & ~hard
+        hard[picked[: min(n_hard, picked.numel())]] = True
+        mask.hard = hard | mask.hard
+        mask.soft = selected & ~mask.hard
         if self.policy.keep_first and self.first[i] is None and n_sel > 0:
             self.first[i] = selected.clone()
+
+    def _within_quota(
+        self, i: int, order: torch.Tensor, hard: torch.Tensor, frozen: torch.Tensor, rate: float, n_sel: int
+    ) -> torch.Tensor:
+        """The first ``n_sel`` units of ``order`` such that no producer layer loses more than
+        floor(rate * its width) channels, and none loses all of them.
+
+        A group whose producers own different subsets of its units (a residual stream widened by a
+        zero-padding shortcut: stage-1 channels are a subset of stage 2's) would otherwise let the
+        ranking empty a narrow layer. With one producer this is simply the first n_sel units.
+        """
+        owners = self._owners[i]  # bool [producers, units]
+        if owners.shape[0] <= 1:
+            return order[~frozen[order]][:n_sel]
+        width = owners.sum(1)
+        quota = torch.minimum(torch.floor(width * rate + 1e-9).long(), width - 1)
+        used = torch.zeros_like(width)
+        picked = []
+        for u in order.tolist():
+            if len(picked) >= n_sel:
+                break
+            if frozen[u]:
+                continue
+            take = owners[:, u].long()
+            if not hard[u] and bool((used + take > quota).any()):
+                continue
+            picked.append(u)
+            used += take
+        return torch.tensor(picked, dtype=torch.long)
 
     # -- reporting ------------------------------------------------------------------------------
     def counts(self) -> tuple[int, int, int]:
@@ -250,6 +295,14 @@ class Pruner:
             units = mask.pruned if include_soft else mask.hard
             pruned[group.classes[units]] = True
         return pruned
+
+    def profile(self) -> dict[str, int]:
+        """Parameters and MACs per sample of the model as it would be compacted now."""
+        from .cost import profile
+        from .graph import _example_batch1
+
+        small = compact_model(self.model, self.analysis, self.pruned_classes())
+        return profile(small, _example_batch1(self.example_inputs))
 
     def summary(self) -> list[dict]:
         rows = []
@@ -279,8 +332,11 @@ class Pruner:
         against the masked one on the example inputs in eval mode: a max difference above
         ``tolerance`` times the output's scale raises instead of returning a wrong model.
         """
+        from .io import make_plan
+
         self.finalize()
         small = compact_model(self.model, self.analysis, self.pruned_classes())
+        small.softprune_plan = make_plan(self)
         if verify:
             diff, scale = max_difference(self.model, small, self.example_inputs)
             self.last_verification = {"max_abs_diff": diff, "output_scale": scale}

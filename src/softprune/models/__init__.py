@@ -131,4 +131,12 @@ def create_model(
             f"{error} Any torchvision classification model name (e.g. 'resnet18') is accepted too."
         )
     model.example_input_shape = (1, in_channels, size, size)
+    # how to build this model again (softprune.load uses it when no factory is given)
+    model.softprune_spec = {
+        "name": name,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "input_size": input_size,
+        **kwargs,
+    }
     return model

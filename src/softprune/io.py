@@ -1,0 +1,170 @@
+"""Portable pruned models: weights in safetensors, the architecture change as data.
+
+``save(model, path)`` writes the model's tensors with safetensors and, in the file's metadata, a JSON
+*plan*: for every channel group, its name, size and the pruned unit indices, plus what is needed to
+trace the original model again (example input shapes, residual mode, ignored modules) and, for
+softprune's own models, the ``create_model`` arguments. ``load(path, model_factory)`` builds the
+original model with the user's constructor, replays the same compaction, and loads the weights.
+Nothing is unpickled at any point.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import SoftpruneError
+
+FORMAT = "softprune-1"
+PLAN_KEY = "softprune"
+
+
+def make_plan(pruner: Any, model_spec: dict | None = None) -> dict:
+    """The architecture change made by ``pruner.compact()``, as plain data."""
+    return {
+        "format": FORMAT,
+        "residual": pruner.residual,
+        "ignore": list(getattr(pruner, "ignore", [])),
+        "inputs": [
+            {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+            for x in pruner.example_inputs
+            if isinstance(x, torch.Tensor)
+        ],
+        "groups": [
+            {"name": g.name, "size": g.size, "pruned": torch.nonzero(m.pruned).view(-1).tolist()}
+            for g, m in zip(pruner.prunable, pruner.masks)
+        ],
+        "model": model_spec or getattr(pruner.model, "softprune_spec", None),
+    }
+
+
+def save(model: nn.Module, path: str | Path, plan: dict | None = None) -> Path:
+    """Write ``model``'s state to ``path`` (safetensors) with its pruning plan as metadata.
+
+    A model returned by ``Pruner.compact()`` carries its plan; a dense model is saved with an empty
+    one. The file is written next to its destination and renamed, so a crash never leaves half a file.
+    """
+    path = Path(path)
+    plan = plan if plan is not None else getattr(model, "softprune_plan", None)
+    if plan is None:
+        plan = {"format": FORMAT, "groups": [], "model": getattr(model, "softprune_spec", None)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = _unshare(tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={PLAN_KEY: json.dumps(plan)})
+    tmp.replace(path)
+    return path
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights); store each once as its own copy."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for key, t in tensors.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        out[key] = t.clone() if ident in seen else t
+        seen.setdefault(ident, key)
+    return out
+
+
+def read_plan(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SoftpruneError(f"model file {str(path)!r} not found")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SoftpruneError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
+    if PLAN_KEY not in meta:
+        raise SoftpruneError(
+            f"{str(path)!r} is a safetensors file without a softprune plan; load it with safetensors"
+        )
+    try:
+        plan = json.loads(meta[PLAN_KEY])
+    except json.JSONDecodeError:
+        raise SoftpruneError(f"{str(path)!r} has a corrupt softprune plan") from None
+    if plan.get("format") != FORMAT:
+        raise SoftpruneError(
+            f"{str(path)!r} has plan format {plan.get('format')!r}; this softprune reads {FORMAT}"
+        )
+    return plan
+
+
+def load(
+    path: str | Path, model_factory: Callable[[], nn.Module] | None = None, map_location: str = "cpu"
+) -> nn.Module:
+    """Rebuild a saved (pruned) model: ``model_factory()`` gives the original, unpruned architecture.
+
+    For softprune's own models the factory may be omitted: the plan records ``create_model``'s arguments.
+    """
+    from .compact import compact_model
+    from .graph import analyze, build_groups, selector
+
+    plan = read_plan(path)
+    if model_factory is None:
+        spec = plan.get("model")
+        if not spec:
+            raise SoftpruneError(f"{str(path)!r} does not say how to build its model; pass model_factory=")
+        from .models import create_model
+
+        model = create_model(**spec)
+    else:
+        model = model_factory()
+    if not isinstance(model, nn.Module):
+        raise SoftpruneError(f"model_factory must return a torch.nn.Module, got {type(model).__name__}")
+    try:
+        state = load_file(str(path), device=map_location)
+    except (SafetensorError, OSError) as exc:
+        raise SoftpruneError(f"cannot read the weights of {str(path)!r}: {exc}") from None
+    if plan.get("groups"):
+        dtypes = {
+            "float32": torch.float32,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "float64": torch.float64,
+        }
+        inputs = tuple(
+            torch.zeros(spec["shape"], dtype=dtypes.get(spec["dtype"], torch.float32))
+            for spec in plan["inputs"]
+        )
+        analysis = analyze(
+            model, inputs, residual=plan.get("residual", "coupled"), leaf_modules=plan.get("ignore", [])
+        )
+        groups = build_groups(analysis, selector(), plan.get("ignore", []))
+        by_name = {g.name: g for g in groups}
+        label = analysis.ids.label
+        pruned = torch.zeros(int(label.max()) + 1, dtype=torch.bool)
+        for saved in plan["groups"]:
+            group = by_name.get(saved["name"])
+            if group is None or group.size != saved["size"]:
+                raise SoftpruneError(
+                    f"{str(path)!r} was pruned from a different architecture: group {saved['name']!r} "
+                    f"({saved['size']} channels) is not in the model the factory built"
+                )
+            units = torch.tensor(saved["pruned"], dtype=torch.long)
+            if units.numel() and (units.min() < 0 or units.max() >= group.size):
+                raise SoftpruneError(
+                    f"{str(path)!r} has a corrupt plan: unit index out of range in {saved['name']!r}"
+                )
+            pruned[group.classes[units]] = True
+        model = compact_model(model, analysis, pruned)
+        model.softprune_plan = plan
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise SoftpruneError(
+            f"the weights in {str(path)!r} do not fit the rebuilt model: {first[1].strip() if len(first) > 1 else first[0]}"
+        ) from None
+    return model.to(map_location)

@@ -1,0 +1,154 @@
+"""`softprune train` end to end on a small Fashion-MNIST subset, and the command line's errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import softprune
+from softprune.cli import main
+from softprune.data import BatchLoader, load_dataset
+from softprune.data.fixtures import write_idx
+from softprune.train.engine import evaluate
+
+REAL = Path("/usr/share/datasets/fashion-mnist")
+RECIPE = Path(softprune.__file__).parent / "configs" / "fashion_mnist_ghfp.yaml"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The real Fashion-MNIST where Debian's package installed it, else a fixture in the same format."""
+    if REAL.is_dir():
+        return str(REAL)
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 1200), ("test", 400)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) * 60 + labels[:, None, None] * 19).astype(np.uint8)
+        write_idx(root, images, labels, split)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("runs")
+    args = [
+        "train", str(RECIPE), f"output={out}", "name=e2e", f"data.root={data_root}", "data.train_limit=1024",
+        "data.test_limit=400", "train.epochs=3", "train.batch_size=64", "report.latency_repeats=3",
+        "prune.recalibrate_bn=4", "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 0
+    return out / "e2e"
+
+
+def test_run_folder_holds_every_artifact(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "model.safetensors",
+        "compact.safetensors",
+        "summary.json",
+    } <= names
+
+
+def test_metrics_log_one_line_per_epoch_with_the_schedules(trained):
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    T = 3
+    for t, r in enumerate(rows):
+        assert r["rate"] == 0.4 and r["alpha"] == 0.0
+        assert r["hardness"] == pytest.approx(1 - (1 - (t + 1) / T) ** 3)
+        assert r["kept"] + r["soft"] + r["hard"] == rows[0]["kept"] + rows[0]["soft"] + rows[0]["hard"]
+        assert 0.0 <= r["test_acc"] <= 100.0 and r["macs"] > 0
+    assert rows[-1]["soft"] == 0 and rows[-1]["hard"] > rows[0]["hard"]
+    assert rows[-1]["macs"] < 0.6 * json.loads((trained / "summary.json").read_text())["dense"]["macs"]
+
+
+def test_summary_numbers_match_the_saved_compact_model(trained, data_root):
+    summary = json.loads((trained / "summary.json").read_text())
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    compact = summary["compact"]
+    # the compact model is the masked model's function: same accuracy on the same test set
+    assert abs(compact["test_acc"] - rows[-1]["test_acc"]) <= 0.25
+    assert summary["equivalence"]["max_abs_diff"] <= 1e-5 * summary["equivalence"]["output_scale"]
+    model = softprune.load(trained / "compact.safetensors")
+    assert sum(p.numel() for p in model.parameters()) == compact["params"]
+    x = torch.randn(1, 1, 28, 28)
+    assert softprune.profile(model, x)["macs"] == compact["macs"]
+    assert summary["reduction"]["params"] == pytest.approx(1 - compact["params"] / summary["dense"]["params"])
+    assert summary["reduction"]["macs"] == pytest.approx(1 - compact["macs"] / summary["dense"]["macs"])
+    test = load_dataset("fashion_mnist", data_root, "test", limit=400)
+    _, acc = evaluate(model, BatchLoader(test, 200, shuffle=False, augment=False), torch.device("cpu"))
+    assert acc == pytest.approx(compact["test_acc"], abs=1e-9)
+    assert round(summary["paper_flops_reduction"], 3) == 0.540  # ResNet-20 at 40%, METHODS.md
+    assert compact["latency"]["median_ms"] > 0 and summary["dense"]["latency"]["best"] in (
+        "contiguous",
+        "channels_last",
+    )
+
+
+def test_existing_run_is_never_overwritten(trained, capsys):
+    before = (trained / "checkpoint.pt").stat().st_mtime_ns
+    code = main(["train", str(RECIPE), f"output={trained.parent}", "name=e2e", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds a run; pass --resume" in err
+    assert (trained / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("prune.method=gfhp", "config key 'prune.method' has value 'gfhp'; expected one of 'dense', 'hfp'"),
+        ("prune.rate=1.5", r"config key 'prune.rate' must lie in \[0, 1\), got 1.5"),
+        ("prune.rte=0.3", "unknown config key 'prune.rte'. Did you mean 'prune.rate'?"),
+        ("train.epochs=0", "config key 'train.epochs' must be positive, got 0"),
+        ("train.epochs=three", "config key 'train.epochs' has value 'three'; expected an integer"),
+        ("prune.criterion=l3", "unknown criterion 'l3'; choose one of: fpgm, fpgm_mix, l1, l2"),
+        ("data.root=/nonexistent/fmnist", "/nonexistent/fmnist"),
+        ("model.name=resnet21", "unknown model 'resnet21'"),
+        ("epochs=3", "unknown config key 'epochs'"),
+        ("prune", "an override looks like section.key=value"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, override, message):
+    code = main(
+        [
+            "train",
+            str(RECIPE),
+            f"output={tmp_path}",
+            "data.train_limit=64",
+            "data.test_limit=64",
+            override,
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("softprune: error: ") and "\n" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_missing_config_file(capsys):
+    assert main(["train", "/nonexistent/config.yaml"]) == 2
+    assert "config file '/nonexistent/config.yaml' not found" in capsys.readouterr().err
+
+
+def test_no_traceback_from_the_real_command(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: [1, 2\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "softprune", "train", str(bad)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(softprune.__file__).parents[1])},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"softprune: error: config file '{bad}' is not valid YAML at line 2"
+    assert "Traceback" not in proc.stderr

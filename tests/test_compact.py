@@ -1,0 +1,168 @@
+"""Compaction: the compact model computes what the masked model computes, and is really smaller."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import softprune
+from softprune.compact import ChannelRemap, max_difference
+from softprune.cost import measure_macs, paper_flops_cifar_resnet
+
+MODELS = [
+    ("resnet20", 3),
+    ("resnet32", 3),
+    ("resnet56", 3),
+    ("resnet110", 3),
+    ("vgg16_bn_cifar", 3),
+    ("lenet5", 1),
+]
+
+
+def _pruned(name, channels, residual, method="ghfp", rate=0.4, steps=3):
+    torch.manual_seed(0)
+    model = softprune.create_model(name, in_channels=channels)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    pruner = softprune.Pruner(
+        model, method=method, rate=rate, total_steps=steps, optimizer=opt, residual=residual
+    )
+    shape = model.example_input_shape[1:]
+    for _ in range(steps):
+        x, y = torch.randn(8, *shape), torch.randint(0, 10, (8,))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        pruner.step()
+    return model, pruner
+
+
+@pytest.mark.parametrize("residual", ["independent", "coupled"])
+@pytest.mark.parametrize("name,channels", MODELS, ids=[m for m, _ in MODELS])
+def test_compact_equals_masked_on_random_inputs(name, channels, residual):
+    model, pruner = _pruned(name, channels, residual)
+    small = pruner.compact()
+    x = torch.randn(6, *model.example_input_shape[1:]) * 2
+    diff, scale = max_difference(model, small, (x,))
+    assert scale > 0
+    assert diff <= 1e-5 * scale, (diff, scale)
+    dense_params = sum(p.numel() for p in model.parameters())
+    small_params = sum(p.numel() for p in small.parameters())
+    assert small_params < 0.75 * dense_params
+    # every pruned filter is physically gone: producers have exactly their kept filters
+    for group, mask in zip(pruner.prunable, pruner.masks):
+        kept = int((~mask.hard).sum())
+        for producer in group.producers:
+            if residual == "independent" or len(group.producers) == 1:
+                assert small.get_submodule(producer).out_channels == kept, producer
+
+
+def test_compact_of_a_model_without_graph_changes_is_the_users_class():
+    model, pruner = _pruned("vgg16_bn_cifar", 3, "independent")
+    small = pruner.compact()
+    assert type(small) is type(model) and isinstance(small.features, nn.Sequential)
+    assert small.features[0].out_channels == 64 - math.floor(64 * 0.4)
+    assert small.classifier.in_features == 512 - math.floor(512 * 0.4)
+    assert model.features[0].out_channels == 64  # the masked model is left as it was
+
+
+def test_lenet_flatten_removes_hw_columns_per_channel():
+    model, pruner = _pruned("lenet5", 1, "independent", method="sfp", steps=1)
+    small = pruner.compact()
+    kept = 16 - math.floor(16 * 0.4)
+    assert small.fc1.in_features == kept * 5 * 5  # each channel spans the 5x5 features of the flatten
+
+
+def test_residual_graph_keeps_the_users_containers():
+    model, pruner = _pruned("resnet20", 3, "independent", steps=1)
+    small = pruner.compact()
+    assert isinstance(small, torch.fx.GraphModule)  # the adds place kept channels at their indices
+    assert isinstance(small.layer1, nn.Sequential) and small.layer1[0].conv1 is small.get_submodule(
+        "layer1.0.conv1"
+    )
+    remaps = [m for n, m in small.named_modules() if n.startswith("_softprune_remap")]
+    assert remaps and all(isinstance(m, ChannelRemap) for m in remaps)
+    assert "_softprune_remap" in small.code
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_remap_is_exact_in_both_memory_formats(channels_last):
+    torch.manual_seed(0)
+    src, dst = torch.tensor([0, 2, 3]), torch.tensor([1, 4, 6])
+    remap = ChannelRemap(1, src, dst, in_size=5, out_size=8)
+    x, base = torch.randn(2, 5, 4, 3), torch.randn(2, 8, 4, 3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, base = x.contiguous(memory_format=fmt), base.contiguous(memory_format=fmt)
+    expected = torch.zeros(2, 8, 4, 3)
+    expected[:, dst] = x[:, src]
+    assert torch.equal(remap(x), expected)
+    assert torch.allclose(remap(x, base), base + expected, atol=0, rtol=0)
+    assert remap(x).is_contiguous(memory_format=fmt)
+
+
+def test_compact_model_in_channels_last_equals_masked():
+    model, pruner = _pruned("resnet20", 3, "independent", steps=1)
+    small = pruner.compact()
+    x = torch.randn(4, 3, 32, 32)
+    ref_diff, scale = max_difference(model, small, (x,))
+    small_cl = small.to(memory_format=torch.channels_last)
+    diff, _ = max_difference(model, small_cl, (x.contiguous(memory_format=torch.channels_last),))
+    assert diff <= 1e-5 * scale and ref_diff <= 1e-5 * scale
+
+
+def test_compact_resnet_realizes_the_papers_flops():
+    """SFP's independent branches: the compact model's conv MACs are at most the papers' count and
+    within 3% of it, at a rate where every layer's floor(N*P) is exact (the papers' k = 1 - P)."""
+    for depth in (20, 56):
+        model, pruner = _pruned(f"resnet{depth}", 3, "independent", method="sfp", rate=0.25, steps=1)
+        small = pruner.compact()
+        x = torch.randn(1, 3, 32, 32)
+        measured = measure_macs(small, x)["conv_macs"]
+        paper = paper_flops_cifar_resnet(depth, 0.25)
+        assert measured <= paper + 1
+        assert measured >= 0.97 * paper
+        assert measure_macs(model, x)["conv_macs"] == paper_flops_cifar_resnet(depth, 0.0)
+
+
+def test_compact_trains_and_is_smaller_to_run():
+    model, pruner = _pruned("resnet20", 3, "coupled", steps=1)
+    small = pruner.compact()
+    opt = torch.optim.SGD(small.parameters(), lr=0.05)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    small.train()
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.cross_entropy(small(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert measure_macs(small, x[:1])["macs"] < 0.55 * measure_macs(model, x[:1])["macs"]
+
+
+def test_shared_module_called_twice_is_pruned_consistently():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = nn.Conv2d(8, 8, 3, padding=1)  # used twice: its filters must match in both calls
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = F.relu(self.stem(x))
+            x = F.relu(self.block(x))
+            x = F.relu(self.block(x))
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Shared()
+    pruner = softprune.Pruner(model, "sfp", 0.5, 1, example_inputs=torch.randn(2, 3, 8, 8))
+    pruner.step()
+    small = pruner.compact()
+    # the shared conv feeds itself, so its input and output channels are one group
+    assert small.block.in_channels == small.block.out_channels == small.stem.out_channels == 4
+    x = torch.randn(3, 3, 8, 8)
+    diff, scale = max_difference(model, small, (x,))
+    assert diff <= 1e-5 * scale

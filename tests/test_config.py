@@ -1,0 +1,73 @@
+"""The run config schema: defaults, overrides, and every failure as a clear error."""
+
+import pytest
+
+from softprune.errors import SoftpruneError
+from softprune.train.config import RunConfig, config_from_dict, load_config, parse_override
+
+
+def test_defaults_are_the_papers_cifar_recipe():
+    c = config_from_dict({})
+    assert isinstance(c, RunConfig)
+    t = c.train
+    assert (t.epochs, t.batch_size, t.lr, t.momentum, t.nesterov, t.weight_decay) == (
+        200,
+        128,
+        0.1,
+        0.9,
+        True,
+        5e-4,
+    )
+    assert (t.schedule, t.milestones, t.gamma) == ("multistep", [60, 120, 160], 0.2)
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    c = config_from_dict(
+        {"prune": {"rate": 0.3}},
+        [
+            "prune.rate=0.25",
+            "train.milestones=[10, 20]",
+            "prune.decay={kind: exponential, sigma: 0.001}",
+            "data.root=null",
+        ],
+    )
+    assert c.prune.rate == 0.25 and c.train.milestones == [10, 20]
+    assert c.prune.decay == {"kind": "exponential", "sigma": 0.001} and c.data.root is None
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"prune": {"method": "hhfp"}}, "'prune.method' has value 'hhfp'; expected one of"),
+        ({"trian": {}}, "unknown config key 'trian'. Did you mean 'train'?"),
+        ({"train": {"lr": "fast"}}, "'train.lr' has value 'fast'; expected a number"),
+        ({"train": {"nesterov": "yes"}}, "'train.nesterov' has value 'yes'; expected true or false"),
+        ({"train": {"milestones": [60, "x"]}}, "'train.milestones' has value"),
+        ({"train": {"milestones": [120, 60]}}, "must be increasing"),
+        ({"train": 5}, "section 'train' must be a mapping"),
+        ({"prune": {"every_epochs": 300}}, "leaves no pruning step"),
+        ({"name": "a/b"}, "must be a plain folder name"),
+        ({"train": {"device": "tpu"}}, "expected auto, cpu, cuda or cuda:N"),
+        ({"prune": {"recalibrate_bn": -1}}, "must be >= 0"),
+    ],
+)
+def test_bad_configs_name_the_key_the_value_and_what_is_allowed(data, message):
+    with pytest.raises(
+        SoftpruneError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    ):
+        config_from_dict(data)
+
+
+def test_a_config_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(SoftpruneError, match="must be a mapping of sections"):
+        load_config(path)
+
+
+def test_setting_a_key_below_a_value_is_an_error():
+    with pytest.raises(SoftpruneError, match="'name' is not a section"):
+        config_from_dict({"name": "run"}, ["name.x=1"])
+    with pytest.raises(SoftpruneError, match="config key 'name' has value {'x': 1}; expected a string"):
+        config_from_dict({}, ["name.x=1"])

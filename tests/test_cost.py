@@ -1,0 +1,67 @@
+"""FLOPs and MACs: the papers' convention (METHODS.md's table) and flop_counter measurements."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import softprune
+from softprune.cost import latency, measure_macs, paper_flops_cifar_resnet, profile
+from softprune.errors import SoftpruneError
+
+# METHODS.md, "FLOPs as the papers count them": FLOPs cut in % by rate, per depth.
+TABLE = {
+    20: [15.2, 29.3, 42.2, 54.0],
+    32: [14.9, 28.8, 41.5, 53.2],
+    56: [14.7, 28.4, 41.1, 52.6],
+    110: [14.6, 28.2, 40.8, 52.3],
+}
+BASELINES = {20: 4.06e7, 32: 6.89e7, 56: 1.25e8, 110: 2.53e8}
+
+
+@pytest.mark.parametrize("depth", sorted(TABLE))
+def test_papers_flops_table_to_a_tenth_of_a_point(depth):
+    base = paper_flops_cifar_resnet(depth, 0.0)
+    assert float(f"{base:.3g}") == BASELINES[depth]
+    for rate, expected in zip((0.1, 0.2, 0.3, 0.4), TABLE[depth]):
+        cut = 100 * (1 - paper_flops_cifar_resnet(depth, rate) / base)
+        assert round(cut, 1) == expected, (depth, rate, cut)
+
+
+@pytest.mark.parametrize("depth", [20, 32, 56, 110])
+def test_measured_conv_macs_of_dense_resnet_equal_the_papers_baseline(depth):
+    model = softprune.create_model(f"resnet{depth}")
+    measured = measure_macs(model, torch.randn(1, 3, 32, 32))
+    assert measured["conv_macs"] == paper_flops_cifar_resnet(depth, 0.0)
+    assert measured["macs"] == measured["conv_macs"] + 64 * 10  # plus the FC layer
+
+
+def test_profile_matches_hand_computed_macs():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    result = profile(model, torch.randn(2, 3, 8, 8))
+    conv = 4 * 3 * 9 * 8 * 8
+    assert result == {"params": 4 * 3 * 9 + 4 + 256 * 5 + 5, "macs": conv + 256 * 5, "conv_macs": conv}
+
+
+def test_grouped_and_depthwise_macs():
+    dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    assert measure_macs(dw, torch.randn(1, 8, 6, 6))["conv_macs"] == 8 * 9 * 36
+    grouped = nn.Conv2d(8, 16, 1, groups=4, bias=False)
+    assert measure_macs(grouped, torch.randn(1, 8, 6, 6))["conv_macs"] == 16 * 2 * 36
+
+
+def test_latency_gives_finite_medians():
+    result = latency(nn.Conv2d(3, 8, 3), torch.randn(2, 3, 16, 16), warmup=1, repeats=5)
+    assert result["repeats"] == 5
+    assert 0 < result["min_ms"] <= result["median_ms"] <= result["max_ms"] < math.inf
+
+
+def test_profile_of_a_non_module_is_an_error():
+    with pytest.raises(SoftpruneError, match="takes a torch.nn.Module"):
+        profile("resnet20", torch.randn(1, 3, 32, 32))
+
+
+def test_paper_flops_of_a_non_cifar_depth_is_an_error():
+    with pytest.raises(SoftpruneError, match="depth 6n\\+2"):
+        paper_flops_cifar_resnet(18, 0.4)
