@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,27 +97,54 @@ def latency(
     }
 
 
-def latency_by_format(model: nn.Module, example_inputs: Any, **kwargs) -> dict[str, Any]:
-    """Latency in both memory formats (contiguous NCHW and channels_last) and the faster of the two.
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, dict]:
+    """Time each function ``rounds`` times, alternating between them, so that a slow phase of a
+    shared machine hits all of them alike. Returns min and median milliseconds per function."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - start) * 1000.0)
+    return {
+        k: {"min_ms": min(v), "median_ms": statistics.median(v), "rounds": len(v)} for k, v in times.items()
+    }
 
-    Which format is faster depends on the model and the widths (oneDNN's blocked kernels favour
-    channels_last, especially at pruned, odd channel counts), so a fair comparison of two models
-    takes each at its best. The model is copied; yours keeps its format.
+
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@torch.no_grad()
+def compare_latency(
+    models: dict[str, nn.Module], example_inputs: Any, *, rounds: int = 20
+) -> dict[str, dict]:
+    """Latency of several models on the same input, in both memory formats, measured in alternation.
+
+    Which format is faster depends on the model and its widths (oneDNN favours channels_last, most of
+    all at pruned, odd channel counts), so a fair comparison takes each model at its best: the result
+    gives, per model, the median in each format, the faster format (``best``) and its ``median_ms``.
+    The models are copied; yours keep their format and mode.
     """
     import copy
 
     inputs = _as_tuple(example_inputs)
-    result: dict[str, Any] = {}
-    for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
-        moved = copy.deepcopy(model).to(memory_format=fmt)
+    out: dict[str, dict] = {name: {} for name in models}
+    for fmt_name, fmt in FORMATS.items():
+        moved = {name: copy.deepcopy(m).eval().to(memory_format=fmt) for name, m in models.items()}
         xs = tuple(
             x.contiguous(memory_format=fmt) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
             for x in inputs
         )
-        result[name] = latency(moved, xs, **kwargs)
-    result["best"] = min(("contiguous", "channels_last"), key=lambda k: result[k]["median_ms"])
-    result["median_ms"] = result[result["best"]]["median_ms"]
-    return result
+        timed = interleaved({name: (lambda m=m, xs=xs: m(*xs)) for name, m in moved.items()}, rounds)
+        for name in models:
+            out[name][fmt_name] = timed[name]
+    for result in out.values():
+        result["best"] = min(FORMATS, key=lambda f: result[f]["median_ms"])
+        result["median_ms"] = result[result["best"]]["median_ms"]
+    return out
 
 
 def paper_flops_cifar_resnet(depth: int, rate: float) -> float:

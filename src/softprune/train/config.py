@@ -280,7 +280,19 @@ def merge(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping; a top-level ``base: other.yaml`` (relative to this file) is read first and
+    overridden key by key, so recipes share one base."""
     path = Path(path)
     if not path.is_file():
         raise SoftpruneError(f"config file {str(path)!r} not found")
@@ -292,7 +304,19 @@ def read_yaml(path: str | Path) -> dict:
         raise SoftpruneError(f"config file {str(path)!r} is not valid YAML{where}") from None
     except UnicodeDecodeError:
         raise SoftpruneError(f"config file {str(path)!r} is not a text file") from None
-    return {} if data is None else data
+    data = {} if data is None else data
+    if isinstance(data, dict) and "base" in data:
+        base = data.pop("base")
+        if not isinstance(base, str):
+            raise SoftpruneError(f"'base' in {str(path)!r} must be a file name, got {base!r}")
+        base_path = (path.parent / base).resolve()
+        if base_path in _seen or base_path == path.resolve():
+            raise SoftpruneError(f"config file {str(path)!r} includes itself through 'base'")
+        parent = read_yaml(base_path, (*_seen, path.resolve()))
+        if not isinstance(parent, dict):
+            raise SoftpruneError(f"base config {str(base_path)!r} must be a mapping of sections")
+        data = deep_merge(parent, data)
+    return data
 
 
 def config_from_dict(data: Any, overrides: list[str] = ()) -> RunConfig:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .. import io as sp_io
 from ..calibrate import recalibrate_batchnorm
-from ..cost import latency_by_format, paper_flops_cifar_resnet, profile
+from ..cost import compare_latency, paper_flops_cifar_resnet, profile
 from ..data import DATASETS, BatchLoader, load_dataset
 from ..errors import SoftpruneError
 from ..models import create_model
@@ -310,16 +310,18 @@ class Run:
             "history_test_acc": [r["test_acc"] for r in self.history],
         }
         timing_input = torch.randn(cfg.report.latency_batch, *self.example.shape[1:], device=self.device)
-        summary["dense"]["latency"] = latency_by_format(
-            self.model, timing_input, repeats=cfg.report.latency_repeats
-        )
         summary["latency_batch"] = cfg.report.latency_batch
-        if self.pruner is not None:
+        if self.pruner is None:
+            timed = compare_latency({"dense": self.model}, timing_input, rounds=cfg.report.latency_repeats)
+            summary["dense"]["latency"] = timed["dense"]
+        else:
             small = self.pruner.compact()
             loss, acc = evaluate(small, self.test_loader, self.device)
             sp_io.save(small, self.dir / "compact.safetensors")
             compact = profile(small, self.example)
-            compact["latency"] = latency_by_format(small, timing_input, repeats=cfg.report.latency_repeats)
+            models = {"dense": self.model, "compact": small}
+            timed = compare_latency(models, timing_input, rounds=cfg.report.latency_repeats)
+            summary["dense"]["latency"], compact["latency"] = timed["dense"], timed["compact"]
             summary["compact"] = {**compact, "test_acc": acc, "test_loss": loss}
             summary["equivalence"] = self.pruner.last_verification
             summary["reduction"] = {
