@@ -22,6 +22,16 @@ def _batches(n=3, batch=8, channels=3, size=32, seed=1):
     ]
 
 
+def _epochs(model, opt, pruner, data, n):
+    """n epochs over ``data``, a pruning step after each."""
+    for _ in range(n):
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        pruner.step()
+
+
 def _train_with(method, steps=4, model_name="resnet20", opt_name="sgd", data=None, **kw):
     """Train a fresh seeded model for ``steps`` pruning steps; return per-step snapshots."""
     torch.manual_seed(0)
@@ -179,12 +189,7 @@ def test_state_dict_resumes_exactly():
     model = softprune.create_model("resnet20")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
     pruner = softprune.Pruner(model, method="ghfp", rate=0.4, total_steps=4, optimizer=opt)
-    for _ in range(2):
-        for x, y in data:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        pruner.step()
+    _epochs(model, opt, pruner, data, 2)
     saved = copy.deepcopy(
         {"model": model.state_dict(), "opt": opt.state_dict(), "pruner": pruner.state_dict()}
     )
@@ -196,12 +201,7 @@ def test_state_dict_resumes_exactly():
     opt2.load_state_dict(saved["opt"])
     pruner2.load_state_dict(saved["pruner"])
     assert pruner2.t == 2
-    for _ in range(2):
-        for x, y in data:
-            opt2.zero_grad()
-            F.cross_entropy(model2(x), y).backward()
-            opt2.step()
-        pruner2.step()
+    _epochs(model2, opt2, pruner2, data, 2)
     for k, v in full_model.state_dict().items():
         assert torch.equal(v, model2.state_dict()[k]), k
     assert all(
