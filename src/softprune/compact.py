@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import operator
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SoftpruneError
-from .graph import Analysis, _collect_tensors, _fetch_attr, _map
+from .graph import Analysis, _collect_tensors, _fetch_attr, _map, _squeeze_broadcast
 from .handlers import HANDLERS
 from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 
@@ -80,14 +81,117 @@ class ChannelRemap(nn.Module):
         return f"dim={self.dim}, {self.in_size} -> {self.out_size}, moved={self.src.numel()}"
 
 
+class PrunedMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention with heads removed: queries, keys and values are projected to
+    ``num_heads * head_dim`` channels (fewer than ``embed_dim``) and out_proj maps them back.
+
+    Same call signature and results as the module it replaces; returned attention weights (when asked
+    for) average over the kept heads. Attention masks given per head ([N*H, L, S]) must be for the
+    kept heads.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, kdim: int, vdim: int, *,
+                 bias: bool, batch_first: bool, dropout: float) -> None:  # fmt: skip
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.kdim, self.vdim, self.batch_first, self.dropout = kdim, vdim, batch_first, dropout
+        inner = num_heads * head_dim
+        # no random init: from_module overwrites every weight
+        self.q_proj = nn.utils.skip_init(nn.Linear, embed_dim, inner, bias=bias)
+        self.k_proj = nn.utils.skip_init(nn.Linear, kdim, inner, bias=bias)
+        self.v_proj = nn.utils.skip_init(nn.Linear, vdim, inner, bias=bias)
+        self.out_proj = nn.utils.skip_init(nn.Linear, inner, embed_dim, bias=True)
+
+    @classmethod
+    def from_module(cls, m: nn.MultiheadAttention, keep) -> PrunedMultiheadAttention:
+        E, H = m.embed_dim, m.num_heads
+        D = E // H
+        if m._qkv_same_embed_dim:
+            rows = keep("in_proj_weight", 0)
+            cols = keep("in_proj_weight", 1)
+            w = m.in_proj_weight
+            weights = [w[:E], w[E : 2 * E], w[2 * E :]]
+            col_keep = [cols, cols, cols]
+        else:
+            rows = keep("q_proj_weight", 0)
+            weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
+            col_keep = [keep(n, 1) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+        kept_rows = torch.arange(3 * E) if rows is None else rows
+        per_part = [kept_rows[(kept_rows >= i * E) & (kept_rows < (i + 1) * E)] - i * E for i in range(3)]
+        heads = per_part[0].numel() // D
+        kdim, vdim = m.kdim, m.vdim
+        new = cls(E, heads, D, kdim, vdim, bias=m.in_proj_bias is not None, batch_first=m.batch_first, dropout=m.dropout)
+        with torch.no_grad():
+            for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
+                w = weights[i].index_select(0, per_part[i].to(weights[i].device))
+                if col_keep[i] is not None:
+                    w = w.index_select(1, col_keep[i].to(w.device))
+                proj.weight.copy_(w)
+                if m.in_proj_bias is not None:
+                    proj.bias.copy_(m.in_proj_bias[i * E : (i + 1) * E].index_select(0, per_part[i].to(w.device)))
+            # out_proj's columns follow the kept heads (the value rows)
+            new.out_proj.weight.copy_(m.out_proj.weight.index_select(1, per_part[2].to(m.out_proj.weight.device)))
+            if m.out_proj.bias is not None:
+                new.out_proj.bias.copy_(m.out_proj.bias)
+            else:
+                new.out_proj.bias.zero_()
+        return new.to(m.out_proj.weight.device, m.out_proj.weight.dtype)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):  # fmt: skip
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) if t.dim() == 3 else t for t in (query, key, value))
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query[None], key[None], value[None]
+        n, length, _ = query.shape
+        source = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(n, length, h, d).transpose(1, 2)
+        k = self.k_proj(key).view(n, source, h, d).transpose(1, 2)
+        v = self.v_proj(value).view(n, source, h, d).transpose(1, 2)
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask
+            if mask.dim() == 3:
+                mask = mask.view(n, h, length, source)
+            if mask.dtype == torch.bool:
+                mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill(mask, float("-inf"))
+        if key_padding_mask is not None:
+            pad = key_padding_mask.view(n, 1, 1, source)
+            pad = torch.zeros_like(pad, dtype=q.dtype).masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else pad
+            mask = pad if mask is None else mask + pad
+        drop = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+            if mask is not None:
+                scores = scores + mask
+            attn = torch.softmax(scores, dim=-1)
+            weights = attn.mean(1) if average_attn_weights else attn
+            out = F.dropout(attn, drop, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=is_causal and mask is None)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, h * d))
+        if not batched:
+            out = out[0]
+            weights = None if weights is None else weights[0]
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
 def layout_of(ids: torch.Tensor, alive: torch.Tensor) -> Layout:
     """The kept indices of each dimension of a tensor whose channel ids are ``ids``."""
-    live = alive[ids]
+    live = alive[_squeeze_broadcast(ids)]  # a broadcast dimension keeps everything or nothing
     if not bool(live.any()):
         return (None,) * ids.dim()
     out = []
     for d in range(ids.dim()):
-        if ids.shape[d] <= 1:
+        if live.shape[d] <= 1:
             out.append(None)
             continue
         other = [i for i in range(ids.dim()) if i != d]
@@ -100,6 +204,15 @@ def apply_layout(ids: torch.Tensor, layout: Layout) -> torch.Tensor:
     for d, idx in enumerate(layout):
         if idx is not None:
             ids = ids.index_select(d, idx)
+    return ids
+
+
+def _shrink(ids: Any, layout: Any) -> Any:
+    """Compact ids of a (possibly nested) output, given its layouts in the same nesting."""
+    if isinstance(ids, torch.Tensor):
+        return apply_layout(ids, layout)
+    if isinstance(ids, (tuple, list)) and not isinstance(ids, torch.Size):
+        return type(ids)(_shrink(i, lay) for i, lay in zip(ids, layout))
     return ids
 
 
@@ -166,22 +279,18 @@ class _Compactor:
     def expected(self, node: torch.fx.Node) -> tuple[Any, Any]:
         """(layout, compact ids) of a node from its full ids."""
         ids = self.ids_of(node)
-
-        def lay(t):
-            return layout_of(t, self.alive) if isinstance(t, torch.Tensor) else None
-
-        layout = _map(ids, lay)
-
-        def shrink(t):
-            return apply_layout(t, layout_of(t, self.alive)) if isinstance(t, torch.Tensor) else t
-
-        return layout, _map(ids, shrink)
+        layout = _map(ids, lambda t: layout_of(t, self.alive) if isinstance(t, torch.Tensor) else None)
+        if isinstance(ids, torch.Tensor):
+            return layout, apply_layout(ids, layout)
+        return layout, _shrink(ids, layout)
 
     def to_full(self, old: torch.fx.Node) -> torch.fx.Node:
         """A node giving ``old``'s value at full width (zeros at removed positions)."""
         if old.name in self.full_env:
             return self.full_env[old.name]
         layout = self.layout.get(old.name)
+        if old.name in self.env and _is_full(layout):
+            return self.env[old.name]
         val = self.ids_of(old) if old.name in self.a.node_ids else None
         if isinstance(val, torch.Tensor):
             new = self.env[old.name]
@@ -221,7 +330,7 @@ class _Compactor:
 
     def get_attr(self, node: torch.fx.Node) -> None:
         self.env[node.name] = self.graph.node_copy(node)
-        ids = self.a.node_ids.get(("param", node.target))
+        ids = self.a.param_ids.get(node.target)
         if isinstance(ids, torch.Tensor):
             layout = layout_of(ids, self.alive)
             self.layout[node.name] = layout
@@ -341,8 +450,13 @@ class _Compactor:
         # last resort: run at full width, then keep the surviving positions
         full = self.graph.node_copy(node, lambda n: self.to_full(n))
         full_ids = self.ids_of(node)
-        sizes = tuple(full_ids.shape) if isinstance(full_ids, torch.Tensor) else ()
-        self.env[node.name] = self._select_layout(full, out_layout, sizes)
+        if not isinstance(full_ids, torch.Tensor):
+            # several outputs (chunk, split): they stay full width; each getitem selects its part
+            self.env[node.name] = full
+            self.layout[node.name] = _map(full_ids, lambda t: None)
+            self.cval[node.name] = full_ids
+            return
+        self.env[node.name] = self._select_layout(full, out_layout, tuple(full_ids.shape))
 
     def _matches(self, node, args, kwargs, expected) -> bool:
         try:
@@ -416,6 +530,8 @@ class _Compactor:
                 self.get_attr(node)
             elif node.op == "output":
                 self.output(node)
+            elif not _collect_tensors(self.a.node_ids.get(node.name)):
+                self.same(node)  # sizes and their arithmetic: recomputed on compact values
             else:
                 kind = _rule_kind(node, self.modules)
                 if kind == "handler":
@@ -489,4 +605,4 @@ def max_difference(reference: nn.Module, candidate: nn.Module, example_inputs: t
     return diff, scale
 
 
-__all__ = ["ChannelRemap", "compact_model", "max_difference", "layout_of"]
+__all__ = ["ChannelRemap", "PrunedMultiheadAttention", "compact_model", "max_difference", "layout_of"]

@@ -28,6 +28,25 @@ CONST = 1  # a constant or input value: joins nothing, never removable
 _UNIT, _SUM, _DERIVED = 0, 1, 2
 
 
+def _squeeze_broadcast(ids: torch.Tensor) -> torch.Tensor:
+    """Drop the repeats of broadcast dimensions (stride 0): the same ids, without materializing them."""
+    for d in range(ids.dim()):
+        if ids.stride(d) == 0 and ids.shape[d] > 1:
+            ids = ids.narrow(d, 0, 1)
+    return ids
+
+
+def unique_pairs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct (a[i], b[i]) pairs as a [2, k] tensor, and each i's pair index.
+
+    torch.unique(dim=1) sorts columns lexicographically and is two orders of magnitude slower than a
+    1-D unique; ids are non-negative and below 2**31, so a pair packs into one int64 key.
+    """
+    width = int(max(int(a.max()), int(b.max())) + 1) if a.numel() else 1
+    keys, inverse = torch.unique(a * width + b, return_inverse=True)
+    return torch.stack([keys // width, keys % width]), inverse
+
+
 class IdTable:
     """Channel ids, their joins (union-find edges), sums and derived ids, and frozen reasons."""
 
@@ -36,9 +55,10 @@ class IdTable:
         self._kind = torch.zeros(1024, dtype=torch.int8)
         self._base = torch.arange(1024)
         self.parts: dict[int, tuple[int, ...]] = {}  # sum id -> part ids
+        self._sums: dict[tuple[int, ...], int] = {}  # part ids -> sum id
         self.collapsed: set[int] = set()  # sum ids that were joined with their parts
         self._derived: dict[int, int] = {}  # base id -> its derived id
-        self.frozen: dict[int, str] = {}
+        self.frozen: list[tuple[torch.Tensor, str]] = []  # (ids, reason), in order
         self._edges: list[torch.Tensor] = []
         self.label: torch.Tensor | None = None  # class of every id, after resolve()
 
@@ -66,12 +86,17 @@ class IdTable:
     def base(self, ids: torch.Tensor) -> torch.Tensor:
         return self._base[ids]
 
-    def new_sum(self, parts: Iterable[int]) -> int:
-        flat: list[int] = []
+    def sum_of(self, parts: Iterable[int]) -> int:
+        """The id of the sum of these ids' values (one id per distinct set of parts)."""
+        flat: set[int] = set()
         for p in parts:
-            flat.extend(self.parts.get(p, (p,)))
-        sid = int(self.new(1, _SUM))
-        self.parts[sid] = tuple(sorted(set(flat)))
+            flat.update(self.parts.get(p, (p,)))
+        key = tuple(sorted(flat))
+        sid = self._sums.get(key)
+        if sid is None:
+            sid = int(self.new(1, _SUM))
+            self.parts[sid] = key
+            self._sums[key] = sid
         return sid
 
     def derived(self, ids: torch.Tensor) -> torch.Tensor:
@@ -99,7 +124,7 @@ class IdTable:
         keep = (a > CONST) & (b > CONST) & (a != b)
         if not bool(keep.any()):
             return
-        pairs = torch.unique(torch.stack([a[keep], b[keep]]), dim=1)
+        pairs = unique_pairs(a[keep], b[keep])[0]
         self._edges.append(pairs)
         for sid in torch.unique(pairs).tolist():
             if sid in self.parts and sid not in self.collapsed:
@@ -118,12 +143,29 @@ class IdTable:
         return int(real[0])
 
     def freeze(self, ids: torch.Tensor | Iterable[int], reason: str) -> None:
+        """These ids' classes must never be pruned (a sum's parts too); the first reason is kept."""
         ids = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids).reshape(-1)
-        for i in torch.unique(self.base(ids)).tolist():
-            if i <= CONST:
-                continue
-            for p in self.parts.get(i, (i,)):
-                self.frozen.setdefault(p, reason)
+        ids = torch.unique(self.base(ids))
+        ids = ids[ids > CONST]
+        if ids.numel() == 0:
+            return
+        sums = [i for i in ids.tolist() if i in self.parts]
+        if sums:
+            ids = torch.cat([ids, torch.tensor([p for i in sums for p in self.parts[i]], dtype=torch.long)])
+        self.frozen.append((ids, reason))
+
+    def frozen_classes(self) -> dict[int, str]:
+        """class -> the first reason it was frozen for (after :meth:`resolve`)."""
+        assert self.label is not None
+        reasons: dict[int, str] = {}
+        seen = torch.zeros(int(self.label.max()) + 1, dtype=torch.bool)
+        for ids, reason in self.frozen:
+            classes = torch.unique(self.label[ids])
+            new = classes[~seen[classes]]
+            seen[new] = True
+            for c in new.tolist():
+                reasons[c] = reason
+        return reasons
 
     def resolve(self) -> torch.Tensor:
         """Connected components of the join edges: ``label[id]`` is the class of every id."""
@@ -200,27 +242,24 @@ class Context:
         ids are joined. A derived id here would be a nonzero constant after pruning, so its channel is
         frozen; a constant next to a channel freezes the channel too.
         """
-        moved = ids.movedim(dim, 0).reshape(ids.shape[dim], -1)
+        moved = _squeeze_broadcast(ids).movedim(dim, 0)
+        moved = moved.reshape(moved.shape[0], -1)
         base = self.ids.base(moved)
-        kind = self.ids.kind(moved)
-        derived = kind == _DERIVED
+        derived = self.ids.kind(moved) == _DERIVED
         if bool(derived.any()):
-            self.freeze(
-                base[derived],
-                f"reaches {self.where()} through an operation that is not zero at zero",
-            )
-        out = torch.empty(moved.shape[0], dtype=torch.long)
-        first = base[:, 0]
-        uniform = (base == first[:, None]).all(dim=1)
-        out[uniform] = first[uniform]
-        for p in torch.nonzero(~uniform).view(-1).tolist():
-            row = base[p]
-            if bool((row == CONST).any()):
-                self.freeze(row, f"shares a position with a constant at {self.where()}")
-                out[p] = CONST
-            else:
-                out[p] = self.ids.union_all(row)
-        return out
+            self.freeze(base[derived], f"reaches {self.where()} through an operation that is not zero at zero")
+        first = base.max(dim=1).values  # a real id of the row when it has one (zero and constant are 0, 1)
+        differs = (base != first[:, None]) & (base != ZERO)
+        rows = differs.any(dim=1)
+        if bool(rows.any()):
+            with_const = rows & (base == CONST).any(dim=1)
+            if bool(with_const.any()):
+                self.freeze(base[with_const], f"shares a position with a constant at {self.where()}")
+            join = differs & ~with_const[:, None] & (base > CONST)
+            if bool(join.any()):
+                self.union(first[:, None].expand_as(base)[join], base[join])
+            first = torch.where(with_const, torch.full_like(first, CONST), first)
+        return first
 
     def channels(self, ids: torch.Tensor, dim: int) -> torch.Tensor:
         """One id per position along ``dim`` for a channel-wise operation (BatchNorm, depthwise conv).
@@ -228,22 +267,24 @@ class Context:
         Unlike :meth:`positions`, derived ids stay derived: a channel-wise op does not mix channels, so
         a nonzero constant stays in its own channel and is judged where it is consumed.
         """
-        moved = ids.movedim(dim, 0).reshape(ids.shape[dim], -1)
-        first = moved[:, 0]
-        uniform = (moved == first[:, None]).all(dim=1)
-        out = first.clone()
-        for p in torch.nonzero(~uniform).view(-1).tolist():
-            row = torch.unique(moved[p])
-            row = row[row != ZERO]
-            if row.numel() == 1:
-                out[p] = row[0]
-            elif bool((row == CONST).any()):
-                self.freeze(row, f"shares a channel with a constant at {self.where()}")
-                out[p] = CONST
-            else:
-                rep = self.ids.union_all(row)
-                derived = bool((self.ids.kind(row) == _DERIVED).any())
-                out[p] = int(self.ids.derived(torch.tensor([rep]))[0]) if derived else rep
+        moved = _squeeze_broadcast(ids).movedim(dim, 0)
+        moved = moved.reshape(moved.shape[0], -1)
+        first = moved.max(dim=1).values  # a real id of the row when it has one
+        differs = (moved != first[:, None]) & (moved != ZERO)
+        rows = differs.any(dim=1)
+        if not bool(rows.any()):
+            return first
+        with_const = rows & (moved == CONST).any(dim=1)
+        if bool(with_const.any()):
+            self.freeze(moved[with_const], f"shares a channel with a constant at {self.where()}")
+        join = differs & ~with_const[:, None] & (moved > CONST)
+        if bool(join.any()):
+            self.union(first[:, None].expand_as(moved)[join], moved[join])
+        # a row mixing derived and plain ids of one channel is derived: not zero when pruned
+        derived = rows & ~with_const & (self.ids.kind(moved) == _DERIVED).any(dim=1)
+        out = torch.where(with_const, torch.full_like(first, CONST), first)
+        if bool(derived.any()):
+            out[derived] = self.ids.derived(out[derived])
         return out
 
     def member(
@@ -322,6 +363,7 @@ class Analysis:
     members: list[Member] = field(default_factory=list)
     member_index: dict[tuple, Member] = field(default_factory=dict)
     node_ids: dict[str, Any] = field(default_factory=dict)  # node name -> ids (tensor or nested)
+    param_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # parameters used outside modules
     node_vals: dict[str, Any] = field(default_factory=dict)  # node name -> non-tensor values
     param_nodes: dict[str, str] = field(default_factory=dict)  # get_attr node name -> qualified name
     module_of_node: dict[str, str] = field(default_factory=dict)
@@ -329,8 +371,19 @@ class Analysis:
 
 
 def _map(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to every leaf of nested tuples, lists and dicts (a torch.Size is a leaf)."""
+    if isinstance(value, torch.Size):
+        return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_map(v, fn) for v in value)
+        items = [_map(v, fn) for v in value]
+        if type(value) in (tuple, list):
+            return type(value)(items)
+        if hasattr(value, "_fields"):  # namedtuple
+            return type(value)(*items)
+        try:  # torch.return_types (structseq) take one sequence
+            return type(value)(items)
+        except TypeError:
+            return tuple(items)
     if isinstance(value, dict):
         return {k: _map(v, fn) for k, v in value.items()}
     return fn(value)
@@ -343,6 +396,9 @@ def _example_batch1(example_inputs: tuple) -> tuple:
     return tuple(_map(x, one) for x in example_inputs)
 
 
+META_PARAMETERS = 30_000_000
+
+
 def analyze(
     model: nn.Module,
     example_inputs: tuple,
@@ -352,15 +408,68 @@ def analyze(
     leaf_modules: Iterable[str] = (),
     gm: torch.fx.GraphModule | None = None,
 ) -> Analysis:
-    """Trace ``model`` and run ids through it on ``example_inputs`` (only the first sample is used)."""
+    """Trace ``model`` and run ids through it on ``example_inputs`` (only the first sample is used).
+
+    The rules need shapes and sizes, not values: a model of 30M parameters or more runs on meta
+    tensors (no arithmetic; an operation without a meta kernel makes it run again on real tensors).
+    """
     from .handlers import HANDLERS
-    from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, rule_for_unknown
+    from .ops import MODULE_RULES
 
     handlers = {**HANDLERS, **(handlers or {})}
     gm = gm if gm is not None else trace(model, handlers, MODULE_RULES, leaf_modules)
+    # Meta kernels of element-wise ops are Python reference code, slower than the real arithmetic of
+    # a small model; skipping the arithmetic pays off for large ones (ViT-B: 0.27 s instead of 0.41 s).
+    if sum(p.numel() for p in model.parameters()) < META_PARAMETERS:
+        return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta=False)
+    try:
+        return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta=True)
+    except (NotImplementedError, RuntimeError) as exc:
+        if "meta" not in str(exc).lower():
+            raise
+        log.debug("meta execution failed (%s); analysing with real tensors", exc)
+        return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta=False)
+
+
+def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta: bool) -> Analysis:
+    from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, rule_for_unknown
+
     result = Analysis(model=model, gm=gm, residual=residual)
     ids = result.ids
-    inputs = iter(_example_batch1(example_inputs))
+    batch1 = _example_batch1(example_inputs)
+    if meta:
+        batch1 = tuple(_map(x, lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v) for x in batch1)
+    inputs = iter(batch1)
+
+    def on_device(v: Any) -> Any:
+        return v.to("meta") if meta and isinstance(v, torch.Tensor) else v
+
+    meta_state: dict[int, list[tuple[nn.Module, dict, dict]]] = {}
+
+    def call(module: nn.Module, args, kwargs):
+        if not meta:
+            return module(*args, **kwargs)
+        # swap in meta copies of the parameters for the call (cheaper than torch.func.functional_call)
+        swaps = meta_state.get(id(module))
+        if swaps is None:
+            swaps = [
+                (
+                    m,
+                    {k: None if v is None else nn.Parameter(v.to("meta"), v.requires_grad) for k, v in m._parameters.items()},
+                    {k: None if v is None else v.to("meta") for k, v in m._buffers.items()},
+                )
+                for m in module.modules()
+            ]
+            meta_state[id(module)] = swaps
+        saved = [(m, m._parameters, m._buffers) for m, _, _ in swaps]
+        try:
+            for m, params, buffers in swaps:
+                m._parameters, m._buffers = params, buffers
+            return module(*args, **kwargs)
+        finally:
+            for m, params, buffers in saved:
+                m._parameters, m._buffers = params, buffers
+
     vals: dict[str, Any] = {}
     idmap: dict[str, Any] = {}
     modules = dict(gm.named_modules())
@@ -396,7 +505,7 @@ def analyze(
                 arg_ids = _load(node.args, idmap)
                 kwarg_ids = _load(node.kwargs, idmap)
                 if node.op == "get_attr":
-                    val = _fetch_attr(gm, node.target)
+                    val = on_device(_fetch_attr(gm, node.target))
                     vals[node.name] = val
                     if isinstance(val, torch.Tensor):
                         result.param_nodes[node.name] = node.target
@@ -406,7 +515,7 @@ def analyze(
                     continue
                 if node.op == "call_module":
                     module = modules[node.target]
-                    val = module(*args, **kwargs)
+                    val = call(module, args, kwargs)
                     ctx.module_name = node.target
                     ctx.out = val
                     result.module_of_node[node.name] = node.target
@@ -471,11 +580,11 @@ def _materialize(value: Any, result: Analysis, node: torch.fx.Node) -> Any:
     def one(v):
         if not isinstance(v, _LazyParam):
             return v
-        made = result.node_ids.get(("param", v.name))
+        made = result.param_ids.get(v.name)
         if made is None:
             param = _fetch_attr(result.gm, v.name)
             made = result.ids.new(param.numel()).view(param.shape)
-            result.node_ids[("param", v.name)] = made
+            result.param_ids[v.name] = made
             mult_only = all(
                 u.op in ("call_function", "call_method")
                 and str(getattr(u.target, "__name__", u.target)) in ("mul", "mul_", "truediv", "div")
@@ -565,15 +674,18 @@ def build_groups(
             )
     label = ids.resolve()
 
-    frozen_class: dict[int, str] = {}
-    for i, reason in ids.frozen.items():
-        frozen_class.setdefault(int(label[i]), reason)
+    frozen_class = ids.frozen_classes()
+    is_frozen = torch.zeros(int(label.max()) + 1, dtype=torch.bool)
+    if frozen_class:
+        is_frozen[torch.tensor(list(frozen_class))] = True
 
     # classes owned by each producer (FILTER members)
+    labels = [label[m.unit] for m in analysis.members]
+    real = [m.unit > CONST for m in analysis.members]
     producers_of: dict[int, list[str]] = {}
-    for m in analysis.members:
+    for m, lab, ok in zip(analysis.members, labels, real):
         if m.role is Role.FILTER:
-            for c in torch.unique(label[m.unit[m.unit > CONST]]).tolist():
+            for c in torch.unique(lab[ok]).tolist():
                 lst = producers_of.setdefault(c, [])
                 if m.module not in lst:
                     lst.append(m.module)
@@ -594,35 +706,44 @@ def build_groups(
         by_root.setdefault(find(prods[0]), []).append(c)
 
     # order units by their first producer's position, so unit i of a plain conv is its filter i
-    position: dict[int, tuple[int, int]] = {}
+    n_classes = int(label.max()) + 1
+    big = 1 << 40
+    position = torch.full((n_classes,), big * (1 << 20), dtype=torch.long)
     order_of_module = {name: i for i, name in enumerate(modules)}
-    for m in analysis.members:
+    for m, lab in zip(analysis.members, labels):
         if m.role is Role.FILTER and m.dim is not None:
-            for pos, c in enumerate(label[m.unit].tolist()):
-                key = (order_of_module.get(m.module, 1 << 30), pos)
-                if c not in position or key < position[c]:
-                    position[c] = key
+            key = order_of_module.get(m.module, 1 << 19) * big + torch.arange(lab.numel())
+            position.scatter_reduce_(0, lab, key, reduce="amin")
+
+    first_position = {r: int(position[torch.tensor(cs)].min()) for r, cs in by_root.items()}
+    root_order = sorted(by_root, key=first_position.__getitem__)
+    group_of = torch.full((n_classes,), -1, dtype=torch.long)
+    unit_of = torch.full((n_classes,), -1, dtype=torch.long)
+    ordered: list[list[int]] = []
+    for gi, root in enumerate(root_order):
+        classes = torch.tensor(by_root[root])
+        classes = classes[torch.argsort(position[classes], stable=True)]
+        group_of[classes] = gi
+        unit_of[classes] = torch.arange(classes.numel())
+        ordered.append(classes.tolist())
+    members_of: list[list[Member]] = [[] for _ in ordered]
+    for m, lab, ok in zip(analysis.members, labels, real):
+        g = torch.where(ok, group_of[lab], -1)
+        for gi in torch.unique(g[g >= 0]).tolist():
+            unit = torch.where(g == gi, unit_of[lab], -1)
+            members_of[gi].append(Member(m.module, m.param, m.dim, unit, m.role))
 
     groups: list[ChannelGroup] = []
-    root_order = sorted(by_root, key=lambda r: min(position.get(c, (1 << 30, 0)) for c in by_root[r]))
-    for root in root_order:
-        classes = sorted(by_root[root], key=lambda c: position.get(c, (1 << 30, c)))
-        class_index = torch.full((int(label.max()) + 1,), -1, dtype=torch.long)
-        class_index[torch.tensor(classes)] = torch.arange(len(classes))
-        members: list[Member] = []
-        for m in analysis.members:
-            unit = class_index[label[m.unit]]
-            unit[m.unit <= CONST] = -1
-            if bool((unit >= 0).any()):
-                members.append(Member(m.module, m.param, m.dim, unit, m.role))
+    for gi, classes in enumerate(ordered):
+        members = members_of[gi]
         prods: list[str] = []
         cons: list[str] = []
         for m in members:
             target = prods if m.role is Role.FILTER else cons if m.role is Role.CONSUMER else None
             if target is not None and m.module not in target:
                 target.append(m.module)
-        frozen = torch.tensor([c in frozen_class for c in classes], dtype=torch.bool)
-        reasons = {i: frozen_class[c] for i, c in enumerate(classes) if c in frozen_class}
+        frozen = is_frozen[torch.tensor(classes)]
+        reasons = {i: frozen_class[classes[i]] for i in torch.nonzero(frozen).view(-1).tolist()}
         excluded = None
         not_selected = [p for p in prods if not selected(p, modules[p])]
         if not_selected:
@@ -643,14 +764,21 @@ def build_groups(
     return groups
 
 
+ALL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention, nn.Embedding)
+
+
 def selector(layers: Any = None, ignore: Iterable[str] = ()) -> Callable[[str, nn.Module], bool]:
     """Which producer layers may be pruned.
 
-    ``layers`` is None (every convolution: the papers' choice), or a list whose items are module
-    names, glob/regex patterns (``"layer1.*"``, ``"re:layer[12]\\..*conv1"``) or module types
-    (``nn.Conv2d``, ``nn.Linear``). ``ignore`` removes names or patterns from the selection.
+    ``layers`` is None (every convolution: the papers' choice), "all" (convolutions, Linear layers,
+    attention heads and embeddings: what a transformer needs), or a list whose items are module names,
+    glob/regex patterns (``"layer1.*"``, ``"re:layer[12]\\..*conv1"``) or module types (``nn.Conv2d``,
+    ``nn.Linear``). ``ignore`` removes names or patterns from the selection. The classifier is never
+    pruned whatever the selection: its outputs are the model's.
     """
     conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if layers == "all":
+        layers = list(ALL_LAYERS)
 
     def matches(spec: Any, name: str, module: nn.Module) -> bool:
         if isinstance(spec, type):

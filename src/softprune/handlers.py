@@ -37,7 +37,8 @@ class Handler:
 
 
 def resized(module: nn.Module, params: dict[str, torch.Tensor | None], **attrs) -> nn.Module:
-    """A shallow copy of ``module`` with new parameter/buffer tensors and attributes."""
+    """A shallow copy of ``module`` with new parameter/buffer tensors (owned by it: pass fresh
+    tensors, as :func:`_take` makes) and attributes."""
     new = copy.copy(module)
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
@@ -47,18 +48,28 @@ def resized(module: nn.Module, params: dict[str, torch.Tensor | None], **attrs) 
             continue
         if name in module._parameters:
             old = module._parameters[name]
-            new._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+            new._parameters[name] = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
         else:
-            new._buffers[name] = value.detach().clone()
+            new._buffers[name] = value.detach()
     for key, value in attrs.items():
         setattr(new, key, value)
     return new
 
 
 def _take(t: torch.Tensor | None, dim: int, index: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or index is None:
-        return t
-    return t.index_select(dim, index.to(t.device))
+    """A new tensor (never a view of the masked model's): the kept slices, or a copy of all."""
+    if t is None:
+        return None
+    if index is None:
+        return t.detach().clone()
+    return t.detach().index_select(dim, index.to(t.device))
+
+
+def _zero_to_const(x: torch.Tensor) -> torch.Tensor:
+    """After an affine normalization an always-zero channel is a constant; other ids pass (as views)."""
+    if not bool((x == ZERO).any()):
+        return x
+    return torch.where(x == ZERO, torch.full_like(x, CONST), x)
 
 
 class ConvHandler(Handler):
@@ -90,7 +101,7 @@ class ConvHandler(Handler):
         else:
             cin = ctx.positions(x, cdim)
             if g > 1:
-                cin = ctx.positions(cin.view(g, cin_g), 0)  # join channel j of every group
+                cin = ctx.positions(cin.view(g, cin_g), 1)  # join channel j of every group
             ctx.member("weight", 1, cin, Role.CONSUMER)
             out = ctx.fresh(m.out_channels)
             if g > 1:
@@ -158,7 +169,7 @@ class BatchNormHandler(Handler):
             ctx.member("running_mean", 0, c, Role.MEAN)
             ctx.member("running_var", 0, c, Role.VAR)
         # a channel that is always zero leaves BatchNorm as a constant
-        return torch.where(x == ZERO, torch.full_like(x, CONST), x)
+        return _zero_to_const(x)
 
     def compact(self, m: nn.Module, keep: Keep) -> nn.Module:
         k = keep("running_mean", 0) if getattr(m, "running_mean", None) is not None else keep("weight", 0)
@@ -180,7 +191,7 @@ class GroupNormHandler(Handler):
         if m.affine:
             ctx.member("weight", 0, c, Role.SCALE)
             ctx.member("bias", 0, c, Role.ADDITIVE)
-        return torch.where(x == ZERO, torch.full_like(x, CONST), x)
+        return _zero_to_const(x)
 
     def compact(self, m: nn.GroupNorm, keep: Keep) -> nn.Module:
         k = keep("weight", 0) if m.affine else None
@@ -244,6 +255,73 @@ class PReLUHandler(Handler):
         return resized(m, {"weight": _take(m.weight, 0, k)}, num_parameters=int(k.numel()))
 
 
+class MultiheadAttentionHandler(Handler):
+    """nn.MultiheadAttention: a consumer of the query/key/value channels, a producer of out_proj's
+    outputs, and one unit per head (its q, k and v rows and its out_proj columns), so heads are
+    removed whole and the head size stays valid. A masked head outputs exactly zero (q = k = v = 0),
+    so removing it is exact. The compact module is a :class:`PrunedMultiheadAttention`."""
+
+    def propagate(self, m: nn.MultiheadAttention, ctx: Context, query, key, value, *rest, **kw):
+        E, H = m.embed_dim, m.num_heads
+        D = E // H
+        q_in = ctx.positions(query, -1)  # self-attention passes one tensor three times
+        k_in = q_in if key is query else ctx.positions(key, -1)
+        v_in = q_in if value is query else k_in if value is key else ctx.positions(value, -1)
+        heads = ctx.fresh(H)
+        rows = heads.repeat_interleave(D)
+        if m.bias_k is not None or m.add_zero_attn:
+            ctx.freeze(heads, f"attention '{ctx.module_name}' uses bias_k/bias_v or add_zero_attn")
+        if m._qkv_same_embed_dim:
+            ctx.union(q_in, k_in)
+            ctx.union(q_in, v_in)
+            ctx.member("in_proj_weight", 1, q_in, Role.CONSUMER)
+            ctx.member("in_proj_weight", 0, torch.cat([rows, rows, rows]), Role.FILTER)
+        else:
+            for name, ids in (("q_proj_weight", q_in), ("k_proj_weight", k_in), ("v_proj_weight", v_in)):
+                ctx.member(name, 1, ids, Role.CONSUMER)
+                ctx.member(name, 0, rows, Role.FILTER)
+        if m.in_proj_bias is not None:
+            ctx.member("in_proj_bias", 0, torch.cat([rows, rows, rows]), Role.ADDITIVE)
+        out_proj = f"{ctx.module_name}.out_proj"
+        ctx.member("weight", 1, rows, Role.CONSUMER, module=out_proj)
+        out = ctx.fresh(E)
+        ctx.member("weight", 0, out, Role.FILTER, module=out_proj)
+        if m.out_proj.bias is not None:
+            ctx.member("bias", 0, out, Role.ADDITIVE, module=out_proj)
+        result = ctx.out
+        out_ids = ctx.broadcast(out, result[0].shape, -1)
+        weights = None if result[1] is None else torch.full(result[1].shape, CONST)
+        return (out_ids, weights)
+
+    def compact(self, m: nn.MultiheadAttention, keep: Keep) -> nn.Module:
+        from .compact import PrunedMultiheadAttention
+
+        return PrunedMultiheadAttention.from_module(m, keep)
+
+
+class KeepWhole(Handler):
+    """A module softprune does not look inside: its inputs and outputs keep every channel.
+
+    Used for modules whose forward hard-codes a relation between widths (torchvision's Swin and
+    MaxViT attention compute head_dim = channels // num_heads), and for modules listed in ignore=.
+    """
+
+    def __init__(self, reason: str = "is kept whole") -> None:
+        self.reason = reason
+
+    def propagate(self, m: nn.Module, ctx: Context, *args, **kwargs):
+        from .graph import _collect_tensors, _map
+
+        for t in _collect_tensors(args) + _collect_tensors(kwargs):
+            ctx.freeze(t, f"flows through '{ctx.module_name}', which {self.reason}")
+        token = ctx.fresh(1)
+        ctx.freeze(token, f"comes out of '{ctx.module_name}', which {self.reason}")
+        return _map(ctx.out, lambda v: token.expand(v.shape) if isinstance(v, torch.Tensor) else None)
+
+    def compact(self, m: nn.Module, keep: Keep) -> nn.Module:
+        return m
+
+
 HANDLERS: dict[type, Handler] = {}
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     HANDLERS[_cls] = ConvHandler()
@@ -255,6 +333,21 @@ HANDLERS[nn.GroupNorm] = GroupNormHandler()
 HANDLERS[nn.LayerNorm] = LayerNormHandler()
 HANDLERS[nn.Embedding] = EmbeddingHandler()
 HANDLERS[nn.PReLU] = PReLUHandler()
+HANDLERS[nn.MultiheadAttention] = MultiheadAttentionHandler()
+
+
+def _torchvision_modules() -> None:
+    try:
+        from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+        from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+    except ImportError:  # pragma: no cover - torchvision is a dependency; older versions lack these
+        return
+    reason = "computes its head size from the channel count (attention heads kept whole)"
+    for cls in (ShiftedWindowAttention, ShiftedWindowAttentionV2, RelativePositionalMultiHeadAttention):
+        HANDLERS.setdefault(cls, KeepWhole(reason))
+
+
+_torchvision_modules()
 
 
 def register_handler(module_type: type, handler: Handler) -> None:

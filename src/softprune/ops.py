@@ -16,11 +16,28 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import SoftpruneError
-from .graph import _DERIVED, _SUM, CONST, ZERO, Context, _collect_tensors, _map
+from .graph import (
+    _DERIVED,
+    _SUM,
+    CONST,
+    ZERO,
+    Context,
+    _collect_tensors,
+    _map,
+    _squeeze_broadcast,
+    unique_pairs,
+)
+
+try:  # torchvision's functions that fx keeps as single calls (torch.fx.wrap)
+    from torchvision.models.swin_transformer import _patch_merging_pad
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    _stochastic_depth = _patch_merging_pad = None
 
 _PARAM_KIND = 3  # ids of parameters used outside modules; see _materialize in graph.py
 
@@ -47,26 +64,114 @@ def _is_zp(ctx: Context, i: int) -> bool:
 
 
 def _combine(
-    ctx: Context, a: torch.Tensor, b: torch.Tensor, pair: Callable[[Context, int, int], int]
+    ctx: Context, a: torch.Tensor, b: torch.Tensor, vec: Callable
 ) -> torch.Tensor:
     a, b = torch.broadcast_tensors(a, b)
+    full_shape = a.shape
+    # dimensions broadcast in both inputs (a channel id repeated over H and W) are combined once
+    for d in range(a.dim()):
+        if a.stride(d) == 0 and b.stride(d) == 0 and a.shape[d] > 1:
+            a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
+    return _combine_dense(ctx, a, b, vec).expand(full_shape)
+
+
+def _combine_dense(
+    ctx: Context, a: torch.Tensor, b: torch.Tensor, vec: Callable
+) -> torch.Tensor:
+    """Combine every distinct (a, b) id pair with ``vec``; pairs it flags get a new sum id."""
     shape = a.shape
     if a.numel() == 0:
         return torch.empty(shape, dtype=torch.long)
-    stacked = torch.stack([a.reshape(-1), b.reshape(-1)])
-    pairs, inverse = torch.unique(stacked, dim=1, return_inverse=True)
-    kinds = ctx.ids.kind(pairs)
-    results = torch.empty(pairs.shape[1], dtype=torch.long)
-    # bulk case, done at once: both plain channels of the same kind rule (joined, first kept)
-    simple = (pairs > CONST).all(0) & (kinds != _DERIVED).all(0) & (kinds != _SUM).all(0)
-    if pair is _add_pair and ctx.residual == "independent":
-        simple &= (kinds == _PARAM_KIND).any(0)
-    if bool(simple.any()):
-        ctx.union(pairs[0, simple], pairs[1, simple])
-        results[simple] = pairs[0, simple]
-    for k in torch.nonzero(~simple).view(-1).tolist():
-        results[k] = pair(ctx, int(pairs[0, k]), int(pairs[1, k]))
+    pairs, inverse = unique_pairs(a.reshape(-1), b.reshape(-1))
+    results, loop = vec(ctx, pairs[0], pairs[1])
+    # what is left needs a new sum id per pair (independent residual adds)
+    for k in torch.nonzero(loop).view(-1).tolist():
+        results[k] = _add_pair(ctx, int(pairs[0, k]), int(pairs[1, k]))
     return results[inverse].view(shape)
+
+
+def _zp(ctx: Context, ids: torch.Tensor) -> torch.Tensor:
+    """Is the value zero when its channel is pruned? (not for derived ids)"""
+    return ctx.ids.kind(ids) != _DERIVED
+
+
+def _add_vec(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x + y for every pair at once; pairs that need a sum id are flagged for _add_pair."""
+    res = torch.empty_like(x)
+    done = x == ZERO
+    res[done] = y[done]
+    m = ~done & (y == ZERO)
+    res[m] = x[m]
+    done |= m
+    cx, cy = x == CONST, y == CONST
+    m = ~done & cx & cy
+    res[m] = CONST
+    done |= m
+    m = ~done & (cx | cy)
+    if bool(m.any()):
+        res[m] = ctx.ids.derived(torch.where(cx, y, x)[m])
+    done |= m
+    kx, ky = ctx.ids.kind(x), ctx.ids.kind(y)
+    loop = ~done & ((kx == _SUM) | (ky == _SUM))
+    if ctx.residual == "independent":
+        plain = (kx != _PARAM_KIND) & (ky != _PARAM_KIND) & (kx != _DERIVED) & (ky != _DERIVED)
+        loop |= ~done & plain & (ctx.ids.base(x) != ctx.ids.base(y))
+    rest = ~done & ~loop
+    if bool(rest.any()):
+        ctx.union(x[rest], y[rest])
+        zp = (kx != _DERIVED) & (ky != _DERIVED)
+        res[rest & zp] = x[rest & zp]
+        m = rest & ~zp
+        if bool(m.any()):
+            res[m] = ctx.ids.derived(x[m])
+    return res, loop
+
+
+def _mul_vec(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x * y: zero if either is zero; joined channels, zero at zero if either factor is."""
+    res = torch.empty_like(x)
+    zero = (x == ZERO) | (y == ZERO)
+    res[zero] = ZERO
+    cx, cy = ~zero & (x == CONST), ~zero & (y == CONST)
+    res[cx] = y[cx]
+    res[cy & ~cx] = x[cy & ~cx]
+    rest = ~zero & ~cx & ~cy
+    if bool(rest.any()):
+        ctx.union(x[rest], y[rest])
+        res[rest] = torch.where(_zp(ctx, x[rest]) | ~_zp(ctx, y[rest]), x[rest], y[rest])
+    return res, torch.zeros_like(x, dtype=torch.bool)
+
+
+def _div_vec(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / y: zero when x is; a constant over a channel is not zero at zero."""
+    res = torch.empty_like(x)
+    done = x == ZERO
+    res[done] = ZERO
+    m = ~done & (y <= CONST)
+    res[m] = x[m]
+    done |= m
+    m = ~done & (x == CONST)
+    if bool(m.any()):
+        res[m] = ctx.ids.derived(y[m])
+    done |= m
+    if bool((~done).any()):
+        ctx.union(x[~done], y[~done])
+        xs = x[~done]
+        res[~done] = torch.where(_zp(ctx, xs), xs, ctx.ids.derived(xs))
+    return res, torch.zeros_like(x, dtype=torch.bool)
+
+
+def _other_vec(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """max, min, pow, ...: joined, and not zero at zero in general."""
+    real_x, real_y = x > CONST, y > CONST
+    both = real_x & real_y
+    if bool(both.any()):
+        ctx.union(x[both], y[both])
+    res = torch.where((x == CONST) | (y == CONST), torch.full_like(x, CONST), torch.full_like(x, ZERO))
+    some = real_x | real_y
+    if bool(some.any()):
+        res[some] = ctx.ids.derived(torch.where(real_x, x, y)[some])
+    return res, torch.zeros_like(x, dtype=torch.bool)
 
 
 def _derived1(ctx: Context, i: int) -> int:
@@ -90,51 +195,12 @@ def _add_pair(ctx: Context, x: int, y: int) -> int:
         ctx.union(torch.tensor([x]), torch.tensor([y]))
         return _derived1(ctx, x)
     if ctx.residual == "independent" and kx != _PARAM_KIND and ky != _PARAM_KIND:
-        key = (min(x, y), max(x, y))
-        memo = ctx.analysis.__dict__.setdefault("_sums", {})
-        if key not in memo:
-            memo[key] = ctx.ids.new_sum(key)
-        return memo[key]
+        return ctx.ids.sum_of([x, y])
     ctx.union(torch.tensor([x]), torch.tensor([y]))
     return x
 
 
-def _mul_pair(ctx: Context, x: int, y: int) -> int:
-    if x == ZERO or y == ZERO:
-        return ZERO
-    if x == CONST:
-        return y
-    if y == CONST:
-        return x
-    ctx.union(torch.tensor([x]), torch.tensor([y]))
-    if _is_zp(ctx, x):
-        return x
-    if _is_zp(ctx, y):
-        return y
-    return x
-
-
-def _div_pair(ctx: Context, x: int, y: int) -> int:
-    if x == ZERO:
-        return ZERO
-    if y == CONST:
-        return x
-    if x == CONST:
-        return _derived1(ctx, y) if y > CONST else CONST
-    ctx.union(torch.tensor([x]), torch.tensor([y]))
-    return x if _is_zp(ctx, x) else _derived1(ctx, x)
-
-
-def _other_pair(ctx: Context, x: int, y: int) -> int:
-    real = [i for i in (x, y) if i > CONST]
-    if not real:
-        return CONST if CONST in (x, y) else ZERO
-    if len(real) == 2:
-        ctx.union(torch.tensor([real[0]]), torch.tensor([real[1]]))
-    return _derived1(ctx, real[0])
-
-
-def _binary(pair: Callable[[Context, int, int], int], reverse: bool = False):
+def _binary(vec: Callable, reverse: bool = False):
     def rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
         a_val, b_val = args[0], args[1] if len(args) > 1 else kwargs.get("other")
         a_ids, b_ids = arg_ids[0], arg_ids[1] if len(arg_ids) > 1 else kwarg_ids.get("other")
@@ -145,9 +211,9 @@ def _binary(pair: Callable[[Context, int, int], int], reverse: bool = False):
             b_ids = _scalar_ids(b_val, out)
         if reverse:
             a_ids, b_ids = b_ids, a_ids
-        if pair is _add_pair and kwargs.get("alpha", 1) == 0:
+        if vec is _add_vec and kwargs.get("alpha", 1) == 0:
             return a_ids.expand(out.shape).clone()
-        return _combine(ctx, a_ids, b_ids, pair).expand(out.shape)
+        return _combine(ctx, a_ids, b_ids, vec).expand(out.shape)
 
     rule.kind = "binary"
     return rule
@@ -172,19 +238,63 @@ def _movement(data: Callable[[int], bool] | None = None):
 
     def rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
         fn = ctx.node.target
+        # id tensors are often broadcast views (no memory of their own); view() needs real strides
         new_args = [
-            ids if _collect_tensors(v) and (data is None or data(i)) else v
+            _map(ids, _contiguous) if _collect_tensors(v) and (data is None or data(i)) else v
             for i, (v, ids) in enumerate(zip(args, arg_ids))
         ]
         new_kwargs = {
             k: kwarg_ids[k] if _collect_tensors(v) and data is None else v for k, v in kwargs.items()
         }
         if ctx.node.op == "call_method":
-            return getattr(new_args[0], fn)(*new_args[1:], **new_kwargs)
-        return fn(*new_args, **new_kwargs)
+            out = getattr(new_args[0], fn)(*new_args[1:], **new_kwargs)
+        else:
+            out = fn(*new_args, **new_kwargs)
+        name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
+        if name in ("view", "reshape"):
+            _couple_constant_splits(ctx, new_args[0], out)
+        return out
 
     rule.kind = "movement"
     return rule
+
+
+def _couple_constant_splits(ctx: Context, x: torch.Tensor, out: torch.Tensor) -> None:
+    """A view that splits a channel dimension into (constant, size-derived) dims, like
+    channel_shuffle's view(n, groups, c // groups, h, w), runs on a compact tensor with the same
+    constant: the compact width must then split the same way, so position j is joined across the
+    constant dims."""
+    node = ctx.node
+    sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    if len(sizes) != out.dim():
+        return
+    derived = [isinstance(s, torch.fx.Node) for s in sizes]
+    # walk the input and output shapes together to find input dims split into several output dims
+    i = o = 0
+    while i < x.dim() and o < out.dim():
+        if x.shape[i] == out.shape[o]:
+            i, o = i + 1, o + 1
+            continue
+        start, prod = o, 1
+        while o < out.dim() and prod < x.shape[i]:
+            prod *= out.shape[o]
+            o += 1
+        if prod != x.shape[i]:
+            return  # a merge or an irregular reshape: nothing to couple
+        group = range(start, o)
+        constant = [d for d in group if not derived[d] and out.shape[d] > 1]
+        if constant and any(derived[d] for d in group):
+            for d in constant:
+                first = out.narrow(d, 0, 1)
+                for j in range(1, out.shape[d]):
+                    ctx.union(first, out.narrow(d, j, 1))
+        i += 1
+
+
+def _contiguous(x: Any) -> Any:
+    return x.contiguous() if isinstance(x, torch.Tensor) else x
 
 
 def _pad(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
@@ -215,34 +325,31 @@ def _setitem(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
 
 
 def _representative(ctx: Context, rows: torch.Tensor, sum_reduce: bool, what: str) -> torch.Tensor:
-    """One id per row of ``rows`` ([positions, reduced]): the row's id if uniform, else joined/summed."""
+    """One id per row of ``rows`` ([positions, reduced]): the row's id if uniform (zeros aside), else a
+    sum of its channels (``sum_reduce``: zeros add nothing) or a constant that freezes them."""
     if rows.shape[1] == 0:
         return torch.full((rows.shape[0],), ZERO, dtype=torch.long)
-    uniq_rows, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    out = torch.empty(uniq_rows.shape[0], dtype=torch.long)
+    top = rows.max(dim=1).values
+    bottom = torch.where(rows == ZERO, top[:, None], rows).min(dim=1).values
+    out = top.clone()  # uniform rows, and all-zero rows (ZERO)
+    mixed = torch.nonzero(top != bottom).view(-1)
+    if mixed.numel() == 0:
+        return out
+    uniq_rows, inverse = torch.unique(rows[mixed], dim=0, return_inverse=True)
+    values = torch.empty(uniq_rows.shape[0], dtype=torch.long)
     for r in range(uniq_rows.shape[0]):
         vals = torch.unique(uniq_rows[r])
-        vals = vals[vals != ZERO]
-        if vals.numel() == 0:
-            out[r] = ZERO
-        elif vals.numel() == 1:
-            out[r] = vals[0]
-        elif sum_reduce:
-            real = [int(v) for v in vals if int(v) != CONST]
-            if int(vals[0]) == CONST or any(int(ctx.ids.kind(torch.tensor(v))) == _DERIVED for v in real):
-                ctx.freeze(torch.tensor(real), f"summed with a constant in {what}")
-                out[r] = CONST
-            else:
-                memo = ctx.analysis.__dict__.setdefault("_sums", {})
-                key = tuple(real)
-                if key not in memo:
-                    memo[key] = ctx.ids.new_sum(real)
-                out[r] = memo[key]
-        else:
-            real = vals[vals != CONST]
+        real = vals[vals > CONST]
+        if not sum_reduce:
             ctx.freeze(real, f"is mixed with other channels by {what}; removing it would change the result")
-            out[r] = CONST
-    return out[inverse]
+            values[r] = CONST
+        elif bool((vals == CONST).any()) or bool((ctx.ids.kind(real) == _DERIVED).any()):
+            ctx.freeze(real, f"is summed with a constant in {what}")
+            values[r] = CONST
+        else:
+            values[r] = ctx.ids.sum_of(real.tolist())
+    out[mixed] = values[inverse]
+    return out
 
 
 def _spatial(spatial_dims: int):
@@ -252,9 +359,11 @@ def _spatial(spatial_dims: int):
         x = _first_tensor(arg_ids)
         out_shape = ctx.out.shape
         lead = x.dim() - spatial_dims  # batch and channel dims, kept as they are
-        rows = x.reshape(*x.shape[:lead], -1).reshape(-1, math.prod(x.shape[lead:]))
+        lead_shape = x.shape[:lead]
+        small = _squeeze_broadcast(x)  # a channel id repeated over space is one value per row
+        rows = small.reshape(math.prod(lead_shape), -1)
         rep = _representative(ctx, rows, sum_reduce=True, what=ctx.where())
-        return rep.view(*x.shape[:lead], *([1] * spatial_dims)).expand(out_shape)
+        return rep.view(*lead_shape, *([1] * spatial_dims)).expand(out_shape)
 
     return rule
 
@@ -302,16 +411,40 @@ def _normalize_over(dim_arg: int, what: str):
     return rule
 
 
+def _layer_norm_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """F.layer_norm(x, normalized_shape, ...): the statistics mix the normalized channels (frozen)."""
+    x, shape = arg_ids[0], args[1] if len(args) > 1 else kwargs["normalized_shape"]
+    k = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
+    ctx.freeze(x.reshape(-1, *x.shape[x.dim() - k :]), f"is normalized together with other channels by {ctx.where()}")
+    return x
+
+
+def _group_norm_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """F.group_norm(x, num_groups, ...): channels of one group are pruned together."""
+    x = arg_ids[0]
+    groups = args[1] if len(args) > 1 else kwargs["num_groups"]
+    c = ctx.channels(x, 1)
+    for row in c.view(groups, -1):
+        ctx.ids.union_all(row)
+    return x
+
+
+def _batch_norm_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """F.batch_norm: channel-wise; a channel that is always zero comes out constant."""
+    x = arg_ids[0]
+    ctx.channels(x, 1 if x.dim() > 1 else 0)
+    return torch.where(x == ZERO, torch.full_like(x, CONST), x)
+
+
+_ZERO_MAKERS = {"zeros_like", "new_zeros", "zero_"}
+
+
 def _constant_like(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
-    out = ctx.out
-    return _map(
-        out,
-        lambda v: (
-            torch.full(v.shape, ZERO if bool((v == 0).all()) else CONST)
-            if isinstance(v, torch.Tensor)
-            else None
-        ),
-    )
+    """A tensor made from a shape: zeros join nothing, other constants are constants (values are
+    never read: the trace runs on meta tensors)."""
+    name = ctx.node.target if isinstance(ctx.node.target, str) else getattr(ctx.node.target, "__name__", "")
+    fill = ZERO if name in _ZERO_MAKERS else CONST
+    return _map(ctx.out, lambda v: torch.full(v.shape, fill) if isinstance(v, torch.Tensor) else None)
 
 
 def _size_like(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
@@ -380,6 +513,10 @@ METHOD_RULES: dict[str, Callable] = {}
 
 for f in _ZP_FUNCTIONS:
     FUNCTION_RULES[f] = _unary_zp
+if _stochastic_depth is not None:  # zeroes whole samples in training, identity in eval: f(0) = 0
+    FUNCTION_RULES[_stochastic_depth] = _unary_zp
+if _patch_merging_pad is not None:  # pad, slice and concatenate: pure data movement
+    FUNCTION_RULES[_patch_merging_pad] = _movement()
 for f in _NZ_FUNCTIONS:
     FUNCTION_RULES[f] = _unary_nz
 for name in _ZP_METHODS:
@@ -403,24 +540,28 @@ for name, s in _REDUCE_METHODS.items():
     METHOD_RULES[name] = _reduction(s)
 
 for f in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, torch.subtract):
-    FUNCTION_RULES[f] = _binary(_add_pair)
+    FUNCTION_RULES[f] = _binary(_add_vec)
 for name in ("add", "add_", "sub", "sub_", "__add__", "__radd__", "__sub__"):
-    METHOD_RULES[name] = _binary(_add_pair)
+    METHOD_RULES[name] = _binary(_add_vec)
 for f in (operator.mul, operator.imul, torch.mul, torch.multiply):
-    FUNCTION_RULES[f] = _binary(_mul_pair)
+    FUNCTION_RULES[f] = _binary(_mul_vec)
 for name in ("mul", "mul_", "__mul__", "__rmul__"):
-    METHOD_RULES[name] = _binary(_mul_pair)
+    METHOD_RULES[name] = _binary(_mul_vec)
 for f in (operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.divide):
-    FUNCTION_RULES[f] = _binary(_div_pair)
+    FUNCTION_RULES[f] = _binary(_div_vec)
 for name in ("div", "div_", "__truediv__"):
-    METHOD_RULES[name] = _binary(_div_pair)
+    METHOD_RULES[name] = _binary(_div_vec)
 for f in (torch.maximum, torch.minimum, torch.pow, operator.pow, torch.atan2, torch.fmod, torch.remainder):
-    FUNCTION_RULES[f] = _binary(_other_pair)
+    FUNCTION_RULES[f] = _binary(_other_vec)
 for name in ("pow", "maximum", "minimum"):
-    METHOD_RULES[name] = _binary(_other_pair)
+    METHOD_RULES[name] = _binary(_other_vec)
 FUNCTION_RULES[operator.getitem] = _getitem
 FUNCTION_RULES[operator.setitem] = _setitem
 FUNCTION_RULES[F.pad] = _pad
+FUNCTION_RULES[F.layer_norm] = _layer_norm_fn
+FUNCTION_RULES[F.group_norm] = _group_norm_fn
+FUNCTION_RULES[F.batch_norm] = _batch_norm_fn
+FUNCTION_RULES[F.instance_norm] = _batch_norm_fn
 FUNCTION_RULES[torch.softmax] = _normalize_over(1, "softmax")
 FUNCTION_RULES[F.softmax] = _normalize_over(1, "softmax")
 FUNCTION_RULES[F.log_softmax] = _normalize_over(1, "log_softmax")
