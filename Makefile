@@ -43,7 +43,7 @@ demo: venv data
 	$(VENV)/bin/softprune demo
 
 zoo: venv
-	$(PY) benchmarks/zoo.py --out docs/zoo.md
+	cd benchmarks && ../$(PY) zoo.py --out ../docs/zoo.md --json results/zoo.json
 
 bench: venv data
 	$(PY) benchmarks/overhead.py

@@ -53,3 +53,41 @@ def test_speedup_smoke(tmp_path):
                 and r["macs_ratio"] > 2
             )
     assert "| tuned | coupled |" in (tmp_path / "speedup_smoke.md").read_text()
+
+
+def test_vs_torch_pruning_smoke(tmp_path):
+    pytest.importorskip("torch_pruning")
+    _run("vs_torch_pruning.py", tmp_path)
+    data = json.loads((tmp_path / "vs_torch_pruning_smoke.json").read_text())
+    (row,) = data["rows"]
+    s, t = row["softprune"], row["torch_pruning"]
+    assert s["exact"] is True
+    assert s["total"] == pytest.approx(s["analyze"] + s["step"] + s["compact"])
+    assert row["ratio"] == pytest.approx(t["total"] / s["total"])
+    assert 0 < s["params"] < 11.7e6 and 0 < t["params"] < 11.7e6  # both halved resnet18's channels
+
+
+def test_zoo_smoke(tmp_path):
+    out = tmp_path / "zoo.md"
+    env = {**os.environ, "PYTHONPATH": str(BENCH)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "zoo.py"),
+            "--smoke",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "zoo.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "zoo.json").read_text())["rows"]
+    assert len(rows) == 6 and all(r["ok"] for r in rows)
+    for r in rows:
+        assert r["params_compact"] < r["params"] and r["macs_compact"] < r["macs"]
+    assert "**6 of 6 runs pass** (3 models)" in out.read_text()

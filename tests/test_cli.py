@@ -152,3 +152,56 @@ def test_no_traceback_from_the_real_command(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"softprune: error: config file '{bad}' is not valid YAML at line 2"
     assert "Traceback" not in proc.stderr
+
+
+def test_report_draws_every_plot_and_links_them(trained, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(trained), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    pngs = {"e2e_curves.png", "e2e_schedules.png", "e2e_widths.png"}
+    assert {p.name for p in out.glob("*.png")} == pngs
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"({name})" in md
+    summary = json.loads((trained / "summary.json").read_text())
+    assert f"{summary['compact']['test_acc']:.2f}%" in md
+    widths = summary["layers"]
+    assert (
+        widths
+        and all(r["compact"] <= r["dense"] for r in widths)
+        and any(r["compact"] < r["dense"] for r in widths)
+    )
+
+
+def test_report_over_several_runs_adds_the_pareto_view(trained, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(trained), str(trained), "--out", str(out)]) == 0
+    names = {p.name for p in out.glob("*.png")}
+    assert {"pareto.png", "accuracy_by_epoch.png"} <= names
+    assert "(pareto.png)" in (out / "report.md").read_text()
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_tensorboard_logging(tmp_path, data_root):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [
+        "train", str(RECIPE), f"output={tmp_path}", "name=tb", f"data.root={data_root}", "data.train_limit=256",
+        "data.test_limit=128", "train.epochs=2", "train.batch_size=64", "report.latency_repeats=2",
+        "report.tensorboard=true", "prune.recalibrate_bn=2", "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 0
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    logged = [e.value for e in events.Scalars("test_acc")]
+    assert logged == pytest.approx([r["test_acc"] for r in rows], rel=1e-6)
+    assert [e.value for e in events.Scalars("hardness")] == pytest.approx(
+        [r["hardness"] for r in rows], rel=1e-6
+    )

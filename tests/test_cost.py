@@ -65,3 +65,84 @@ def test_profile_of_a_non_module_is_an_error():
 def test_paper_flops_of_a_non_cifar_depth_is_an_error():
     with pytest.raises(SoftpruneError, match="depth 6n\\+2"):
         paper_flops_cifar_resnet(18, 0.4)
+
+
+def test_peak_memory_counts_live_activations():
+    from softprune.cost import peak_memory
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    result = peak_memory(model, torch.randn(2, 3, 16, 16))
+    conv1 = 2 * 8 * 16 * 16 * 4  # bytes of one float32 activation of the first conv
+    assert result["peak_activation_bytes"] == 2 * conv1  # the conv output and the ReLU output, both alive
+    assert result["weights_bytes"] == 4 * (8 * 3 * 9 + 8 + 4 * 8 + 4)
+
+
+def test_profile_command_numbers_are_hand_computed(tmp_path, capsys):
+    from softprune.cli import main
+
+    out = tmp_path / "lenet.json"
+    code = main(
+        [
+            "profile",
+            "lenet5",
+            "--in-channels",
+            "1",
+            "--batch-sizes",
+            "1",
+            "4",
+            "--repeats",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = __import__("json").loads(out.read_text())
+    conv = 6 * 1 * 25 * 28 * 28 + 16 * 6 * 25 * 10 * 10  # conv1 at 28x28 (padding 2), conv2 at 10x10
+    fc = 400 * 120 + 120 * 84 + 84 * 10
+    assert report["conv_macs"] == conv and report["macs"] == conv + fc
+    assert report["params"] == 61706 and report["weights_bytes"] == 61706 * 4
+    assert report["peak_activation_bytes"] >= 2 * 6 * 28 * 28 * 4
+    rows = report["latency"]["cpu"]
+    assert set(rows) == {"1", "4"}
+    for row in rows.values():
+        assert 0 < row["median_ms"] < math.inf and row["best_format"] in ("contiguous", "channels_last")
+    assert rows["4"]["peak_activation_bytes"] > rows["1"]["peak_activation_bytes"]
+    printed = capsys.readouterr().out
+    assert "MACs per image" in printed and f"{conv + fc:,}" in printed
+
+
+def test_profile_of_a_saved_compact_model(tmp_path):
+    from softprune.cli import main
+
+    model = softprune.create_model("resnet20")
+    pruner = softprune.Pruner(model, "sfp", 0.5, 1)
+    pruner.step()
+    small = pruner.compact()
+    softprune.save(small, tmp_path / "small.safetensors")
+    out = tmp_path / "p.json"
+    assert (
+        main(
+            [
+                "profile",
+                str(tmp_path / "small.safetensors"),
+                "--batch-sizes",
+                "2",
+                "--repeats",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = __import__("json").loads(out.read_text())
+    assert report["params"] == sum(p.numel() for p in small.parameters())
+    assert report["macs"] == softprune.profile(small, torch.randn(1, 3, 32, 32))["macs"]
+
+
+def test_profile_of_an_unknown_target_is_an_error(capsys):
+    from softprune.cli import main
+
+    assert main(["profile", "resnet21"]) == 2
+    assert "unknown model 'resnet21'" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from .criteria import CRITERIA, Criterion, make_criterion, register_criterion
 from .errors import SoftpruneError
 from .graph import analyze, build_groups
 from .handlers import Handler, register_handler
-from .io import load, save
+from .io import export_onnx, load, save
 from .models import create_model, list_models
 from .ops import RULES, register_op
 from .policy import METHODS, Policy, make_policy
@@ -34,6 +34,7 @@ __all__ = [
     "analyze",
     "build_groups",
     "create_model",
+    "export_onnx",
     "latency",
     "list_models",
     "load",

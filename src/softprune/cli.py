@@ -89,6 +89,81 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_profile(target: str, input_size: int | None, num_classes: int, in_channels: int):
+    """A model name, a .safetensors file saved by softprune, or a run folder (its compact model)."""
+    from .io import load, read_plan
+    from .models import create_model
+
+    path = Path(target)
+    if path.is_dir():
+        candidates = [path / "compact.safetensors", path / "model.safetensors"]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise SoftpruneError(f"{target!r} is a folder without compact.safetensors or model.safetensors")
+        path = found
+    if path.suffix == ".safetensors" or path.is_file():
+        if path.suffix != ".safetensors":
+            raise SoftpruneError(
+                f"{target!r}: profile reads .safetensors files saved by softprune (softprune.save, "
+                "or a run's compact.safetensors), a run folder, or a model name"
+            )
+        plan = read_plan(path)
+        model = load(path)
+        spec = plan.get("model") or {}
+        shape = plan["inputs"][0]["shape"] if plan.get("inputs") else None
+        if shape is None:
+            size = (
+                input_size
+                or spec.get("input_size")
+                or getattr(model, "example_input_shape", (1, 3, 224, 224))[-1]
+            )
+            shape = [1, spec.get("in_channels", 3), size, size]
+        elif input_size:
+            shape = [1, shape[1], input_size, input_size]
+        return model, tuple(shape), str(path)
+    model = create_model(target, num_classes=num_classes, in_channels=in_channels, input_size=input_size)
+    return model, tuple(model.example_input_shape), target
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .cost import profile_report
+
+    model, shape, source = _load_for_profile(args.target, args.input_size, args.num_classes, args.in_channels)
+    devices = tuple(args.device) if args.device else None
+    report = {
+        "model": source,
+        **profile_report(
+            model, shape, batch_sizes=tuple(args.batch_sizes), repeats=args.repeats, devices=devices
+        ),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    _echo(f"{source}: input {'x'.join(str(d) for d in report['input_shape'])}")
+    _echo(f"  parameters        {report['params']:>14,}   ({_fmt_count(report['params'])})")
+    _echo(f"  MACs per image    {report['macs']:>14,}   ({_fmt_count(report['macs'])})")
+    _echo(f"  conv MACs (papers){report['conv_macs']:>14,}   ({_fmt_count(report['conv_macs'])})")
+    _echo(f"  weights           {report['weights_bytes'] / 2**20:>11.2f} MiB")
+    _echo(f"  peak activations  {report['peak_activation_bytes'] / 2**20:>11.2f} MiB (batch 1, inference)")
+    for device, rows in report["latency"].items():
+        _echo(f"  latency on {device} (median of {args.repeats}, faster memory format):")
+        _echo(f"    {'batch':>6} {'ms':>10} {'ms/image':>10} {'format':>14} {'peak act. MiB':>14}")
+        for batch, row in rows.items():
+            _echo(
+                f"    {batch:>6} {row['median_ms']:>10.2f} {row['per_image_ms']:>10.3f} {row['best_format']:>14} "
+                f"{row['peak_activation_bytes'] / 2**20:>14.2f}"
+            )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    out = args.out or (str(Path(args.runs[0]) / "report") if len(args.runs) == 1 else "report")
+    path = make_report(args.runs, out, title=args.title)
+    _echo(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="softprune", description="Soft-to-hard filter pruning for PyTorch CNNs"
@@ -102,6 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("profile", help="parameters, MACs, memory and latency of a model, file or run folder")
+    p.add_argument(
+        "target", help="a model name (resnet56, resnet50, ...), a .safetensors file or a run folder"
+    )
+    p.add_argument("--input-size", type=int, default=None, help="image side (default: the model's)")
+    p.add_argument("--num-classes", type=int, default=10, help="for a model name (default 10)")
+    p.add_argument("--in-channels", type=int, default=3, help="for a model name (default 3)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (after warm-up)")
+    p.add_argument(
+        "--device", action="append", choices=["cpu", "cuda"], help="default: cpu, and cuda when present"
+    )
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("report", help="Markdown report with plots of one or several run folders")
+    p.add_argument("runs", nargs="+", help="run folders written by softprune train")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: RUN/report, or ./report for several runs)"
+    )
+    p.add_argument("--title", default="softprune report")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="dense vs GHFP 40%% on Fashion-MNIST: accuracy, size, MACs, CPU latency")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo recipe")

@@ -91,16 +91,17 @@ class PrunedMultiheadAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, kdim: int, vdim: int, *,
-                 bias: bool, batch_first: bool, dropout: float) -> None:  # fmt: skip
+                 bias: bool, batch_first: bool, dropout: float, out_dim: int | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        out_dim = embed_dim if out_dim is None else out_dim
+        self.embed_dim, self.num_heads, self.head_dim, self.out_dim = embed_dim, num_heads, head_dim, out_dim
         self.kdim, self.vdim, self.batch_first, self.dropout = kdim, vdim, batch_first, dropout
         inner = num_heads * head_dim
         # no random init: from_module overwrites every weight
         self.q_proj = nn.utils.skip_init(nn.Linear, embed_dim, inner, bias=bias)
         self.k_proj = nn.utils.skip_init(nn.Linear, kdim, inner, bias=bias)
         self.v_proj = nn.utils.skip_init(nn.Linear, vdim, inner, bias=bias)
-        self.out_proj = nn.utils.skip_init(nn.Linear, inner, embed_dim, bias=True)
+        self.out_proj = nn.utils.skip_init(nn.Linear, inner, out_dim, bias=True)
 
     @classmethod
     def from_module(cls, m: nn.MultiheadAttention, keep) -> PrunedMultiheadAttention:
@@ -119,8 +120,16 @@ class PrunedMultiheadAttention(nn.Module):
         kept_rows = torch.arange(3 * E) if rows is None else rows
         per_part = [kept_rows[(kept_rows >= i * E) & (kept_rows < (i + 1) * E)] - i * E for i in range(3)]
         heads = per_part[0].numel() // D
-        kdim, vdim = m.kdim, m.vdim
-        new = cls(E, heads, D, kdim, vdim, bias=m.in_proj_bias is not None, batch_first=m.batch_first, dropout=m.dropout)
+
+        def width(index, full):
+            return full if index is None else int(index.numel())
+
+        out_rows = keep("out_proj.weight", 0)
+        dims = [width(c, full) for c, full in zip(col_keep, (E, m.kdim, m.vdim))]
+        new = cls(
+            dims[0], heads, D, dims[1], dims[2], bias=m.in_proj_bias is not None, batch_first=m.batch_first,
+            dropout=m.dropout, out_dim=width(out_rows, E),
+        )  # fmt: skip
         with torch.no_grad():
             for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
                 w = weights[i].index_select(0, per_part[i].to(weights[i].device))
@@ -128,11 +137,17 @@ class PrunedMultiheadAttention(nn.Module):
                     w = w.index_select(1, col_keep[i].to(w.device))
                 proj.weight.copy_(w)
                 if m.in_proj_bias is not None:
-                    proj.bias.copy_(m.in_proj_bias[i * E : (i + 1) * E].index_select(0, per_part[i].to(w.device)))
+                    proj.bias.copy_(
+                        m.in_proj_bias[i * E : (i + 1) * E].index_select(0, per_part[i].to(w.device))
+                    )
             # out_proj's columns follow the kept heads (the value rows)
-            new.out_proj.weight.copy_(m.out_proj.weight.index_select(1, per_part[2].to(m.out_proj.weight.device)))
+            w = m.out_proj.weight.index_select(1, per_part[2].to(m.out_proj.weight.device))
+            if out_rows is not None:
+                w = w.index_select(0, out_rows.to(w.device))
+            new.out_proj.weight.copy_(w)
             if m.out_proj.bias is not None:
-                new.out_proj.bias.copy_(m.out_proj.bias)
+                b = m.out_proj.bias
+                new.out_proj.bias.copy_(b if out_rows is None else b.index_select(0, out_rows.to(b.device)))
             else:
                 new.out_proj.bias.zero_()
         return new.to(m.out_proj.weight.device, m.out_proj.weight.dtype)
@@ -159,7 +174,11 @@ class PrunedMultiheadAttention(nn.Module):
                 mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill(mask, float("-inf"))
         if key_padding_mask is not None:
             pad = key_padding_mask.view(n, 1, 1, source)
-            pad = torch.zeros_like(pad, dtype=q.dtype).masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else pad
+            pad = (
+                torch.zeros_like(pad, dtype=q.dtype).masked_fill(pad, float("-inf"))
+                if pad.dtype == torch.bool
+                else pad
+            )
             mask = pad if mask is None else mask + pad
         drop = self.dropout if self.training else 0.0
         weights = None
@@ -171,7 +190,9 @@ class PrunedMultiheadAttention(nn.Module):
             weights = attn.mean(1) if average_attn_weights else attn
             out = F.dropout(attn, drop, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=is_causal and mask is None)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=drop, is_causal=is_causal and mask is None
+            )
         out = self.out_proj(out.transpose(1, 2).reshape(n, length, h * d))
         if not batched:
             out = out[0]
@@ -181,7 +202,8 @@ class PrunedMultiheadAttention(nn.Module):
         return out, weights
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+        out = f", out_dim={self.out_dim}" if self.out_dim != self.embed_dim else ""
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}{out}"
 
 
 def layout_of(ids: torch.Tensor, alive: torch.Tensor) -> Layout:
@@ -354,7 +376,12 @@ class _Compactor:
     def handler_module(self, node: torch.fx.Node) -> None:
         name = node.target
         module = self.modules[name]
-        members = {(m.param, m.dim): m for m in self.a.members if m.module == name and m.dim is not None}
+        # a leaf's own parameters ("weight") and its submodules' ("out_proj.weight")
+        members = {
+            (m.param if m.module == name else f"{m.module[len(name) + 1 :]}.{m.param}", m.dim): m
+            for m in self.a.members
+            if m.dim is not None and (m.module == name or m.module.startswith(name + "."))
+        }
 
         def keep(param: str, dim: int) -> torch.Tensor | None:
             m = members.get((param, dim))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import SoftpruneError
@@ -145,6 +147,96 @@ def compare_latency(
         result["best"] = min(FORMATS, key=lambda f: result[f]["median_ms"])
         result["median_ms"] = result[result["best"]]["median_ms"]
     return out
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of tensors created during a forward pass and still alive, and their peak.
+
+    Each new storage is added when an op returns it and subtracted when Python frees it; views add
+    nothing. This is the activation memory the framework holds, independent of the allocator's caching.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in _collect(out):
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key and key not in self._seen:
+                nbytes = storage.nbytes()
+                self._seen.add(key)
+                self.live += nbytes
+                weakref.finalize(t, self._release, key, nbytes)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def _collect(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _collect(v)]
+    return []
+
+
+@torch.no_grad()
+def peak_memory(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """Bytes of the parameters and buffers, and the peak bytes of activations alive during one
+    forward pass in eval mode (inference: no autograd graph is kept)."""
+    inputs = _as_tuple(example_inputs)
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    was_training = model.training
+    model.eval()
+    try:
+        with _LiveBytes() as counter:
+            out = model(*inputs)
+            del out
+    finally:
+        model.train(was_training)
+    return {"weights_bytes": weights, "peak_activation_bytes": counter.peak}
+
+
+def profile_report(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    batch_sizes: tuple[int, ...] = (1, 32, 128),
+    repeats: int = 20,
+    devices: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Everything ``softprune profile`` prints: parameters, MACs (whole model and convolutions only,
+    the papers' convention), weight and peak activation memory, and latency per device and batch size
+    (median of ``repeats`` after warm-up, each in its faster memory format)."""
+    if devices is None:
+        devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    one = torch.randn(1, *input_shape[1:])
+    report: dict[str, Any] = {"input_shape": list(input_shape[1:]), **profile(model, one)}
+    report.update(peak_memory(model, one))
+    report["latency"] = {}
+    for device in devices:
+        moved = model.to(device)
+        rows = {}
+        for batch in batch_sizes:
+            x = torch.randn(batch, *input_shape[1:], device=device)
+            timed = compare_latency({"model": moved}, x, rounds=repeats)["model"]
+            rows[str(batch)] = {
+                "median_ms": timed["median_ms"],
+                "best_format": timed["best"],
+                "per_image_ms": timed["median_ms"] / batch,
+                "peak_activation_bytes": peak_memory(moved, x)["peak_activation_bytes"],
+            }
+        report["latency"][device] = rows
+    model.to("cpu")
+    return report
 
 
 def paper_flops_cifar_resnet(depth: int, rate: float) -> float:

@@ -247,7 +247,9 @@ class Context:
         base = self.ids.base(moved)
         derived = self.ids.kind(moved) == _DERIVED
         if bool(derived.any()):
-            self.freeze(base[derived], f"reaches {self.where()} through an operation that is not zero at zero")
+            self.freeze(
+                base[derived], f"reaches {self.where()} through an operation that is not zero at zero"
+            )
         first = base.max(dim=1).values  # a real id of the row when it has one (zero and constant are 0, 1)
         differs = (base != first[:, None]) & (base != ZERO)
         rows = differs.any(dim=1)
@@ -455,7 +457,10 @@ def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta: 
             swaps = [
                 (
                     m,
-                    {k: None if v is None else nn.Parameter(v.to("meta"), v.requires_grad) for k, v in m._parameters.items()},
+                    {
+                        k: None if v is None else nn.Parameter(v.to("meta"), v.requires_grad)
+                        for k, v in m._parameters.items()
+                    },
                     {k: None if v is None else v.to("meta") for k, v in m._buffers.items()},
                 )
                 for m in module.modules()

@@ -168,3 +168,70 @@ def load(
             f"the weights in {str(path)!r} do not fit the rebuilt model: {first[1].strip() if len(first) > 1 else first[0]}"
         ) from None
     return model.to(map_location)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    dynamic_batch: bool = True,
+    check: bool = True,
+    tolerance: float = 1e-4,
+) -> dict:
+    """Export ``model`` to ONNX (torch.onnx's dynamo exporter) and, with ``check``, run the file in
+    onnxruntime and compare its outputs with PyTorch's on ``example_inputs``.
+
+    Needs the optional extra: ``pip install softprune[onnx]`` (onnx, onnxscript, onnxruntime).
+    Returns {"path", "max_abs_diff", "output_scale"} (the differences are None without ``check``).
+    """
+    import logging as _logging
+    import warnings
+
+    try:
+        import onnxscript  # noqa: F401  (the exporter needs it)
+    except ImportError:
+        raise SoftpruneError("ONNX export needs the onnx extra: pip install 'softprune[onnx]'") from None
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet = _logging.getLogger("torch.onnx")
+        level = quiet.level
+        quiet.setLevel(_logging.ERROR)
+        try:
+            program = torch.onnx.export(model, inputs, dynamo=True, dynamic_shapes=dynamic, verbose=False)
+        except Exception as exc:  # the exporter raises many types; one line is what the user needs
+            raise SoftpruneError(
+                f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            ) from None
+        finally:
+            quiet.setLevel(level)
+    program.save(str(path))
+    result: dict = {"path": str(path), "max_abs_diff": None, "output_scale": None}
+    if not check:
+        return result
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SoftpruneError(
+            "checking the ONNX file needs onnxruntime: pip install 'softprune[onnx]'"
+        ) from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+    got = session.run(None, feeds)
+    with torch.no_grad():
+        ref = model(*inputs)
+    ref = [ref] if isinstance(ref, torch.Tensor) else [r for r in ref if isinstance(r, torch.Tensor)]
+    diff = max(float(abs(r.detach().cpu().numpy() - g).max()) for r, g in zip(ref, got))
+    scale = max(float(r.abs().max()) for r in ref)
+    result.update(max_abs_diff=diff, output_scale=scale)
+    if diff > tolerance * max(scale, 1.0):
+        raise SoftpruneError(f"onnxruntime's outputs differ from PyTorch's by {diff:.3g} (scale {scale:.3g})")
+    return result

@@ -63,9 +63,7 @@ def _is_zp(ctx: Context, i: int) -> bool:
     return i == ZERO or (i != CONST and int(ctx.ids.kind(torch.tensor(i))) != _DERIVED)
 
 
-def _combine(
-    ctx: Context, a: torch.Tensor, b: torch.Tensor, vec: Callable
-) -> torch.Tensor:
+def _combine(ctx: Context, a: torch.Tensor, b: torch.Tensor, vec: Callable) -> torch.Tensor:
     a, b = torch.broadcast_tensors(a, b)
     full_shape = a.shape
     # dimensions broadcast in both inputs (a channel id repeated over H and W) are combined once
@@ -75,9 +73,7 @@ def _combine(
     return _combine_dense(ctx, a, b, vec).expand(full_shape)
 
 
-def _combine_dense(
-    ctx: Context, a: torch.Tensor, b: torch.Tensor, vec: Callable
-) -> torch.Tensor:
+def _combine_dense(ctx: Context, a: torch.Tensor, b: torch.Tensor, vec: Callable) -> torch.Tensor:
     """Combine every distinct (a, b) id pair with ``vec``; pairs it flags get a new sum id."""
     shape = a.shape
     if a.numel() == 0:
@@ -415,7 +411,9 @@ def _layer_norm_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
     """F.layer_norm(x, normalized_shape, ...): the statistics mix the normalized channels (frozen)."""
     x, shape = arg_ids[0], args[1] if len(args) > 1 else kwargs["normalized_shape"]
     k = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
-    ctx.freeze(x.reshape(-1, *x.shape[x.dim() - k :]), f"is normalized together with other channels by {ctx.where()}")
+    ctx.freeze(
+        x.reshape(-1, *x.shape[x.dim() - k :]), f"is normalized together with other channels by {ctx.where()}"
+    )
     return x
 
 

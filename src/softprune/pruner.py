@@ -55,16 +55,24 @@ def _floor(x: float) -> int:
     return int(math.floor(x + 1e-9))  # 10 * 0.3 is 2.9999999999999996 in floating point
 
 
-def _owners(group: ChannelGroup) -> torch.Tensor:
-    """bool [producers, units]: which units each producer layer writes."""
-    rows = []
-    for name in group.producers:
-        row = torch.zeros(group.size, dtype=torch.bool)
-        for member in group.members_with(Role.FILTER):
-            if member.module == name:
-                row[member.unit[member.unit >= 0]] = True
-        rows.append(row)
-    return torch.stack(rows) if rows else torch.zeros(0, group.size, dtype=torch.bool)
+def _constraints(group: ChannelGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit sets that selection must respect: bool [rows, units] and, per row, whether it is a
+    producer (which loses at most floor(rate * width) units) or a consumer that reads only part of
+    the group (a chunk of it: it must keep at least one unit, or it would have no input left)."""
+    rows, is_producer = [], []
+    for role, names in ((Role.FILTER, group.producers), (Role.CONSUMER, group.consumers)):
+        for name in names:
+            row = torch.zeros(group.size, dtype=torch.bool)
+            for member in group.members_with(role):
+                if member.module == name:
+                    row[member.unit[member.unit >= 0]] = True
+            if role is Role.CONSUMER and bool(row.all()):
+                continue  # reads the whole group: "never all units" already covers it
+            rows.append(row)
+            is_producer.append(role is Role.FILTER)
+    if not rows:
+        return torch.zeros(0, group.size, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)
+    return torch.stack(rows), torch.tensor(is_producer)
 
 
 def example_inputs_for(model: nn.Module, example_inputs: Any) -> tuple:
@@ -173,7 +181,7 @@ class Pruner:
                 f"({'; '.join(reasons[:3]) or 'no convolution found'}). Check layers= and ignore="
             )
         self.masks = [GroupMask(g.size) for g in self.prunable]
-        self._owners = [_owners(g) for g in self.prunable]
+        self._constraints = [_constraints(g) for g in self.prunable]
         self.first: list[torch.Tensor | None] = [None] * len(self.prunable)
         self.t = 0
         self.history: list[StepReport] = []
@@ -255,17 +263,19 @@ class Pruner:
         self, i: int, order: torch.Tensor, hard: torch.Tensor, frozen: torch.Tensor, rate: float, n_sel: int
     ) -> torch.Tensor:
         """The first ``n_sel`` units of ``order`` such that no producer layer loses more than
-        floor(rate * its width) channels, and none loses all of them.
+        floor(rate * its width) channels, and no layer loses all of its channels or inputs.
 
         A group whose producers own different subsets of its units (a residual stream widened by a
-        zero-padding shortcut: stage-1 channels are a subset of stage 2's) would otherwise let the
-        ranking empty a narrow layer. With one producer this is simply the first n_sel units.
+        zero-padding shortcut: stage-1 channels are a subset of stage 2's), or whose consumers read
+        parts of it (ShuffleNet's chunks), would otherwise let the ranking empty a narrow layer. With
+        one producer reading and writing everything this is simply the first n_sel units.
         """
-        owners = self._owners[i]  # bool [producers, units]
-        if owners.shape[0] <= 1:
+        owners, is_producer = self._constraints[i]
+        if owners.shape[0] <= 1 and bool(is_producer.all()):
             return order[~frozen[order]][:n_sel]
         width = owners.sum(1)
-        quota = torch.minimum(torch.floor(width * rate + 1e-9).long(), width - 1)
+        quota = torch.where(is_producer, torch.floor(width * rate + 1e-9).long(), width)
+        quota = torch.minimum(quota, width - 1)
         used = torch.zeros_like(width)
         picked = []
         for u in order.tolist():

@@ -82,6 +82,7 @@ class CheckpointConfig:
 class ReportConfig:
     latency_batch: int = 1
     latency_repeats: int = 20
+    tensorboard: bool = False  # also log every epoch's numbers to RUN/tensorboard
 
 
 @dataclass

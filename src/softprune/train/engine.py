@@ -150,6 +150,15 @@ class Run:
                 keep_first=p.keep_first,
             )
         self.dense_profile = profile(self.model, self.example)
+        self.tensorboard = None
+        if config.report.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SoftpruneError(
+                    "report.tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.started = time.time()
@@ -286,6 +295,11 @@ class Run:
             self.epoch += 1
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                for key, value in record.items():
+                    if key != "epoch" and isinstance(value, (int, float)):
+                        self.tensorboard.add_scalar(key, value, record["epoch"])
+                self.tensorboard.flush()
             self.echo(_epoch_line(record, cfg.train.epochs))
             if self.epoch % cfg.checkpoint.every_epochs == 0 or self.epoch == cfg.train.epochs:
                 save_checkpoint(self.checkpoint_state(), self.dir / "checkpoint.pt")
@@ -336,8 +350,32 @@ class Run:
                     paper_flops_cifar_resnet(depth, 0.0)
                 )
             summary["groups"] = self.pruner.summary()
+            summary["layers"] = layer_widths(self.model, small)
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def layer_widths(dense: nn.Module, small: nn.Module) -> list[dict[str, Any]]:
+    """Output width of every convolution, Linear layer and attention block, before and after."""
+
+    def width(m: nn.Module) -> int | None:
+        for attr in ("out_channels", "out_features", "num_heads"):  # attention: heads
+            if isinstance(getattr(m, attr, None), int):
+                return getattr(m, attr)
+        return None
+
+    rows = []
+    for name, module in dense.named_modules():
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)):
+            continue
+        if any(name.startswith(r["name"] + ".") for r in rows):
+            continue  # out_proj inside an attention block
+        try:
+            after = width(small.get_submodule(name))
+        except AttributeError:
+            continue
+        rows.append({"name": name, "dense": width(module), "compact": after})
+    return rows
 
 
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:

@@ -1,0 +1,68 @@
+"""A representative set of torchvision models: prune at 50%, compact, and the outputs agree.
+
+The full 80 models run in `make zoo` (benchmarks/zoo.py -> docs/zoo.md), outside CI's time.
+"""
+
+import pytest
+import torch
+import torchvision
+
+import softprune
+from softprune.compact import max_difference
+
+# (name, input size, what it exercises)
+MODELS = [
+    ("alexnet", 64, "flatten before Linear, classifier dropout"),
+    ("resnet18", 32, "residual adds, downsample shortcuts"),
+    ("resnext50_32x4d", 32, "grouped convolutions"),
+    ("wide_resnet50_2", 32, "bottlenecks"),
+    ("mobilenet_v2", 32, "depthwise, inverted residuals"),
+    ("mobilenet_v3_small", 32, "SE gates with hardsigmoid, hardswish"),
+    ("efficientnet_b0", 32, "SE gates, stochastic depth"),
+    ("mnasnet0_5", 32, "depthwise without SE"),
+    ("shufflenet_v2_x0_5", 32, "chunk, channel shuffle"),
+    ("squeezenet1_0", 64, "fire concatenation, a conv classifier"),
+    ("densenet121", 32, "dense concatenation"),
+    ("googlenet", 64, "inception concatenation"),
+    ("regnet_x_400mf", 32, "grouped bottlenecks"),
+    ("regnet_y_400mf", 32, "grouped bottlenecks with SE"),
+    ("convnext_tiny", 32, "LayerNorm2d, channels-last MLP, layer scale"),
+    ("vgg11_bn", 32, "plain conv stack"),
+]
+
+
+@pytest.mark.parametrize("name,size,what", MODELS, ids=[m[0] for m in MODELS])
+def test_torchvision_model_prunes_and_compacts_exactly(name, size, what):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=7).eval()
+    with torch.no_grad():  # torchvision zero-initializes some layers; zero outputs would prove nothing
+        for p in model.parameters():
+            if p.dim() > 0 and not p.any():
+                p.normal_(0, 0.02)
+    x = torch.randn(2, 3, size, size)
+    pruner = softprune.Pruner(model, "sfp", 0.5, 1, example_inputs=x, layers="all")
+    pruner.step()
+    small = pruner.compact()
+    diff, scale = max_difference(model, small, (torch.randn_like(x),))
+    assert scale > 0 and diff <= 1e-5 * scale, (diff, scale)
+    assert small(x).shape == (2, 7)  # the classifier keeps every class
+    dense, compact = softprune.profile(model, x[:1]), softprune.profile(small, x[:1])
+    assert compact["params"] < 0.8 * dense["params"] and compact["macs"] < 0.8 * dense["macs"]
+
+
+@pytest.mark.parametrize("name", ["vit_b_32", "swin_t"])
+def test_transformers_prune_heads_and_mlps(name):
+    torch.manual_seed(0)
+    kw = {"image_size": 64} if name.startswith("vit") else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=7, **kw).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 0 and not p.any():
+                p.normal_(0, 0.02)
+    x = torch.randn(2, 3, 64, 64)
+    pruner = softprune.Pruner(model, "sfp", 0.5, 1, example_inputs=x, layers="all")
+    pruner.step()
+    small = pruner.compact()
+    diff, scale = max_difference(model, small, (torch.randn_like(x),))
+    assert scale > 0 and diff <= 1e-5 * scale
+    assert softprune.profile(small, x[:1])["params"] < 0.8 * softprune.profile(model, x[:1])["params"]
