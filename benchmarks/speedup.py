@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torchvision
 
 import softprune
 from common import machine, write
@@ -42,6 +43,84 @@ def compare(dense: torch.nn.Module, small: torch.nn.Module, x: torch.Tensor, rou
 
 
 TUNED = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+
+
+def _bisect(evaluate, target: float, lo: float = 0.0, hi: float = 0.9, steps: int = 9) -> float:
+    """The rate whose MACs fraction (evaluate(rate), decreasing in rate) is closest to ``target``."""
+    best, best_gap = lo, float("inf")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        fraction = evaluate(mid)
+        if abs(fraction - target) < best_gap:
+            best, best_gap = mid, abs(fraction - target)
+        lo, hi = (mid, hi) if fraction > target else (lo, mid)
+    return best
+
+
+def torchvision_row(name: str, x: torch.Tensor, rounds: int, target: float) -> dict:
+    """softprune (coupled, SFP) at about ``target`` of the dense MACs, and Torch-Pruning's magnitude
+    pruning at the same MACs, timed side by side with the dense model."""
+
+    def fresh():
+        torch.manual_seed(0)
+        return torchvision.models.get_model(name, weights=None, num_classes=1000).eval()
+
+    one = x[:1]
+    dense = fresh()
+    dense_cost = softprune.profile(dense, one)
+
+    def ours(rate: float):
+        pruner = softprune.Pruner(fresh(), "sfp", rate, 1, example_inputs=one)
+        pruner.step()
+        return pruner
+
+    rate = _bisect(lambda r: ours(r).profile()["macs"] / dense_cost["macs"], target)
+    pruner = ours(rate)
+    small = pruner.compact()
+    small_cost = softprune.profile(small, one)
+    row = {
+        "model": name,
+        "method": f"sfp {rate:.1%}",
+        "residual": "coupled",
+        "dense": dense_cost,
+        "compact": small_cost,
+        "macs_ratio": dense_cost["macs"] / small_cost["macs"],
+    }
+    models = {"dense": dense, "compact": small}
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        tp = None
+    if tp is not None:
+
+        def theirs(ratio: float):
+            model = fresh()
+            ignored = [
+                m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000
+            ]
+            tp.pruner.MagnitudePruner(
+                model,
+                one,
+                importance=tp.importance.MagnitudeImportance(p=2),
+                pruning_ratio=ratio,
+                ignored_layers=ignored,
+            ).step()
+            return model
+
+        ratio = _bisect(
+            lambda r: softprune.profile(theirs(r), one)["macs"] / dense_cost["macs"],
+            small_cost["macs"] / dense_cost["macs"],
+        )
+        models["torch_pruning"] = theirs(ratio)
+        row["torch_pruning"] = {**softprune.profile(models["torch_pruning"], one), "pruning_ratio": ratio}
+    timed = compare_latency(models, x, rounds=rounds)
+    row["timing"] = {f: {k: timed[k][f] for k in timed} for f in FORMATS}
+    row["timing"]["best"] = {k: timed[k]["best"] for k in timed}
+    row["speedup"] = timed["dense"]["median_ms"] / timed["compact"]["median_ms"]
+    if "torch_pruning" in timed:
+        row["torch_pruning"]["speedup"] = timed["dense"]["median_ms"] / timed["torch_pruning"]["median_ms"]
+        row["torch_pruning"]["macs_ratio"] = dense_cost["macs"] / row["torch_pruning"]["macs"]
+    return row
 
 
 def measure(smoke: bool) -> dict:
@@ -69,7 +148,10 @@ def measure(smoke: bool) -> dict:
                 "speedup": result["speedup"],
             }
         )
-    return {"model": name, "batch": batch, "rows": rows}
+    size, tv_batch, tv_rounds = (32, 2, 2) if smoke else (224, 16, 8)
+    for tv_name in ("mobilenet_v2",) if smoke else ("resnet50", "mobilenet_v2"):
+        rows.append(torchvision_row(tv_name, torch.randn(tv_batch, 3, size, size), tv_rounds, target=0.5))
+    return {"model": name, "batch": batch, "torchvision_batch": tv_batch, "rows": rows}
 
 
 def main() -> None:
@@ -103,6 +185,8 @@ def main() -> None:
     ]
     for allocator, run in runs.items():
         for r in run["rows"]:
+            if r["model"] != name:
+                continue
             t = r["timing"]
             bd, bc = t["best"]["dense"], t["best"]["compact"]
             lines.append(
@@ -110,6 +194,38 @@ def main() -> None:
                 f"| x{r['macs_ratio']:.2f} | {t[bd]['dense']['median_ms']:.1f} ({bd}) | {t[bc]['compact']['median_ms']:.1f} ({bc}) "
                 f"| **x{r['speedup']:.2f}** | x{t['speedup_same_format']['contiguous']:.2f} / x{t['speedup_same_format']['channels_last']:.2f} |"
             )
+    lines += [
+        "",
+        f"## torchvision models at about half the MACs, batch {runs['stock'].get('torchvision_batch')}, 224x224, CPU",
+        "",
+        "| allocator | model | tool | MACs dense -> pruned | ideal (MACs ratio) | pruned ms (format) | speed-up over dense | dense ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for allocator, run in runs.items():
+        for r in run["rows"]:
+            if r["model"] == name:
+                continue
+            t = r["timing"]
+            bd = t["best"]["dense"]
+            dense_ms = t[bd]["dense"]["median_ms"]
+            tools = [("softprune " + r["method"], r["compact"], r["macs_ratio"], "compact", r["speedup"])]
+            if "torch_pruning" in r:
+                tp = r["torch_pruning"]
+                tools.append(
+                    (
+                        f"Torch-Pruning {tp['pruning_ratio']:.1%}",
+                        tp,
+                        tp["macs_ratio"],
+                        "torch_pruning",
+                        tp["speedup"],
+                    )
+                )
+            for label, cost, ideal, key, speed in tools:
+                best = t["best"][key]
+                lines.append(
+                    f"| {allocator} | {r['model']} | {label} | {r['dense']['macs'] / 1e9:.2f}G -> {cost['macs'] / 1e9:.2f}G "
+                    f"| x{ideal:.2f} | {t[best][key]['median_ms']:.1f} ({best}) | **x{speed:.2f}** | {dense_ms:.1f} ({bd}) |"
+                )
     lines += [
         "",
         "Medians of interleaved rounds; each model at its faster memory format. stock: glibc's default malloc;",

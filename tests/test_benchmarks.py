@@ -24,16 +24,25 @@ def _run(script, out, *extra):
     return proc
 
 
-def test_pruning_cost_smoke(tmp_path):
-    _run("pruning_cost.py", tmp_path)
-    data = json.loads((tmp_path / "pruning_cost_smoke.json").read_text())
+def test_overhead_smoke(tmp_path):
+    _run("overhead.py", tmp_path)
+    data = json.loads((tmp_path / "overhead_smoke.json").read_text())
+    presets = ("hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp")
+    assert set(data["preset_ratios"]) == set(presets)
+    for method in presets:
+        ratio = data["train_step"][method]["median_ms"] / data["train_step"]["plain"]["median_ms"]
+        assert data["preset_ratios"][method] == pytest.approx(ratio)
     plain = data["train_step"]["plain"]["median_ms"]
     assert data["hook_fraction_of_step"] == pytest.approx(data["hook_only"]["median_ms"] / plain)
     assert {r["criterion"] for r in data["pruning_step"]} == {"l2", "fpgm"}
     for row in data["pruning_step"]:
         assert row["fraction_of_epoch"] == pytest.approx(row["step_ms"] / data["epoch_ms_estimate"])
-    md = (tmp_path / "pruning_cost_smoke.md").read_text()
-    assert data["machine"]["torch"] in md and "| pruning step (fpgm) |" in md
+    md = (tmp_path / "overhead_smoke.md").read_text()
+    assert (
+        data["machine"]["torch"] in md
+        and "| pruning step (fpgm) |" in md
+        and "| training step, ghfp hooks |" in md
+    )
 
 
 def test_speedup_smoke(tmp_path):
@@ -41,8 +50,13 @@ def test_speedup_smoke(tmp_path):
     data = json.loads((tmp_path / "speedup_smoke.json").read_text())
     assert set(data["runs"]) == {"stock", "tuned"}
     for run in data["runs"].values():
-        assert [r["residual"] for r in run["rows"]] == ["independent", "coupled"]
-        for r in run["rows"]:
+        resnet = [r for r in run["rows"] if r["model"] == "resnet20"]
+        assert [r["residual"] for r in resnet] == ["independent", "coupled"]
+        (mobilenet,) = [r for r in run["rows"] if r["model"] == "mobilenet_v2"]
+        assert 0.4 <= mobilenet["compact"]["macs"] / mobilenet["dense"]["macs"] <= 0.6  # about half the MACs
+        if "torch_pruning" in mobilenet:  # the same MACs within 10%
+            assert mobilenet["torch_pruning"]["macs"] == pytest.approx(mobilenet["compact"]["macs"], rel=0.1)
+        for r in resnet:
             t = r["timing"]
             best = (
                 t[t["best"]["dense"]]["dense"]["median_ms"] / t[t["best"]["compact"]]["compact"]["median_ms"]
@@ -52,7 +66,8 @@ def test_speedup_smoke(tmp_path):
                 r["macs_ratio"] == pytest.approx(r["dense"]["macs"] / r["compact"]["macs"])
                 and r["macs_ratio"] > 2
             )
-    assert "| tuned | coupled |" in (tmp_path / "speedup_smoke.md").read_text()
+    md = (tmp_path / "speedup_smoke.md").read_text()
+    assert "| tuned | coupled |" in md and "| stock | mobilenet_v2 | softprune sfp" in md
 
 
 def test_vs_torch_pruning_smoke(tmp_path):
@@ -91,3 +106,36 @@ def test_zoo_smoke(tmp_path):
     for r in rows:
         assert r["params_compact"] < r["params"] and r["macs_compact"] < r["macs"]
     assert "**6 of 6 runs pass** (3 models)" in out.read_text()
+
+
+def test_methods_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(BENCH)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "methods.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            "--runs",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "methods_smoke.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    expected = {"dense", "sfp", "ghfp"} | ({"torch-pruning"} if "torch_pruning" in data["machine"] else set())
+    assert set(rows) == expected
+    for method, row in rows.items():
+        summary = json.loads((tmp_path / "runs" / f"{method}-s0" / "summary.json").read_text())
+        final = summary.get("compact", {}).get("test_acc", summary.get("test_acc_masked"))
+        assert row["finals"] == [final] and len(row["acc_per_epoch_mean"]) == 2
+    assert rows["sfp"]["macs"] == rows["ghfp"]["macs"] < rows["dense"]["macs"]
+    if "torch-pruning" in rows:  # pruned to the MACs of the 40% presets, within 10%
+        assert rows["torch-pruning"]["macs"] == pytest.approx(rows["ghfp"]["macs"], rel=0.1)
+    report = tmp_path / "methods_smoke"
+    assert (report / "report.md").is_file() and (report / "pareto.png").is_file()

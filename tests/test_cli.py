@@ -6,32 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import softprune
 from softprune.cli import main
 from softprune.data import BatchLoader, load_dataset
-from softprune.data.fixtures import write_idx
 from softprune.train.engine import evaluate
 
-REAL = Path("/usr/share/datasets/fashion-mnist")
 RECIPE = Path(softprune.__file__).parent / "configs" / "fashion_mnist_ghfp.yaml"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """The real Fashion-MNIST where Debian's package installed it, else a fixture in the same format."""
-    if REAL.is_dir():
-        return str(REAL)
-    root = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 1200), ("test", 400)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = (rng.random((n, 28, 28)) * 60 + labels[:, None, None] * 19).astype(np.uint8)
-        write_idx(root, images, labels, split)
-    return str(root)
 
 
 @pytest.fixture(scope="module")

@@ -146,3 +146,22 @@ def test_profile_of_an_unknown_target_is_an_error(capsys):
 
     assert main(["profile", "resnet21"]) == 2
     assert "unknown model 'resnet21'" in capsys.readouterr().err
+
+
+def test_attention_macs_are_counted_in_nn_multiheadattention():
+    attn = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(1, 5, 16)
+    macs = measure_macs(Wrap(), x)["macs"]
+    projections = 5 * 16 * 48 + 5 * 16 * 16  # q, k, v in one product, and out_proj
+    attention = 2 * 4 * 5 * 5 * 4  # q k^T and attn v, per head
+    assert macs == projections + attention
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after counting

@@ -26,8 +26,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     summary = train(config, resume=args.resume, echo=_echo, progress=not args.quiet and sys.stderr.isatty())
-    _echo(f"run folder: {config.run_dir}")
-    _print_result(summary)
+    if summary:  # under torchrun, only rank 0 reports
+        _echo(f"run folder: {config.run_dir}")
+        _print_result(summary)
     return 0
 
 
@@ -212,7 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides (key=value) may come after flags: `train cfg.yaml --resume train.epochs=5`
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except SoftpruneError as exc:

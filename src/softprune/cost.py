@@ -24,6 +24,23 @@ from .errors import SoftpruneError
 _CONV_OPS = ("convolution", "conv2d", "conv1d", "conv3d", "_convolution")
 
 
+def _register_cpu_attention_flops() -> None:
+    """torch.utils.flop_counter knows the CUDA attention kernels but not the CPU flash kernel that
+    scaled_dot_product_attention dispatches to on CPU; count it like the others (q k^T and attn v)."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_counter.flop_registry or not hasattr(flop_counter, "sdpa_flop_count"):
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _cpu_flash(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_attention_flops()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -40,11 +57,15 @@ def measure_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     batch = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0 else 1
     was_training = model.training
     model.eval()
+    # nn.MultiheadAttention's fused inference kernel has no FLOP formula: count its unfused ops
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False) as counter:
             model(*inputs)
     finally:
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     total = counter.get_total_flops()
     conv = sum(
         flops

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .compact import compact_model, max_difference
@@ -222,6 +223,8 @@ class Pruner:
         rate, alpha, hardness = self.policy.values(t, T)
         for i, (group, mask) in enumerate(zip(self.prunable, self.masks)):
             self._select(i, group, mask, rate, hardness)
+        self._agree()
+        for group, mask in zip(self.prunable, self.masks):
             apply(group, mask, self.model, alpha, self.mask_scope)
         self._keeper.update(self.prunable, self.masks)
         self._keeper.enforce()
@@ -231,6 +234,37 @@ class Pruner:
         log.debug("pruning step %d: P=%.4f alpha=%.4g lambda=%.4f kept=%d soft=%d hard=%d", t, rate, alpha,
                   hardness, report.kept, report.soft, report.hard)  # fmt: skip
         return report
+
+    def _agree(self) -> None:
+        """Under torch.distributed, every process takes rank 0's decision, so replicas never diverge
+        (their weights agree, but a tie in the scores could otherwise break differently)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        packed = torch.cat([torch.cat([m.hard, m.soft]) for m in self.masks]).to(torch.uint8)
+        if dist.get_backend() == "nccl":
+            packed = packed.cuda()
+        dist.broadcast(packed, src=0)
+        packed = packed.cpu().bool()
+        offset = 0
+        for mask in self.masks:
+            n = mask.size
+            mask.hard, mask.soft = (
+                packed[offset : offset + n].clone(),
+                packed[offset + n : offset + 2 * n].clone(),
+            )
+            offset += 2 * n
+        first = [f for f in self.first if f is not None]
+        if first:  # HFP's first selection is part of the decision too
+            stacked = torch.cat(first).to(torch.uint8)
+            if dist.get_backend() == "nccl":
+                stacked = stacked.cuda()
+            dist.broadcast(stacked, src=0)
+            stacked = stacked.cpu().bool()
+            offset = 0
+            for i, f in enumerate(self.first):
+                if f is not None:
+                    self.first[i] = stacked[offset : offset + f.numel()].clone()
+                    offset += f.numel()
 
     def _select(self, i: int, group: ChannelGroup, mask: GroupMask, rate: float, hardness: float) -> None:
         n = group.size

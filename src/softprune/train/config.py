@@ -48,8 +48,11 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
     gamma: float = 0.2
     eval_batch_size: int = 512
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (under torchrun: cuda picks the local rank's GPU)
     threads: int | None = None  # torch intra-op threads on CPU
+    amp: Literal["none", "bf16"] = "none"  # bf16 autocast for forward passes (weights and masks stay fp32)
+    channels_last: bool = False  # train in the channels-last memory format
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resumes on GPUs too
 
 
 @dataclass
@@ -76,6 +79,7 @@ class PruneConfig:
 @dataclass
 class CheckpointConfig:
     every_epochs: int = 1
+    every_iterations: int | None = None  # also checkpoint mid-epoch, every k optimizer steps
 
 
 @dataclass
@@ -235,6 +239,7 @@ def _validate(config: RunConfig) -> None:
     positive("data.test_limit", d.test_limit, allow_none=True)
     positive("model.input_size", config.model.input_size, allow_none=True)
     positive("checkpoint.every_epochs", config.checkpoint.every_epochs)
+    positive("checkpoint.every_iterations", config.checkpoint.every_iterations, allow_none=True)
     positive("report.latency_batch", config.report.latency_batch)
     positive("report.latency_repeats", config.report.latency_repeats)
     if p.method != "dense" and p.every_iterations is None and t.epochs // p.every_epochs < 1:

@@ -6,18 +6,26 @@
 A run folder (``output/name``) holds: config.yaml, metrics.jsonl (one line per epoch), checkpoint.pt
 (the latest, written atomically), model.safetensors (the final full-size weights), compact.safetensors
 (the pruned model, loadable with softprune.load) and summary.json.
+
+Under torchrun (``torchrun --nproc_per_node N -m softprune train ...``) every process trains a
+DistributedDataParallel replica on its share of each global batch (gloo on CPU, NCCL on GPUs); the
+pruning decision is taken on rank 0 and broadcast, and only rank 0 evaluates and writes files.
+A checkpoint holds the position inside the epoch, so a run killed at any moment resumes exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
@@ -36,9 +44,17 @@ from .config import RunConfig, config_from_dict
 Echo = Callable[[str], None]
 
 
-def resolve_device(name: str) -> torch.device:
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) in a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SoftpruneError(f"train.device={name!r} but CUDA is not available here; use cpu or auto")
     return torch.device(name)
@@ -70,17 +86,31 @@ def _scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
 
 
 class Run:
-    """Everything one training run holds; built from a config, optionally resumed from its checkpoint."""
+    """Everything one training run holds; built from a config, optionally resumed from its checkpoint.
+
+    ``net`` is the network (what the pruner, evaluation and checkpoints see); ``model`` is what a
+    training step calls: ``net`` itself, or its DistributedDataParallel wrapper under torchrun.
+    """
 
     def __init__(self, config: RunConfig, *, echo: Echo | None = None, progress: bool = True) -> None:
         self.config = config
-        self.echo = echo or (lambda line: None)
-        self.progress = progress
         self.dir = config.run_dir
         t, p = config.train, config.prune
+        self.rank, self.world, local_rank = distributed_env()
+        self.main = self.rank == 0
+        self.echo = (echo or (lambda line: None)) if self.main else (lambda line: None)
+        self.progress = progress and self.main
         if t.threads is not None:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
+        self.device = resolve_device(t.device, local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        if t.batch_size % self.world:
+            raise SoftpruneError(
+                f"train.batch_size={t.batch_size} (the global batch) must divide among {self.world} processes"
+            )
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.seed)
         spec = DATASETS.get(config.data.name)
         self.train_set = load_dataset(
@@ -99,19 +129,22 @@ class Run:
         )
         augment = spec.augment if config.data.augment is None else config.data.augment
         self.train_loader = BatchLoader(
-            self.train_set, t.batch_size, shuffle=True, augment=augment, seed=config.seed
-        )
+            self.train_set, t.batch_size // self.world, shuffle=True, augment=augment, seed=config.seed,
+            rank=self.rank, world_size=self.world,
+        )  # fmt: skip
         self.test_loader = BatchLoader(self.test_set, t.eval_batch_size, shuffle=False, augment=False)
         channels, size = self.train_set.images.shape[1], self.train_set.images.shape[-1]
-        self.model = create_model(
+        self.net = create_model(
             config.model.name,
             num_classes=self.train_set.num_classes,
             in_channels=channels,
             input_size=config.model.input_size or size,
         ).to(self.device)
-        self.example = torch.randn(1, channels, *self.model.example_input_shape[2:], device=self.device)
+        self.example = torch.randn(1, channels, *self.net.example_input_shape[2:], device=self.device)
+        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.net = self.net.to(memory_format=self.memory_format)
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
+            self.net.parameters(),
             lr=t.lr,
             momentum=t.momentum,
             nesterov=t.nesterov and t.momentum > 0,
@@ -131,7 +164,7 @@ class Run:
             else:
                 steps = t.epochs // p.every_epochs
             self.pruner = Pruner(
-                self.model,
+                self.net,
                 method=p.method,
                 rate=p.rate,
                 total_steps=steps,
@@ -149,9 +182,13 @@ class Run:
                 hardness=p.hardness,
                 keep_first=p.keep_first,
             )
-        self.dense_profile = profile(self.model, self.example)
+        self.model: nn.Module = self.net
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        self.dense_profile = profile(self.net, self.example)
         self.tensorboard = None
-        if config.report.tensorboard:
+        if config.report.tensorboard and self.main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -159,22 +196,34 @@ class Run:
                     "report.tensorboard needs the tensorboard package: pip install tensorboard"
                 ) from None
             self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
-        self.epoch = 0
+        self.epoch = 0  # epochs completed
+        self.batch = 0  # batches of the current epoch completed
+        self.iteration = 0  # optimizer steps in all
+        self.epoch_sums = [0, 0, 0.0]  # samples, correct, summed loss of the current epoch
         self.history: list[dict[str, Any]] = []
+        self.replicas: dict[str, Any] | None = None
         self.started = time.time()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
-            "model": self.model.state_dict(),
+            "batch": self.batch,
+            "iteration": self.iteration,
+            "epoch_sums": list(self.epoch_sums),
+            "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
             "rng": rng_state(),
             "history": self.history,
             "config": self.config.to_dict(),
+            "world_size": self.world,
         }
+
+    def save_checkpoint(self) -> None:
+        if self.main:
+            save_checkpoint(self.checkpoint_state(), self.dir / "checkpoint.pt")
 
     def resume(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
@@ -185,8 +234,13 @@ class Run:
                     f"the checkpoint in {str(path)!r} was made with a different '{section}' section; "
                     "resume with the run's own config (config.yaml in the run folder)"
                 )
+        if state.get("batch", 0) and state.get("world_size", 1) != self.world:
+            raise SoftpruneError(
+                f"this checkpoint was written mid-epoch by {state['world_size']} process(es); resume it with "
+                f"the same number (here: {self.world}), or from an end-of-epoch checkpoint"
+            )
         try:
-            self.model.load_state_dict(state["model"])
+            self.net.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, KeyError, ValueError) as exc:
@@ -197,27 +251,40 @@ class Run:
             self.pruner.load_state_dict(state["pruner"])
         set_rng_state(state["rng"])
         self.epoch = int(state["epoch"])
+        self.batch = int(state.get("batch", 0))
+        self.iteration = int(state.get("iteration", 0))
+        self.epoch_sums = list(state.get("epoch_sums", [0, 0, 0.0]))
         self.history = list(state["history"])
         # the log may hold epochs done after the checkpoint was written; keep it in step with it
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     # -- the loop ---------------------------------------------------------------------------------
+    def autocast(self):
+        if self.config.train.amp == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def train_epoch(self) -> tuple[float, float]:
         self.model.train()
         self.train_loader.set_epoch(self.epoch)
-        total, correct, loss_sum = 0, 0, 0.0
+        every = self.config.checkpoint.every_iterations
         bar = tqdm(
-            self.train_loader,
+            self.train_loader.iterate(self.batch),
+            total=len(self.train_loader),
+            initial=self.batch,
             desc=f"epoch {self.epoch + 1}/{self.config.train.epochs}",
             leave=False,
             disable=not self.progress,
             dynamic_ncols=True,
         )
         for x, y in bar:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            out = self.model(x)
-            loss = F.cross_entropy(out, y)
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            y = y.to(self.device, non_blocking=True)
+            with self.autocast():
+                out = self.model(x)
+            loss = F.cross_entropy(out.float(), y)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise SoftpruneError(
@@ -227,11 +294,17 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self.batch += 1
+            self.iteration += 1
             n = y.numel()
-            total += n
-            loss_sum += value * n
-            correct += int((out.argmax(1) == y).sum())
+            self.epoch_sums[0] += n
+            self.epoch_sums[1] += int((out.argmax(1) == y).sum())
+            self.epoch_sums[2] += value * n
+            total, correct, loss_sum = self.epoch_sums
             bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{100.0 * correct / total:.1f}")
+            if every and self.iteration % every == 0 and self.batch < len(self.train_loader):
+                self.save_checkpoint()
+        total, correct, loss_sum = self.epoch_sums
         return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
 
     def recalibrate(self) -> None:
@@ -240,19 +313,17 @@ class Run:
         if n <= 0:
             return
         loader = BatchLoader(
-            self.train_set,
-            self.config.train.batch_size,
-            shuffle=True,
-            augment=self.train_loader.augment,
-            seed=self.config.seed + 7919,
-        )
+            self.train_set, self.train_loader.batch_size, shuffle=True, augment=self.train_loader.augment,
+            seed=self.config.seed + 7919, rank=self.rank, world_size=self.world,
+        )  # fmt: skip
         loader.set_epoch(self.epoch)
-        recalibrate_batchnorm(self.model, loader, n, self.device)
+        recalibrate_batchnorm(self.net, loader, n, self.device)
 
     def run(self) -> dict[str, Any]:
         cfg = self.config
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         while self.epoch < cfg.train.epochs:
             start = time.time()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -289,25 +360,59 @@ class Run:
                 )
             else:
                 record.update(params=self.dense_profile["params"], macs=self.dense_profile["macs"])
-            record["test_loss"], record["test_acc"] = evaluate(self.model, self.test_loader, self.device)
+            if self.main:
+                record["test_loss"], record["test_acc"] = evaluate(self.net, self.test_loader, self.device)
             record["seconds"] = time.time() - start
             self.history.append(record)
             self.epoch += 1
-            with open(self.dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.tensorboard is not None:
-                for key, value in record.items():
-                    if key != "epoch" and isinstance(value, (int, float)):
-                        self.tensorboard.add_scalar(key, value, record["epoch"])
-                self.tensorboard.flush()
-            self.echo(_epoch_line(record, cfg.train.epochs))
+            self.batch = 0
+            self.epoch_sums = [0, 0, 0.0]
+            if self.main:
+                with open(self.dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if self.tensorboard is not None:
+                    for key, value in record.items():
+                        if key != "epoch" and isinstance(value, (int, float)):
+                            self.tensorboard.add_scalar(key, value, record["epoch"])
+                    self.tensorboard.flush()
+                self.echo(_epoch_line(record, cfg.train.epochs))
             if self.epoch % cfg.checkpoint.every_epochs == 0 or self.epoch == cfg.train.epochs:
-                save_checkpoint(self.checkpoint_state(), self.dir / "checkpoint.pt")
+                self.save_checkpoint()
+        self.replicas = self.replica_agreement()
         return self.finish()
 
+    def replica_agreement(self) -> dict[str, Any] | None:
+        """Under torchrun: do all processes hold rank 0's weights and masks? (They must: gradients
+        are averaged and the pruning decision is rank 0's.)"""
+        if self.world == 1:
+            return None
+        flat = torch.cat([p.detach().reshape(-1).float() for p in self.net.parameters()])
+        reference = flat.clone()
+        dist.broadcast(reference, src=0)
+        diff = (flat - reference).abs().max().reshape(1)
+        masks = torch.zeros(1, device=flat.device)
+        if self.pruner is not None:
+            packed = (
+                torch.cat([torch.cat([m.hard, m.soft]) for m in self.pruner.masks]).float().to(flat.device)
+            )
+            mine = packed.clone()
+            dist.broadcast(packed, src=0)
+            masks = (packed != mine).any().float().reshape(1)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        dist.all_reduce(masks, op=dist.ReduceOp.MAX)
+        return {
+            "processes": self.world,
+            "max_weight_difference": float(diff),
+            "masks_agree": bool(masks.item() == 0),
+        }
+
     def finish(self) -> dict[str, Any]:
+        """Rank 0 compacts, evaluates, measures and writes the models and the summary."""
+        if not self.main:
+            return {}
         cfg = self.config
-        sp_io.save(self.model, self.dir / "model.safetensors")
+        self.net = self.net.to(memory_format=torch.contiguous_format)
+        sp_io.save(self.net, self.dir / "model.safetensors")
         final = self.history[-1] if self.history else {}
         summary: dict[str, Any] = {
             "name": cfg.name,
@@ -318,6 +423,8 @@ class Run:
             "criterion": cfg.prune.criterion if cfg.prune.method != "dense" else None,
             "residual": cfg.prune.residual if cfg.prune.method != "dense" else None,
             "epochs": cfg.train.epochs,
+            "processes": self.world,
+            "replicas": self.replicas,
             "seconds": round(time.time() - self.started, 1),
             "dense": {**self.dense_profile},
             "test_acc_masked": final.get("test_acc"),
@@ -326,14 +433,14 @@ class Run:
         timing_input = torch.randn(cfg.report.latency_batch, *self.example.shape[1:], device=self.device)
         summary["latency_batch"] = cfg.report.latency_batch
         if self.pruner is None:
-            timed = compare_latency({"dense": self.model}, timing_input, rounds=cfg.report.latency_repeats)
+            timed = compare_latency({"dense": self.net}, timing_input, rounds=cfg.report.latency_repeats)
             summary["dense"]["latency"] = timed["dense"]
         else:
             small = self.pruner.compact()
             loss, acc = evaluate(small, self.test_loader, self.device)
             sp_io.save(small, self.dir / "compact.safetensors")
             compact = profile(small, self.example)
-            models = {"dense": self.model, "compact": small}
+            models = {"dense": self.net, "compact": small}
             timed = compare_latency(models, timing_input, rounds=cfg.report.latency_repeats)
             summary["dense"]["latency"], compact["latency"] = timed["dense"], timed["compact"]
             summary["compact"] = {**compact, "test_acc": acc, "test_loss": loss}
@@ -350,7 +457,7 @@ class Run:
                     paper_flops_cifar_resnet(depth, 0.0)
                 )
             summary["groups"] = self.pruner.summary()
-            summary["layers"] = layer_widths(self.model, small)
+            summary["layers"] = layer_widths(self.net, small)
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -390,16 +497,23 @@ def train(
     config: RunConfig, *, resume: bool = False, echo: Echo | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Train (or resume) a run and return its summary."""
-    run = Run(config, echo=echo, progress=progress)
     checkpoint = config.run_dir / "checkpoint.pt"
-    if resume:
-        run.resume(checkpoint)
-        echo and echo(f"resumed {checkpoint} at epoch {run.epoch}")
-    elif checkpoint.exists():
+    if not resume and checkpoint.exists():
         raise SoftpruneError(
             f"{str(config.run_dir)!r} already holds a run; pass --resume to continue it, or choose another name= "
             "(softprune never overwrites a run)"
         )
-    elif (config.run_dir / "metrics.jsonl").exists():
-        (config.run_dir / "metrics.jsonl").unlink()
-    return run.run()
+    run = Run(config, echo=echo, progress=progress)
+    try:
+        if resume:
+            run.resume(checkpoint)
+            run.echo(f"resumed {checkpoint} at epoch {run.epoch}, batch {run.batch}")
+        elif run.main and (config.run_dir / "metrics.jsonl").exists():
+            (config.run_dir / "metrics.jsonl").unlink()
+        summary = run.run()
+        if run.world > 1:
+            dist.barrier()
+        return summary
+    finally:
+        if run.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,286 @@
+"""The methods side by side on one budget: Fashion-MNIST, a CIFAR ResNet-20 with one input channel.
+
+Every method trains for the same number of epochs on the same data with the same recipe (SGD with
+Nesterov momentum, cosine learning rate, batch 128) and seeds: dense; HFP, SFP, ASFP, SRFP, ASRFP,
+GHFP and FPGM at 40% (coupled residuals, softprune's default); and Torch-Pruning's magnitude pruning
+with fine-tuning (dense training for half the budget, one-shot pruning to the MACs the 40% presets end
+at, fine-tuning for the other half). Reported: final accuracy (of the compact model), accuracy per
+epoch (GHFP's claim is faster convergence), MACs, parameters and wall time, mean and spread over
+the seeds; and the report (plots) over the first seed's runs.
+
+    python benchmarks/methods.py [--epochs 8] [--train-limit 10000] [--seeds 0 1] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import softprune
+from common import RESULTS, machine
+from softprune.calibrate import recalibrate_batchnorm
+from softprune.data import DATASETS, BatchLoader, load_dataset
+from softprune.report import make_report
+from softprune.train.config import config_from_dict, read_yaml
+from softprune.train.engine import evaluate, train
+
+METHODS = {
+    "dense": ["prune.method=dense"],
+    "hfp": ["prune.method=hfp"],
+    "sfp": ["prune.method=sfp"],
+    "asfp": ["prune.method=asfp"],
+    "srfp": ["prune.method=srfp"],
+    "asrfp": ["prune.method=asrfp"],
+    "ghfp": ["prune.method=ghfp"],
+    "fpgm": ["prune.method=sfp", "prune.criterion=fpgm"],
+}
+SMOKE_METHODS = ["dense", "sfp", "ghfp"]
+
+
+def base_config(args) -> dict:
+    recipe = resources.files("softprune") / "configs" / "fashion_mnist_ghfp.yaml"
+    with resources.as_file(recipe) as path:
+        base = read_yaml(path)
+    base["data"].update(train_limit=args.train_limit, test_limit=args.test_limit)
+    base["train"].update(epochs=args.epochs)
+    base["prune"].update(rate=0.4, residual="coupled")
+    base["report"] = {"latency_batch": 64, "latency_repeats": 5}
+    return base
+
+
+def run_softprune(label: str, seed: int, args, out: Path) -> Path:
+    config = config_from_dict(
+        base_config(args), [f"name={label}-s{seed}", f"output={out}", f"seed={seed}", *METHODS[label]]
+    )
+    if config.run_dir.exists():
+        shutil.rmtree(config.run_dir)
+    train(config, progress=False)
+    return config.run_dir
+
+
+def run_torch_pruning(seed: int, args, out: Path, target_macs: int) -> Path | None:
+    """Dense training for half the epochs, Torch-Pruning to ``target_macs``, fine-tuning to the end."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        print(
+            "torch-pruning is not installed: its row is left out (pip install torch-pruning)", file=sys.stderr
+        )
+        return None
+    run_dir = out / f"torch-pruning-s{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    torch.manual_seed(seed)
+    spec = DATASETS["fashion_mnist"]
+    train_set = load_dataset("fashion_mnist", None, "train", limit=args.train_limit)
+    test_set = load_dataset("fashion_mnist", None, "test", limit=args.test_limit)
+    loader = BatchLoader(train_set, 128, shuffle=True, augment=spec.augment, seed=seed)
+    test_loader = BatchLoader(test_set, 512, shuffle=False, augment=False)
+    model = softprune.create_model("resnet20", num_classes=10, in_channels=1, input_size=28)
+    x = torch.randn(1, 1, 28, 28)
+    dense_cost = softprune.profile(model, x)
+
+    def optimizer_for(m, epoch):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        for group in opt.param_groups:  # the cosine schedule over the whole budget, from this epoch on
+            group["lr"] = 0.05 * (1 + math.cos(math.pi * epoch / args.epochs))
+        return opt
+
+    opt = optimizer_for(model, 0)
+    rows, start, ratio = [], time.time(), None
+    for epoch in range(args.epochs):
+        if epoch == args.epochs // 2:
+            ratio = _tp_ratio(tp, model, x, target_macs)
+            tp.pruner.MagnitudePruner(
+                model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+                ignored_layers=_tp_ignored(model),
+            ).step()  # fmt: skip
+            model(x)  # Torch-Pruning's model must still run
+            recalibrate_batchnorm(model, loader, 20)
+            opt = optimizer_for(model, epoch)
+        for group in opt.param_groups:
+            group["lr"] = 0.05 * (1 + math.cos(math.pi * epoch / args.epochs))
+        t0 = time.time()
+        model.train()
+        loader.set_epoch(epoch)
+        total = correct = 0
+        loss_sum = 0.0
+        for xb, yb in loader:
+            out_b = model(xb)
+            loss = F.cross_entropy(out_b, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += yb.numel()
+            loss_sum += float(loss.detach()) * yb.numel()
+            correct += int((out_b.argmax(1) == yb).sum())
+        test_loss, test_acc = evaluate(model, test_loader, torch.device("cpu"))
+        cost = softprune.profile(model, x)
+        rows.append(
+            {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / total,
+             "train_acc": 100.0 * correct / total, "test_loss": test_loss, "test_acc": test_acc,
+             "params": cost["params"], "macs": cost["macs"], "seconds": time.time() - t0}
+        )  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = softprune.profile(model, x)
+    summary = {
+        "name": run_dir.name, "model": "resnet20", "data": "fashion_mnist", "method": "torch-pruning",
+        "rate": ratio, "epochs": args.epochs, "seconds": round(time.time() - start, 1), "dense": dense_cost,
+        "compact": {**final, "test_acc": rows[-1]["test_acc"]}, "test_acc_masked": rows[-1]["test_acc"],
+    }  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return run_dir
+
+
+def _tp_ignored(model) -> list:
+    """Torch-Pruning 1.6 does not follow the option-A shortcut (an F.pad with constant widths): pruning
+    the residual streams breaks the model (the classifier expects fewer inputs than it gets). It prunes
+    the channels inside each block, harder, to reach the same MACs; the stream's producers are ignored."""
+    stream = [
+        model.conv1,
+        *(block.conv2 for stage in (model.layer1, model.layer2, model.layer3) for block in stage),
+    ]
+    return [model.fc, *stream]
+
+
+def _tp_ratio(tp, model, x, target_macs: int) -> float:
+    """Torch-Pruning's ratio that reaches ``target_macs`` (bisection on copies of the model)."""
+    import copy
+
+    lo, hi, best, gap = 0.0, 0.9, 0.0, float("inf")
+    for _ in range(9):
+        mid = (lo + hi) / 2
+        trial = copy.deepcopy(model)
+        tp.pruner.MagnitudePruner(
+            trial,
+            x,
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=mid,
+            ignored_layers=_tp_ignored(trial),
+        ).step()
+        macs = softprune.profile(trial, x)["macs"]
+        if abs(macs - target_macs) < gap:
+            best, gap = mid, abs(macs - target_macs)
+        lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
+    return best
+
+
+def summarize(runs: dict[str, list[Path]]) -> list[dict]:
+    rows = []
+    for label, dirs in runs.items():
+        summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
+        metrics = [
+            [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in dirs
+        ]
+        finals = [s.get("compact", {}).get("test_acc", s.get("test_acc_masked")) for s in summaries]
+        cost = summaries[0].get("compact", summaries[0]["dense"])
+        per_epoch = [statistics.mean(m[e]["test_acc"] for m in metrics) for e in range(len(metrics[0]))]
+        rows.append(
+            {
+                "method": label,
+                "seeds": len(dirs),
+                "final_acc_mean": statistics.mean(finals),
+                "final_acc_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+                "finals": finals,
+                "acc_per_epoch_mean": per_epoch,
+                "macs": cost["macs"],
+                "params": cost["params"],
+                "seconds_mean": statistics.mean(s["seconds"] for s in summaries),
+                "rate": summaries[0].get("rate"),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--train-limit", type=int, default=10000)
+    parser.add_argument("--test-limit", type=int, default=5000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument(
+        "--runs", default="../runs/bench-methods", help="where the run folders go (not committed)"
+    )
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    parser.add_argument("--smoke", action="store_true", help="2 epochs on 256 images, 3 methods, one seed")
+    args = parser.parse_args()
+    if args.smoke:
+        args.epochs, args.train_limit, args.test_limit, args.seeds = 2, 256, 128, [0]
+    labels = SMOKE_METHODS if args.smoke else list(METHODS)
+    runs_root, out = Path(args.runs), Path(args.out)
+    fresh = softprune.Pruner(softprune.create_model("resnet20", in_channels=1, input_size=28), "sfp", 0.4, 1)
+    fresh.step()
+    target = fresh.profile()["macs"]  # every 40% preset ends at these MACs (coupled residuals)
+    runs: dict[str, list[Path]] = {label: [] for label in labels}
+    runs["torch-pruning"] = []
+    for seed in args.seeds:
+        for label in labels:
+            print(f"seed {seed}: {label}", flush=True)
+            runs[label].append(run_softprune(label, seed, args, runs_root))
+        print(f"seed {seed}: torch-pruning", flush=True)
+        tp_dir = run_torch_pruning(seed, args, runs_root, target)
+        if tp_dir is not None:
+            runs["torch-pruning"].append(tp_dir)
+    runs = {k: v for k, v in runs.items() if v}
+    rows = summarize(runs)
+    name = "methods_smoke" if args.smoke else "methods"
+    payload = {
+        "machine": machine(),
+        "budget": {
+            "epochs": args.epochs,
+            "train_images": args.train_limit,
+            "test_images": args.test_limit,
+            "seeds": args.seeds,
+        },
+        "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    report_dir = out / name
+    if report_dir.exists():
+        shutil.rmtree(report_dir)
+    make_report(
+        [dirs[0] for dirs in runs.values()],
+        report_dir,
+        title=f"Methods on Fashion-MNIST (seed {args.seeds[0]})",
+    )
+    m = payload["machine"]
+    lines = [
+        f"## Methods on Fashion-MNIST, ResNet-20 (1 input channel), {args.epochs} epochs on {args.train_limit} images, "
+        f"test on {args.test_limit}, seeds {', '.join(map(str, args.seeds))}",
+        "",
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, softprune {m['softprune']}"
+        + (f", torch-pruning {m['torch_pruning']}" if "torch_pruning" in m else "")
+        + ".",
+        "",
+        "| method | final test accuracy (compact) | per seed | accuracy by epoch (mean) | MACs | params | wall time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        by_epoch = " ".join(f"{a:.1f}" for a in r["acc_per_epoch_mean"])
+        lines.append(
+            f"| {r['method']} | **{r['final_acc_mean']:.2f}** ± {r['final_acc_std']:.2f} | {', '.join(f'{a:.2f}' for a in r['finals'])} "
+            f"| {by_epoch} | {r['macs'] / 1e6:.2f}M | {r['params'] / 1e3:.1f}K | {r['seconds_mean']:.0f} s |"
+        )
+    lines += [
+        "",
+        f"Plots over the runs of seed {args.seeds[0]}: [report]({name}/report.md), "
+        f"with the [accuracy against MACs]({name}/pareto.png) and [accuracy per epoch]({name}/accuracy_by_epoch.png).",
+    ]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""torchrun: two processes with gloo on CPU train like one process with the same global batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import softprune
+from softprune.cli import main
+from softprune.train.checkpoint import load_checkpoint
+
+RECIPE = Path(softprune.__file__).parent / "configs" / "fashion_mnist_ghfp.yaml"
+
+
+def _args(data_root, out, name):
+    # LeNet-5 has no BatchNorm: per-process batch statistics would otherwise differ from one process's
+    return [
+        "train", str(RECIPE), f"output={out}", f"name={name}", f"data.root={data_root}", "model.name=lenet5",
+        "data.train_limit=512", "data.test_limit=128", "train.epochs=3", "train.batch_size=64", "train.lr=0.05",
+        "train.threads=1", "report.latency_repeats=1", "--quiet",
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="no torchrun",
+)
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "PYTHONPATH": str(Path(softprune.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "softprune",
+        *_args(data_root, tmp_path, "two"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(_args(data_root, tmp_path, "one")) == 0
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == 2
+    # every rank holds rank 0's weights and masks, exactly
+    assert summary["replicas"] == {"processes": 2, "max_weight_difference": 0.0, "masks_agree": True}
+    # and they match one process with the same global batch (up to the order of float sums)
+    w2, w1 = load_file(str(two / "model.safetensors")), load_file(str(one / "model.safetensors"))
+    for key in w1:
+        assert torch.allclose(w2[key], w1[key], atol=1e-5, rtol=1e-4), key
+    p2, p1 = (
+        load_checkpoint(two / "checkpoint.pt")["pruner"],
+        load_checkpoint(one / "checkpoint.pt")["pruner"],
+    )
+    for a, b in zip(p2["groups"], p1["groups"]):
+        assert torch.equal(a["hard"], b["hard"]) and torch.equal(a["soft"], b["soft"])
+    # only rank 0 wrote: one log line per epoch, not two
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 3
