@@ -166,3 +166,15 @@ def test_shared_module_called_twice_is_pruned_consistently():
     x = torch.randn(3, 3, 8, 8)
     diff, scale = max_difference(model, small, (x,))
     assert diff <= 1e-5 * scale
+
+
+def test_compact_modules_share_nothing_with_the_masked_model():
+    model, pruner = _pruned("resnet20", 3, "coupled", steps=1)
+    small = pruner.compact()
+    fired = []
+    small.layer1[0].conv1.register_forward_hook(lambda *a: fired.append("compact"))
+    model(torch.randn(1, 3, 32, 32))
+    assert fired == []  # a hook on the compact layer is not a hook on the masked one
+    dense_tensors = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    small_tensors = {t.data_ptr() for t in list(small.parameters()) + list(small.buffers()) if t.numel()}
+    assert not dense_tensors & small_tensors

@@ -18,12 +18,12 @@ from softprune.train.checkpoint import load_checkpoint
 RECIPE = Path(softprune.__file__).parent / "configs" / "fashion_mnist_ghfp.yaml"
 
 
-def _args(data_root, out, name):
+def _args(data_root, out, name, *extra):
     # LeNet-5 has no BatchNorm: per-process batch statistics would otherwise differ from one process's
     return [
         "train", str(RECIPE), f"output={out}", f"name={name}", f"data.root={data_root}", "model.name=lenet5",
         "data.train_limit=512", "data.test_limit=128", "train.epochs=3", "train.batch_size=64", "train.lr=0.05",
-        "train.threads=1", "report.latency_repeats=1", "--quiet",
+        "train.threads=1", "report.latency_repeats=1", *extra, "--quiet",
     ]  # fmt: skip
 
 
@@ -31,7 +31,8 @@ def _args(data_root, out, name):
     shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
     reason="no torchrun",
 )
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root):
+@pytest.mark.parametrize("extra", [(), ("prune.compact_during_training=true",)], ids=["masked", "compacting"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root, extra):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "PYTHONPATH": str(Path(softprune.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -39,14 +40,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root)
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(29517 + len(extra)),
         "-m",
         "softprune",
-        *_args(data_root, tmp_path, "two"),
+        *_args(data_root, tmp_path, "two", *extra),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert main(_args(data_root, tmp_path, "one")) == 0
+    assert main(_args(data_root, tmp_path, "one", *extra)) == 0
 
     two, one = tmp_path / "two", tmp_path / "one"
     summary = json.loads((two / "summary.json").read_text())
@@ -64,4 +65,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root)
     for a, b in zip(p2["groups"], p1["groups"]):
         assert torch.equal(a["hard"], b["hard"]) and torch.equal(a["soft"], b["soft"])
     # only rank 0 wrote: one log line per epoch, not two
-    assert len((two / "metrics.jsonl").read_text().splitlines()) == 3
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    if extra:  # the replicas trained the compacted network, re-wrapped in DDP after each compaction
+        assert rows[0]["trained_params"] > rows[-1]["trained_params"]

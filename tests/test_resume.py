@@ -19,11 +19,11 @@ from softprune.train.checkpoint import load_checkpoint
 RECIPE = Path(softprune.__file__).parent / "configs" / "fashion_mnist_ghfp.yaml"
 
 
-def _args(data_root, out, name):
+def _args(data_root, out, name, *extra):
     return [
         "train", str(RECIPE), f"output={out}", f"name={name}", f"data.root={data_root}", "data.train_limit=512",
         "data.test_limit=128", "train.epochs=3", "train.batch_size=64", "train.threads=1", "checkpoint.every_iterations=3",
-        "prune.recalibrate_bn=2", "report.latency_repeats=1", "--quiet",
+        "prune.recalibrate_bn=2", "report.latency_repeats=1", *extra, "--quiet",
     ]  # fmt: skip
 
 
@@ -92,3 +92,38 @@ def test_resume_with_another_prune_section_is_refused(tmp_path, data_root, refer
     shutil.copytree(reference, tmp_path / "run")
     assert main([*_args(data_root, tmp_path, "run"), "prune.rate=0.3", "--resume"]) == 2
     assert "different 'prune' section" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_compacted_during_training(tmp_path, data_root):
+    """Killed after its first compaction, the run replays it on resume and ends like the uninterrupted one."""
+    extra = ("prune.compact_during_training=true",)
+    assert main(_args(data_root, tmp_path / "ref", "run", *extra)) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(softprune.__file__).parents[1])}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "softprune", *_args(data_root, tmp_path, "run", *extra)], env=env
+    )
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    try:
+        while child.poll() is None:
+            if checkpoint.exists() and load_checkpoint(checkpoint)["iteration"] >= 11:  # compacted at 8
+                break
+            time.sleep(0.02)
+        assert child.poll() is None
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    state = load_checkpoint(checkpoint)
+    assert len(state["pruner"]["compactions"]) >= 1
+    assert main([*_args(data_root, tmp_path, "run", *extra), "--resume"]) == 0
+    mine, ref = _final(tmp_path / "run"), _final(tmp_path / "ref" / "run")
+    for key in ref[0]:
+        assert torch.equal(mine[0][key], ref[0][key]), key
+    trained = [
+        __import__("json").loads(line)["trained_params"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert trained[0] > trained[-1]
+    back = softprune.load(
+        tmp_path / "run" / "model.safetensors"
+    )  # the network as trained, rebuilt from its plan
+    assert sum(p.numel() for p in back.parameters()) == trained[-1]

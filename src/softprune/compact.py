@@ -247,6 +247,8 @@ def _is_full(layout: Any) -> bool:
 def _rule_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         module = modules[node.target]
+        if isinstance(module, ChannelRemap):
+            return "remap"
         if type(module) in HANDLERS:
             return "handler"
         return getattr(MODULE_RULES.get(type(module)), "kind", "same")
@@ -274,6 +276,7 @@ class _Compactor:
         self.structural = False  # any node added or changed beyond module swaps and slices
         self.swapped: dict[str, nn.Module] = {}
         self._buffers = 0
+        self.slices: dict[str, dict[int, torch.Tensor]] = {}  # parameter name -> {dim: kept indices}
         param = next(iter(self.old.parameters()), None)
         self.device = param.device if param is not None else torch.device("cpu")
 
@@ -291,6 +294,9 @@ class _Compactor:
         """Insert a ChannelRemap module (src=None: every input position, in order)."""
         src = torch.arange(in_size) if src is None else src
         name = f"_softprune_remap_{self._buffers}"
+        while hasattr(self.root, name):  # a compact model compacted again keeps its own remaps
+            self._buffers += 1
+            name = f"_softprune_remap_{self._buffers}"
         self._buffers += 1
         self.root.add_module(name, ChannelRemap(dim, src, dst, in_size, out_size).to(self.device))
         return self.graph.call_module(name, (x,) if base is None else (x, base))
@@ -358,6 +364,7 @@ class _Compactor:
             self.layout[node.name] = layout
             self.cval[node.name] = apply_layout(ids, layout)
             if not _is_full(layout):
+                self.slices[node.target] = {d: idx for d, idx in enumerate(layout) if idx is not None}
                 value = _fetch_attr(self.old, node.target)
                 small = apply_layout(
                     value.detach(), tuple(None if i is None else i.to(value.device) for i in layout)
@@ -383,7 +390,25 @@ class _Compactor:
             if m.dim is not None and (m.module == name or m.module.startswith(name + "."))
         }
 
+        out_layout, out_c = self.expected(node)
+
+        def tensor_layout(layout: Any, dim: int) -> torch.Tensor | None:
+            return (
+                layout[dim]
+                if isinstance(layout, tuple) and layout and not isinstance(layout[0], tuple)
+                else None
+            )
+
         def keep(param: str, dim: int) -> torch.Tensor | None:
+            """Kept positions of a declared parameter slice; "input:i" and "output" give the layouts
+            of the module's i-th input and of its output (for modules without parameters to slice)."""
+            if param == "output":
+                return tensor_layout(out_layout, dim)
+            if param.startswith("input:"):
+                arg = node.args[int(param[6:])]
+                return (
+                    tensor_layout(self.layout.get(arg.name), dim) if isinstance(arg, torch.fx.Node) else None
+                )
             m = members.get((param, dim))
             if m is None:
                 return None
@@ -391,12 +416,18 @@ class _Compactor:
             return None if bool(live.all()) else torch.nonzero(live).view(-1)
 
         if name not in self.swapped:
+            handler = HANDLERS[type(module)]
             if any(keep(p, d) is not None for p, d in members):
-                new = HANDLERS[type(module)].compact(module, keep)
-                self.swapped[name] = new
-                self.root.set_submodule(name, new)
+                new = handler.compact(module, keep)
+                if new is not module:
+                    self.swapped[name] = new
+                    self.root.set_submodule(name, new)
+                    for param, dim in members:  # what survived of each parameter, for optimizer state
+                        index = keep(param, dim)
+                        if index is not None:
+                            self.slices.setdefault(f"{name}.{param}", {})[dim] = index
         self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
-        self.layout[node.name], self.cval[node.name] = self.expected(node)
+        self.layout[node.name], self.cval[node.name] = out_layout, out_c
 
     def same(self, node: torch.fx.Node) -> None:
         """Ops that keep layouts by construction (element-wise unary, pooling, reductions)."""
@@ -407,6 +438,42 @@ class _Compactor:
             args, kwargs = self.compact_args(node)
             self.cval[node.name] = self.run_compact(node, args, kwargs)
             self.layout[node.name] = None
+
+    def _positions(self, layout: Any, dim: int, size: int) -> torch.Tensor:
+        index = layout[dim] if isinstance(layout, tuple) else None
+        return torch.arange(size) if index is None else index
+
+    def remap_node(self, node: torch.fx.Node) -> None:
+        """A ChannelRemap of a compact model compacted again: its index lists are rebuilt for the
+        surviving positions, and a base it adds into is aligned with the output first."""
+        module = self.modules[node.target]
+        out_layout, out_c = self.expected(node)
+        self.layout[node.name], self.cval[node.name] = out_layout, out_c
+        d = module.dim
+        x, base = node.args[0], node.args[1] if len(node.args) > 1 else None
+        k_in = self._positions(self.layout.get(x.name), d, module.in_size)
+        k_out = self._positions(out_layout, d, module.out_size)
+        moves = torch.isin(module.src, k_in) & torch.isin(module.dst, k_out)
+        src, dst = torch.searchsorted(k_in, module.src[moves]), torch.searchsorted(k_out, module.dst[moves])
+        base_node = None
+        if base is not None:
+            base_node = self.env[base.name]
+            k_base = self._positions(self.layout.get(base.name), d, module.out_size)
+            if not torch.equal(k_base, k_out):
+                self.structural = True
+                common = k_base[torch.isin(k_base, k_out)]
+                base_node = self.remap(
+                    base_node, d, torch.searchsorted(k_base, common), torch.searchsorted(k_out, common),
+                    k_base.numel(), k_out.numel(),
+                )  # fmt: skip
+        same_base = base is None or base_node is self.env[base.name]
+        if same_base and k_in.numel() == module.in_size and k_out.numel() == module.out_size:
+            self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
+            return
+        self.structural = True
+        self.env[node.name] = self.remap(
+            self.env[x.name], d, src, dst, k_in.numel(), k_out.numel(), base=base_node
+        )
 
     def binary(self, node: torch.fx.Node) -> None:
         """Element-wise op: inputs whose layout differs from the output's are remapped into it."""
@@ -565,6 +632,8 @@ class _Compactor:
                     self.handler_module(node)
                 elif kind == "binary":
                     self.binary(node)
+                elif kind == "remap":
+                    self.remap_node(node)
                 elif kind == "movement":
                     self.movement(node)
                 else:
@@ -589,11 +658,14 @@ def _same_ids(got: Any, expected: Any) -> bool:
     return True
 
 
-def compact_model(model: nn.Module, analysis: Analysis, pruned_classes: torch.Tensor) -> nn.Module:
+def compact_model(
+    model: nn.Module, analysis: Analysis, pruned_classes: torch.Tensor, slices: dict | None = None
+) -> nn.Module:
     """A smaller model equal to ``model`` (masked) with the units of ``pruned_classes`` removed.
 
     ``model`` is not changed. The result is a copy of ``model``'s class with smaller modules when the
-    forward works unchanged at the new widths, else a GraphModule holding the same submodules.
+    forward works unchanged at the new widths, else a GraphModule holding the same submodules. A dict
+    passed as ``slices`` is filled with what survived of each parameter: name -> {dim: kept indices}.
     """
     alive = analysis.ids.alive(pruned_classes)
     worker = _Compactor(analysis, alive, model)
@@ -606,6 +678,8 @@ def compact_model(model: nn.Module, analysis: Analysis, pruned_classes: torch.Te
             graph_module._modules[name] = child
         small = graph_module
     small.train(model.training)
+    if slices is not None:
+        slices.update(worker.slices)
     return small
 
 

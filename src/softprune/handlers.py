@@ -37,12 +37,27 @@ class Handler:
 
 
 def resized(module: nn.Module, params: dict[str, torch.Tensor | None], **attrs) -> nn.Module:
-    """A shallow copy of ``module`` with new parameter/buffer tensors (owned by it: pass fresh
-    tensors, as :func:`_take` makes) and attributes."""
-    new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
+    """A copy of ``module`` with new parameter/buffer tensors (owned by it: pass fresh tensors, as
+    :func:`_take` makes) and attributes. Everything else is a deep copy made without copying the
+    tensors, so the copy shares nothing with the original: not a buffer, not a hook dictionary."""
+    held = [(m, m._parameters, m._buffers) for m in module.modules()]
+    try:
+        for m, p, b in held:  # deep-copy the structure, not the (possibly large) tensors
+            m._parameters = dict.fromkeys(p)
+            m._buffers = dict.fromkeys(b)
+        new = copy.deepcopy(module)
+    finally:
+        for m, p, b in held:
+            m._parameters, m._buffers = p, b
+    for old, fresh in zip(module.modules(), new.modules()):
+        for name, value in old._parameters.items():
+            if value is not None:
+                fresh._parameters[name] = nn.Parameter(
+                    value.detach().clone(), requires_grad=value.requires_grad
+                )
+        for name, value in old._buffers.items():
+            if value is not None:
+                fresh._buffers[name] = value.detach().clone()
     for name, value in params.items():
         if value is None:
             continue
@@ -299,6 +314,59 @@ class MultiheadAttentionHandler(Handler):
         return PrunedMultiheadAttention.from_module(m, keep)
 
 
+class PrunedAttentionHandler(Handler):
+    """softprune's own :class:`~softprune.compact.PrunedMultiheadAttention` (a compact model pruned
+    again): heads are units, as for nn.MultiheadAttention, over separate q/k/v projections."""
+
+    def propagate(self, m, ctx: Context, query, key, value, *rest, **kw):
+        H, D = m.num_heads, m.head_dim
+        q_in = ctx.positions(query, -1)
+        k_in = q_in if key is query else ctx.positions(key, -1)
+        v_in = q_in if value is query else k_in if value is key else ctx.positions(value, -1)
+        heads = ctx.fresh(H)
+        rows = heads.repeat_interleave(D)
+        name = ctx.module_name
+        for proj, ids in (("q_proj", q_in), ("k_proj", k_in), ("v_proj", v_in)):
+            ctx.member("weight", 1, ids, Role.CONSUMER, module=f"{name}.{proj}")
+            ctx.member("weight", 0, rows, Role.FILTER, module=f"{name}.{proj}")
+            if getattr(m, proj).bias is not None:
+                ctx.member("bias", 0, rows, Role.ADDITIVE, module=f"{name}.{proj}")
+        ctx.member("weight", 1, rows, Role.CONSUMER, module=f"{name}.out_proj")
+        out = ctx.fresh(m.out_dim)
+        ctx.member("weight", 0, out, Role.FILTER, module=f"{name}.out_proj")
+        ctx.member("bias", 0, out, Role.ADDITIVE, module=f"{name}.out_proj")
+        result = ctx.out
+        weights = None if result[1] is None else torch.full(result[1].shape, CONST)
+        return (ctx.broadcast(out, result[0].shape, -1), weights)
+
+    def compact(self, m, keep: Keep) -> nn.Module:
+        from .compact import PrunedMultiheadAttention
+
+        rows = keep("q_proj.weight", 0)
+        heads = torch.arange(m.num_heads) if rows is None else torch.unique(rows // m.head_dim)
+        cols = {p: keep(f"{p}.weight", 1) for p in ("q_proj", "k_proj", "v_proj")}
+        out_rows = keep("out_proj.weight", 0)
+        row_index = (heads[:, None] * m.head_dim + torch.arange(m.head_dim)).reshape(-1)
+
+        def width(index, full):
+            return full if index is None else int(index.numel())
+
+        new = PrunedMultiheadAttention(
+            width(cols["q_proj"], m.embed_dim), int(heads.numel()), m.head_dim, width(cols["k_proj"], m.kdim),
+            width(cols["v_proj"], m.vdim), bias=m.q_proj.bias is not None, batch_first=m.batch_first,
+            dropout=m.dropout, out_dim=width(out_rows, m.out_dim),
+        )  # fmt: skip
+        with torch.no_grad():
+            for p in ("q_proj", "k_proj", "v_proj"):
+                old, fresh = getattr(m, p), getattr(new, p)
+                fresh.weight.copy_(_take(_take(old.weight, 0, row_index), 1, cols[p]))
+                if old.bias is not None:
+                    fresh.bias.copy_(_take(old.bias, 0, row_index))
+            new.out_proj.weight.copy_(_take(_take(m.out_proj.weight, 1, row_index), 0, out_rows))
+            new.out_proj.bias.copy_(_take(m.out_proj.bias, 0, out_rows))
+        return new.to(m.out_proj.weight.device, m.out_proj.weight.dtype)
+
+
 class KeepWhole(Handler):
     """A module softprune does not look inside: its inputs and outputs keep every channel.
 
@@ -336,6 +404,33 @@ HANDLERS[nn.PReLU] = PReLUHandler()
 HANDLERS[nn.MultiheadAttention] = MultiheadAttentionHandler()
 
 
+def _softprune_modules() -> None:
+    from .compact import ChannelRemap, PrunedMultiheadAttention
+
+    HANDLERS[PrunedMultiheadAttention] = PrunedAttentionHandler()
+    HANDLERS[ChannelRemap] = ChannelRemapHandler()
+
+
+class ChannelRemapHandler(Handler):
+    """softprune's ChannelRemap in a compact model being analysed again: positions move as its index
+    lists say; with a second input (an add of a pruned branch into a stream) the moved ids are added to
+    it like any residual add."""
+
+    def propagate(self, m, ctx: Context, x, base=None, **kw):
+        from .ops import _add_vec, _combine
+
+        shape = list(x.shape)
+        shape[m.dim] = m.out_size
+        moved = torch.full(shape, ZERO, dtype=torch.long)
+        moved.index_copy_(m.dim, m.dst, x.index_select(m.dim, m.src))
+        if base is None:
+            return moved
+        return _combine(ctx, base, moved, _add_vec).expand(ctx.out.shape)
+
+    def compact(self, m, keep: Keep) -> nn.Module:  # pragma: no cover - compact.py rebuilds remaps itself
+        return m
+
+
 def _torchvision_modules() -> None:
     try:
         from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
@@ -348,6 +443,7 @@ def _torchvision_modules() -> None:
 
 
 _torchvision_modules()
+_softprune_modules()
 
 
 def register_handler(module_type: type, handler: Handler) -> None:

@@ -26,8 +26,9 @@ FORMAT = "softprune-1"
 PLAN_KEY = "softprune"
 
 
-def make_plan(pruner: Any, model_spec: dict | None = None) -> dict:
-    """The architecture change made by ``pruner.compact()``, as plain data."""
+def make_plan(pruner: Any, model_spec: dict | None = None, removed_only: bool = False) -> dict:
+    """The architecture change made by ``pruner.compact()``, as plain data; with ``removed_only``, the
+    change already made to ``pruner.model`` by compact_hard() (units removed during training)."""
     return {
         "format": FORMAT,
         "residual": pruner.residual,
@@ -37,11 +38,20 @@ def make_plan(pruner: Any, model_spec: dict | None = None) -> dict:
             for x in pruner.example_inputs
             if isinstance(x, torch.Tensor)
         ],
+        # in the original model's terms, also after compaction during training (compact_hard)
         "groups": [
-            {"name": g.name, "size": g.size, "pruned": torch.nonzero(m.pruned).view(-1).tolist()}
-            for g, m in zip(pruner.prunable, pruner.masks)
+            {
+                "name": g.name,
+                "size": size,
+                "pruned": sorted(
+                    set(gone.tolist()) | (set() if removed_only else set(origin[m.pruned].tolist()))
+                ),
+            }
+            for g, m, size, origin, gone in zip(
+                pruner.prunable, pruner.masks, pruner._original, pruner._origin, pruner._gone
+            )
         ],
-        "model": model_spec or getattr(pruner.model, "softprune_spec", None),
+        "model": model_spec or pruner.model_spec,
     }
 
 

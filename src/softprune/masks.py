@@ -57,7 +57,7 @@ def apply(group: ChannelGroup, mask: GroupMask, model: nn.Module, alpha: float, 
     hard_roles = _hard_roles(scope)
     for member in group.members:
         if member.role is Role.CONSUMER:
-            continue
+            continue  # dead input columns are zeroed model-wide: Pruner._dead_inputs
         factor = torch.ones(group.size)
         k = _soft_exponent(member.role, scope)
         if k is not None:
@@ -100,9 +100,15 @@ class HardKeeper:
         self._handle = None
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def update(self, groups: list[ChannelGroup], masks: list[GroupMask]) -> None:
+    def update(
+        self,
+        groups: list[ChannelGroup],
+        masks: list[GroupMask],
+        extra: list[tuple[torch.Tensor, int, torch.Tensor]] = (),
+    ) -> None:
+        """Slices to keep at zero: the hard units' (by role), and ``extra`` (tensor, dim, index) ones."""
         roles = _hard_roles(self.scope)
-        slices = []
+        slices = list(extra)
         for group, mask in zip(groups, masks):
             if not bool(mask.hard.any()):
                 continue

@@ -56,13 +56,14 @@ def _floor(x: float) -> int:
     return int(math.floor(x + 1e-9))  # 10 * 0.3 is 2.9999999999999996 in floating point
 
 
-def _constraints(group: ChannelGroup) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit sets that selection must respect: bool [rows, units] and, per row, whether it is a
-    producer (which loses at most floor(rate * width) units) or a consumer that reads only part of
-    the group (a chunk of it: it must keep at least one unit, or it would have no input left)."""
-    rows, is_producer = [], []
-    for role, names in ((Role.FILTER, group.producers), (Role.CONSUMER, group.consumers)):
-        for name in names:
+def _constraints(group: ChannelGroup) -> tuple[torch.Tensor, torch.Tensor, list[tuple[bool, str]]]:
+    """Unit sets that selection must respect: bool [rows, units]; per row, whether it is a producer
+    (which loses at most floor(rate * width) units) or a consumer that reads only part of the group
+    (a chunk of it: it must keep at least one unit, or it would have no input left); and each row's
+    (is producer, module name)."""
+    rows, names = [], []
+    for role, modules in ((Role.FILTER, group.producers), (Role.CONSUMER, group.consumers)):
+        for name in modules:
             row = torch.zeros(group.size, dtype=torch.bool)
             for member in group.members_with(role):
                 if member.module == name:
@@ -70,10 +71,44 @@ def _constraints(group: ChannelGroup) -> tuple[torch.Tensor, torch.Tensor]:
             if role is Role.CONSUMER and bool(row.all()):
                 continue  # reads the whole group: "never all units" already covers it
             rows.append(row)
-            is_producer.append(role is Role.FILTER)
+            names.append((role is Role.FILTER, name))
     if not rows:
-        return torch.zeros(0, group.size, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)
-    return torch.stack(rows), torch.tensor(is_producer)
+        return torch.zeros(0, group.size, dtype=torch.bool), torch.zeros(0, dtype=torch.bool), []
+    return torch.stack(rows), torch.tensor([n[0] for n in names]), names
+
+
+def rebuild_optimizer(
+    optimizer: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module, slices: dict
+) -> torch.optim.Optimizer:
+    """The same optimizer over ``new_model``'s parameters, matched to the old ones by name, with its
+    per-parameter state (momentum, Adam moments) cut like the parameters were (``slices``:
+    name -> {dim: kept indices}, from compact_model). Parameters without a match start fresh."""
+    old_params = dict(old_model.named_parameters())
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in optimizer.param_groups]
+    for name, param in new_model.named_parameters():
+        old = old_params.get(name)
+        groups[group_of.get(id(old), 0) if old is not None else 0]["params"].append(param)
+    new = type(optimizer)([g for g in groups if g["params"]], **optimizer.defaults)
+    for name, param in new_model.named_parameters():
+        old = old_params.get(name)
+        if old is None or old not in optimizer.state:
+            continue
+        cut = slices.get(name, {})
+        state = {}
+        for key, value in optimizer.state[old].items():
+            if isinstance(value, torch.Tensor) and value.shape == old.shape:
+                for dim, index in cut.items():
+                    value = value.index_select(dim, index.to(value.device))
+            state[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        new.state[param] = state
+    return new
+
+
+def rebind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """Point an LR scheduler at a rebuilt optimizer (its groups carry the scheduler's initial_lr)."""
+    scheduler.optimizer = optimizer
+    return scheduler
 
 
 def example_inputs_for(model: nn.Module, example_inputs: Any) -> tuple:
@@ -163,6 +198,8 @@ class Pruner:
         )
         self.criterion = make_criterion(criterion, **(criterion_options or {}))
         self.model = model
+        # how to build the original model again (softprune.load), kept across compact_hard()
+        self.model_spec = getattr(model, "softprune_spec", None)
         self.total_steps = total_steps
         self.interval = interval
         self.mask_scope = mask_scope
@@ -184,6 +221,15 @@ class Pruner:
         self.masks = [GroupMask(g.size) for g in self.prunable]
         self._constraints = [_constraints(g) for g in self.prunable]
         self.first: list[torch.Tensor | None] = [None] * len(self.prunable)
+        self._layers = layers
+        # after compact_hard(), counts still refer to the original widths: per group, its original size,
+        # the original index of every current unit, the original units removed, and per constraint row
+        # the units it lost
+        self._original = [g.size for g in self.prunable]
+        self._origin = [torch.arange(g.size) for g in self.prunable]
+        self._gone: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in self.prunable]
+        self._row_gone = [torch.zeros(c[0].shape[0], dtype=torch.long) for c in self._constraints]
+        self.compactions: list[dict[str, list[int]]] = []
         self.t = 0
         self.history: list[StepReport] = []
         self._optimizer_steps = 0
@@ -226,7 +272,7 @@ class Pruner:
         self._agree()
         for group, mask in zip(self.prunable, self.masks):
             apply(group, mask, self.model, alpha, self.mask_scope)
-        self._keeper.update(self.prunable, self.masks)
+        self._keeper.update(self.prunable, self.masks, self._dead_inputs())
         self._keeper.enforce()
         self.t += 1
         report = StepReport(t, rate, alpha, hardness, *self.counts())
@@ -234,6 +280,28 @@ class Pruner:
         log.debug("pruning step %d: P=%.4f alpha=%.4g lambda=%.4f kept=%d soft=%d hard=%d", t, rate, alpha,
                   hardness, report.kept, report.soft, report.hard)  # fmt: skip
         return report
+
+    def _dead_inputs(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """Consumer input columns that read an always-zero channel (hard units, and residual streams
+        whose every writer is hard): kept at zero with the hard units. The function does not change,
+        and criteria then measure what compaction keeps (a filter's norm over its live inputs), so
+        training on the masked model and after compact_hard() rank filters alike. Not in "filter"
+        scope, which masks convolution weights only, as the papers' code does."""
+        if self.mask_scope == "filter":
+            return []
+        hard = self.pruned_classes(include_soft=False)
+        if not bool(hard.any()):
+            return []
+        alive = self.analysis.ids.alive(hard)
+        dead = []
+        for member in self.analysis.members:
+            if member.role is not Role.CONSUMER or member.dim is None:
+                continue
+            index = torch.nonzero(~alive[member.unit]).view(-1)
+            if index.numel():
+                tensor = member.tensor(self.model)
+                dead.append((tensor, member.dim, index.to(tensor.device)))
+        return dead
 
     def _agree(self) -> None:
         """Under torch.distributed, every process takes rank 0's decision, so replicas never diverge
@@ -268,11 +336,12 @@ class Pruner:
 
     def _select(self, i: int, group: ChannelGroup, mask: GroupMask, rate: float, hardness: float) -> None:
         n = group.size
+        n0, gone = self._original[i], int(self._gone[i].numel())  # removed by compact_hard()
         free = ~group.frozen
-        n_sel = min(_floor(n * rate), int(free.sum()), n - 1)
-        n_hard = min(_floor(n * rate * hardness), n_sel)
-        n_hard = max(n_hard, int(mask.hard.sum()))  # hard units never come back
-        n_sel = max(n_sel, n_hard)
+        n_sel = min(_floor(n0 * rate) - gone, int(free.sum()), n - 1)
+        n_hard = min(_floor(n0 * rate * hardness) - gone, n_sel)
+        n_hard = max(n_hard, int(mask.hard.sum()), 0)  # hard units never come back
+        n_sel = max(n_sel, n_hard, 0)
         order = self.criterion.rank(group, self.model, n_sel)
         # hard units first, then HFP's first selection, then the criterion's order; frozen units last
         priority = torch.zeros(n)
@@ -304,12 +373,13 @@ class Pruner:
         parts of it (ShuffleNet's chunks), would otherwise let the ranking empty a narrow layer. With
         one producer reading and writing everything this is simply the first n_sel units.
         """
-        owners, is_producer = self._constraints[i]
-        if owners.shape[0] <= 1 and bool(is_producer.all()):
+        owners, is_producer, _ = self._constraints[i]
+        gone = self._row_gone[i]
+        if owners.shape[0] <= 1 and bool(is_producer.all()) and not bool(gone.any()):
             return order[~frozen[order]][:n_sel]
         width = owners.sum(1)
-        quota = torch.where(is_producer, torch.floor(width * rate + 1e-9).long(), width)
-        quota = torch.minimum(quota, width - 1)
+        quota = torch.where(is_producer, torch.floor((width + gone) * rate + 1e-9).long() - gone, width)
+        quota = torch.minimum(quota, width - 1).clamp(min=0)
         used = torch.zeros_like(width)
         picked = []
         for u in order.tolist():
@@ -328,8 +398,8 @@ class Pruner:
     def counts(self) -> tuple[int, int, int]:
         """(kept, soft, hard) units over all prunable groups."""
         soft = sum(int(m.soft.sum()) for m in self.masks)
-        hard = sum(int(m.hard.sum()) for m in self.masks)
-        total = sum(g.size for g in self.prunable)
+        hard = sum(int(m.hard.sum()) for m in self.masks) + sum(int(g.numel()) for g in self._gone)
+        total = sum(self._original)
         return total - soft - hard, soft, hard
 
     def pruned_classes(self, include_soft: bool = True) -> torch.Tensor:
@@ -357,6 +427,73 @@ class Pruner:
                 row.update(hard=int(m.hard.sum()), soft=int(m.soft.sum()))
             rows.append(row)
         return rows
+
+    # -- compaction during training -----------------------------------------------------------------
+    def compact_hard(self, verify: bool = True) -> nn.Module:
+        """Remove the hard units physically now and go on pruning on the smaller model.
+
+        Hard units are zero and never come back, so removing them changes nothing but the cost: the
+        returned model computes what the masked model computes (checked). The pruner moves to it, and
+        the optimizer it hooks is rebuilt over the new parameters with its state (momentum, Adam
+        moments) cut to the surviving positions: train ``pruner.model`` with ``pruner.optimizer``
+        from here on (``rebind_scheduler`` moves an LR scheduler). Rates and counts keep referring to
+        the original widths. Parameters of rebuilt attention blocks start with fresh optimizer state.
+        """
+        hard_classes = self.pruned_classes(include_soft=False)
+        if not bool(hard_classes.any()):
+            return self.model
+        old_model, old_masks, old_groups = self.model, self.masks, self.prunable
+        old_constraints, old_first = self._constraints, self.first
+        slices: dict = {}
+        small = compact_model(old_model, self.analysis, hard_classes, slices)
+        if verify:
+            diff, scale = max_difference(old_model, small, self.example_inputs)
+            if not diff <= 1e-5 * max(scale, 1e-12):
+                raise SoftpruneError(
+                    f"internal: removing hard units changed the outputs by {diff:.3g} (scale {scale:.3g})"
+                )
+        record = {g.name: torch.nonzero(m.hard).view(-1).tolist() for g, m in zip(old_groups, old_masks)}
+        optimizer = (
+            rebuild_optimizer(self.optimizer, old_model, small, slices)
+            if self.optimizer is not None
+            else None
+        )
+
+        analysis = analyze(small, self.example_inputs, residual=self.residual, leaf_modules=self.ignore)
+        groups = build_groups(analysis, selector(self._layers, self.ignore), self.ignore)
+        by_name = {g.name: i for i, g in enumerate(old_groups)}
+        prunable, masks, first, original, origin, gone, row_gone = [], [], [], [], [], [], []
+        for g in groups:
+            if not g.prunable:
+                continue
+            j = by_name.get(g.name)
+            if j is None:
+                raise SoftpruneError(f"internal: group '{g.name}' of the compacted model has no counterpart")
+            keep = ~old_masks[j].hard
+            if int(keep.sum()) != g.size:
+                raise SoftpruneError(
+                    f"internal: group '{g.name}' has {g.size} units after compaction, not {int(keep.sum())}"
+                )
+            prunable.append(g)
+            masks.append(GroupMask(g.size, soft=old_masks[j].soft[keep].clone()))
+            first.append(None if old_first[j] is None else old_first[j][keep].clone())
+            original.append(self._original[j])
+            origin.append(self._origin[j][keep])
+            gone.append(torch.cat([self._gone[j], self._origin[j][old_masks[j].hard]]))
+            old_rows, _, old_names = old_constraints[j]
+            lost = {
+                name: int(self._row_gone[j][r]) + int((old_rows[r] & old_masks[j].hard).sum())
+                for r, name in enumerate(old_names)
+            }
+            row_gone.append(torch.tensor([lost.get(n, 0) for n in _constraints(g)[2]], dtype=torch.long))
+        self.model, self.analysis, self.groups, self.prunable = small, analysis, groups, prunable
+        self.masks, self.first = masks, first
+        self._constraints = [_constraints(g) for g in prunable]
+        self._original, self._origin, self._gone, self._row_gone = original, origin, gone, row_gone
+        self.compactions.append(record)
+        self._keeper = HardKeeper(small, self.mask_scope)
+        self.attach(optimizer)
+        return small
 
     # -- the end ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -412,9 +549,23 @@ class Pruner:
                 for g, m, f in zip(self.prunable, self.masks, self.first)
             ],
             "history": [r.as_dict() for r in self.history],
+            "compactions": self.compactions,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> nn.Module:
+        """Restore a saved state; returns the model to train from here on.
+
+        A state saved after compact_hard() replays its compactions on this pruner's (original) model
+        first, so the returned model has the saved architecture (then load the saved weights into it,
+        and the optimizer state into ``pruner.optimizer``).
+        """
+        for record in state.get("compactions", [])[len(self.compactions) :]:
+            for group, mask in zip(self.prunable, self.masks):
+                mask.hard = torch.zeros(group.size, dtype=torch.bool)
+                mask.hard[torch.tensor(record.get(group.name, []), dtype=torch.long)] = True
+                mask.soft = torch.zeros_like(mask.hard)
+                zero_units(group, mask.hard, self.model)
+            self.compact_hard(verify=False)
         groups = state.get("groups", [])
         if len(groups) != len(self.prunable) or any(
             s["name"] != g.name or s["size"] != g.size for s, g in zip(groups, self.prunable)
@@ -435,4 +586,5 @@ class Pruner:
             self.masks[i].soft = s["soft"].clone().bool()
             self.first[i] = None if s.get("first") is None else s["first"].clone().bool()
         self.history = [StepReport(**r) for r in state.get("history", [])]
-        self._keeper.update(self.prunable, self.masks)
+        self._keeper.update(self.prunable, self.masks, self._dead_inputs())
+        return self.model

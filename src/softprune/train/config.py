@@ -71,6 +71,9 @@ class PruneConfig:
     decay: float | str | dict[str, Any] | None = None
     hardness: float | str | dict[str, Any] | None = None
     keep_first: bool | None = None
+    # remove hard filters physically after each pruning step that made some, and train the smaller
+    # model from there on (the optimizer, LR schedule and DDP wrapper follow): training gets cheaper
+    compact_during_training: bool = False
     # BatchNorm statistics re-estimated on this many training batches after each pruning step and
     # before evaluation (0: off, the papers' protocol). It changes no weight and no training step.
     recalibrate_bn: int = 20
@@ -232,6 +235,11 @@ def _validate(config: RunConfig) -> None:
     if not 0.0 <= p.rate < 1.0:
         raise SoftpruneError(f"config key 'prune.rate' must lie in [0, 1), got {p.rate!r}")
     positive("prune.every_epochs", p.every_epochs)
+    if p.compact_during_training and p.every_iterations is not None:
+        raise SoftpruneError(
+            "prune.compact_during_training works with pruning steps at epoch ends (prune.every_epochs), "
+            "not with prune.every_iterations"
+        )
     if p.recalibrate_bn < 0:
         raise SoftpruneError(f"config key 'prune.recalibrate_bn' must be >= 0, got {p.recalibrate_bn!r}")
     positive("prune.every_iterations", p.every_iterations, allow_none=True)

@@ -37,7 +37,7 @@ from ..cost import compare_latency, paper_flops_cifar_resnet, profile
 from ..data import DATASETS, BatchLoader, load_dataset
 from ..errors import SoftpruneError
 from ..models import create_model
-from ..pruner import Pruner
+from ..pruner import Pruner, rebind_scheduler
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_from_dict
 
@@ -239,6 +239,11 @@ class Run:
                 f"this checkpoint was written mid-epoch by {state['world_size']} process(es); resume it with "
                 f"the same number (here: {self.world}), or from an end-of-epoch checkpoint"
             )
+        if self.pruner is not None:
+            # a run compacted during training: replay its compactions, then load the weights
+            net = self.pruner.load_state_dict(state["pruner"])
+            if net is not self.net:
+                self.set_net(net)
         try:
             self.net.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -247,8 +252,6 @@ class Run:
             raise SoftpruneError(
                 f"checkpoint {str(path)!r} does not fit this model: {str(exc).splitlines()[0]}"
             ) from None
-        if self.pruner is not None:
-            self.pruner.load_state_dict(state["pruner"])
         set_rng_state(state["rng"])
         self.epoch = int(state["epoch"])
         self.batch = int(state.get("batch", 0))
@@ -307,6 +310,22 @@ class Run:
         total, correct, loss_sum = self.epoch_sums
         return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
 
+    def compact_hard(self) -> None:
+        """Remove the hard filters now; train the smaller network from here on (see Pruner.compact_hard)."""
+        small = self.pruner.compact_hard()
+        if small is not self.net:
+            self.set_net(small)
+
+    def set_net(self, net: nn.Module) -> None:
+        """A new network (compacted during training): optimizer, scheduler and DDP wrapper follow it."""
+        self.net = net.to(memory_format=self.memory_format)
+        self.optimizer = self.pruner.optimizer
+        self.scheduler = rebind_scheduler(self.scheduler, self.optimizer)
+        self.model = self.net
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+
     def recalibrate(self) -> None:
         """Fresh BatchNorm statistics of the pruned network before it is evaluated (see calibrate.py)."""
         n = self.config.prune.recalibrate_bn
@@ -343,6 +362,8 @@ class Run:
                     and self.pruner.t < self.pruner.total_steps
                 ):
                     self.pruner.step()
+                    if p.compact_during_training:
+                        self.compact_hard()
                 self.recalibrate()
                 last = self.pruner.history[-1] if self.pruner.history else None
                 kept, soft, hard = self.pruner.counts()
@@ -360,6 +381,7 @@ class Run:
                 )
             else:
                 record.update(params=self.dense_profile["params"], macs=self.dense_profile["macs"])
+            record["trained_params"] = sum(q.numel() for q in self.net.parameters())
             if self.main:
                 record["test_loss"], record["test_acc"] = evaluate(self.net, self.test_loader, self.device)
             record["seconds"] = time.time() - start
@@ -412,7 +434,9 @@ class Run:
             return {}
         cfg = self.config
         self.net = self.net.to(memory_format=torch.contiguous_format)
-        sp_io.save(self.net, self.dir / "model.safetensors")
+        removed = self.pruner is not None and bool(self.pruner.compactions)
+        plan = sp_io.make_plan(self.pruner, removed_only=True) if removed else None
+        sp_io.save(self.net, self.dir / "model.safetensors", plan=plan)
         final = self.history[-1] if self.history else {}
         summary: dict[str, Any] = {
             "name": cfg.name,
