@@ -26,7 +26,9 @@ from .schedules import (
     Constant,
     CubicRamp,
     ExponentialDecay,
+    LinearRamp,
     Schedule,
+    Step,
     schedule_from_dict,
 )
 
@@ -94,9 +96,23 @@ METHODS = ("hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp")
 
 # Override values that name a schedule rather than give its full mapping.
 _NAMED = {
-    "rate_schedule": {"constant": lambda p: Constant(p), "asymptotic": lambda p: AsymptoticRate(p)},
-    "decay": {"zero": lambda: Constant(0.0), "exponential": lambda: ExponentialDecay()},
-    "hardness": {"zero": lambda: Constant(0.0), "one": lambda: Constant(1.0), "cubic": lambda: CubicRamp()},
+    "rate_schedule": {
+        "constant": lambda p: Constant(p),
+        "asymptotic": lambda p: AsymptoticRate(p),
+        "step": lambda p: Step(p),
+        "linear": lambda p: LinearRamp(p),
+    },
+    "decay": {
+        "zero": lambda: Constant(0.0),
+        "one": lambda: Constant(1.0),
+        "exponential": lambda: ExponentialDecay(),
+    },
+    "hardness": {
+        "zero": lambda: Constant(0.0),
+        "one": lambda: Constant(1.0),
+        "cubic": lambda: CubicRamp(),
+        "step": lambda: Step(1.0),
+    },
 }
 
 
@@ -119,10 +135,12 @@ def make_policy(
 ) -> Policy:
     """A preset by name with any knob overridden.
 
-    ``rate_schedule``: "constant", "asymptotic", or a mapping such as {"kind": "asymptotic", "D": 0.25}
+    ``rate_schedule``: "constant", "asymptotic", "step", "linear", or a mapping such as
+    {"kind": "asymptotic", "D": 0.25} or {"kind": "step", "at": 0.5}
     (the rate value always comes from ``rate``). ``decay``: a number (constant alpha), "zero",
-    "exponential" or a mapping such as {"kind": "exponential", "alpha0": 1, "sigma": 1e-3, "cutoff": 0.8}.
-    ``hardness``: a number, "zero", "one", "cubic" or a mapping. ``keep_first``: HFP's fixed selection.
+    "one" (soft filters left as they are, for regularizers that shrink them), "exponential" or a mapping
+    such as {"kind": "exponential", "alpha0": 1, "sigma": 1e-3, "cutoff": 0.8}.
+    ``hardness``: a number, "zero", "one", "cubic", "step" (0, then 1 from half-way) or a mapping. ``keep_first``: HFP's fixed selection.
     """
     if method not in METHODS:
         raise choice_error("method", method, METHODS)
@@ -136,7 +154,7 @@ def make_policy(
             changes["rate"] = schedule_from_dict({**rate_schedule, "value": rate})
         else:
             raise SoftpruneError(
-                f"rate_schedule must be 'constant', 'asymptotic' or a mapping, got {rate_schedule!r}"
+                f"rate_schedule must be a name ({', '.join(_NAMED['rate_schedule'])}) or a mapping, got {rate_schedule!r}"
             )
     for key, value in (("decay", decay), ("hardness", hardness)):
         if value is None:

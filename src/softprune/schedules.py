@@ -109,8 +109,37 @@ class CubicRamp(Schedule):
         return float(1.0 - (1.0 - (t + 1) / T) ** self.power)
 
 
+@dataclass(frozen=True)
+class Step(Schedule):
+    """value_t = 0 before step floor(at * T), then value. Prune once after dense (or sparsity) training,
+    as Network Slimming and growing regularization do: a rate, or a hardness switching from 0 to 1."""
+
+    value: float
+    at: float = 0.5
+    kind: ClassVar[str] = "step"
+
+    def __call__(self, t: int, T: int) -> float:
+        _check_steps(t, T)
+        return float(self.value) if t >= math.floor(self.at * T + 1e-9) else 0.0
+
+
+@dataclass(frozen=True)
+class LinearRamp(Schedule):
+    """value_t = value * min(1, (t + 1) / ceil(ramp * T)): equal increments until ``ramp`` of the way,
+    then held. Iterative pruning that removes a little more at every step (Tick-Tock, Taylor)."""
+
+    value: float
+    ramp: float = 0.5
+    kind: ClassVar[str] = "linear"
+
+    def __call__(self, t: int, T: int) -> float:
+        _check_steps(t, T)
+        steps = max(1, math.ceil(self.ramp * T - 1e-9))
+        return float(self.value * min(1.0, (t + 1) / steps))
+
+
 SCHEDULES: dict[str, type[Schedule]] = {
-    cls.kind: cls for cls in (Constant, AsymptoticRate, ExponentialDecay, CubicRamp)
+    cls.kind: cls for cls in (Constant, AsymptoticRate, ExponentialDecay, CubicRamp, Step, LinearRamp)
 }
 
 
