@@ -93,7 +93,10 @@ def test_existing_run_is_never_overwritten(trained, capsys):
         ("prune.rte=0.3", "unknown config key 'prune.rte'. Did you mean 'prune.rate'?"),
         ("train.epochs=0", "config key 'train.epochs' must be positive, got 0"),
         ("train.epochs=three", "config key 'train.epochs' has value 'three'; expected an integer"),
-        ("prune.criterion=l3", "unknown criterion 'l3'; choose one of: fpgm, fpgm_mix, l1, l2"),
+        (
+            "prune.criterion=l3",
+            "unknown criterion 'l3'; choose one of: bn_scale, ezcrop, fpgm, fpgm_mix, hrank, l1, l2, lrf, random, similarity, taylor",
+        ),
         ("data.root=/nonexistent/fmnist", "/nonexistent/fmnist"),
         ("model.name=resnet21", "unknown model 'resnet21'"),
         ("epochs=3", "unknown config key 'epochs'"),

@@ -271,7 +271,10 @@ def test_coupled_mode_prunes_every_layer_of_a_stream_at_the_rate():
     "kwargs,match",
     [
         ({"method": "gfhp"}, "unknown method 'gfhp'; choose one of: asfp, asrfp, ghfp, hfp, sfp, srfp"),
-        ({"criterion": "l3"}, "unknown criterion 'l3'; choose one of: fpgm, fpgm_mix, l1, l2"),
+        (
+            {"criterion": "l3"},
+            "unknown criterion 'l3'; choose one of: bn_scale, ezcrop, fpgm, fpgm_mix, hrank, l1, l2, lrf, random, similarity, taylor",
+        ),
         ({"rate": 1.0}, r"rate must lie in \[0, 1\)"),
         ({"rate": -0.2}, r"rate must lie in \[0, 1\)"),
         ({"total_steps": 0}, "total_steps must be an integer >= 1"),

@@ -8,7 +8,9 @@ small = pruner.compact()
 softprune.profile(small, torch.randn(1, 3, 32, 32))
 """
 
+from .budgets import Budget, make_budget
 from .calibrate import recalibrate_batchnorm
+from .compensate import Compensator
 from .cost import latency, paper_flops_cifar_resnet, profile
 from .criteria import CRITERIA, Criterion, make_criterion, register_criterion
 from .errors import SoftpruneError
@@ -19,17 +21,22 @@ from .models import create_model, list_models
 from .ops import RULES, register_op
 from .policy import METHODS, Policy, make_policy
 from .pruner import Pruner
+from .regularizers import REGULARIZERS, Regularizer, make_regularizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CRITERIA",
     "METHODS",
+    "REGULARIZERS",
     "RULES",
+    "Budget",
+    "Compensator",
     "Criterion",
     "Handler",
     "Policy",
     "Pruner",
+    "Regularizer",
     "SoftpruneError",
     "analyze",
     "build_groups",
@@ -38,8 +45,10 @@ __all__ = [
     "latency",
     "list_models",
     "load",
+    "make_budget",
     "make_criterion",
     "make_policy",
+    "make_regularizer",
     "paper_flops_cifar_resnet",
     "profile",
     "recalibrate_batchnorm",

@@ -23,13 +23,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .budgets import Budget, CostModel, make_budget, normalized, rounded_count, smallest_meeting
 from .compact import compact_model, max_difference
+from .compensate import SOURCES, Compensator
 from .criteria import Criterion, make_criterion
 from .errors import SoftpruneError, check_choice
+from .features import FeatureTap, find_sites
 from .graph import Analysis, analyze, build_groups, selector
 from .groups import ChannelGroup, Role
 from .masks import SCOPES, GroupMask, HardKeeper, apply, zero_units
 from .policy import Policy, make_policy
+from .regularizers import Regularizer, make_regularizer
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,19 @@ def rebind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
     return scheduler
 
 
+def calibration_batches(data: Any, limit: int) -> Iterable:
+    """Up to ``limit`` batches of ``data`` (an iterable, or a callable returning one), each as
+    (inputs, targets or None): a batch is a tensor, or a tuple/list of inputs and targets."""
+    source = data() if callable(data) else data
+    for i, batch in enumerate(source):
+        if i >= limit:
+            break
+        if isinstance(batch, (tuple, list)):
+            yield batch[0], (batch[1] if len(batch) > 1 else None)
+        else:
+            yield batch, None
+
+
 def example_inputs_for(model: nn.Module, example_inputs: Any) -> tuple:
     if example_inputs is None:
         shape = getattr(model, "example_input_shape", None)
@@ -154,6 +171,17 @@ class Pruner:
         interval: prune every ``interval`` optimizer steps instead of on ``step()`` calls.
         mask_scope: "channel" (exact at every step) or "filter" (the papers' code: conv weights only).
         rate_schedule, decay, hardness, keep_first: override the preset's knobs (see make_policy).
+        budget: how P_t becomes counts: "layer" (default), "global", "macs" or "params", or a mapping
+            with max_rate, round_to and normalize (see softprune.budgets).
+        calibration: batches for data-driven criteria and compensation: an iterable (or a callable
+            returning one) of input tensors or (inputs, targets) pairs, e.g. a DataLoader.
+        calibration_batches: how many of them each pruning step reads (HRank reads 5 of 128 images).
+        loss_fn: loss(outputs, targets), for gradient criteria scored on calibration batches and tick().
+        compensate: after units become hard, fold their contribution into the next layers by least
+            squares: True (from calibration activations when there are some, else from the filters),
+            "activations" or "weights" (LRF's), or False.
+        regularizer: "bn_l1", "greg1", "greg2" or a mapping {"kind": ..., options}: a penalty added to
+            the gradients before every step of the hooked optimizer.
     """
 
     def __init__(
@@ -176,6 +204,12 @@ class Pruner:
         decay: float | str | dict | None = None,
         hardness: float | str | dict | None = None,
         keep_first: bool | None = None,
+        budget: str | dict | Budget | None = None,
+        calibration: Any = None,
+        calibration_batches: int = 5,
+        loss_fn: Any = None,
+        compensate: bool | str = False,
+        regularizer: str | dict | Regularizer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise SoftpruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -197,6 +231,33 @@ class Pruner:
             method, rate, rate_schedule=rate_schedule, decay=decay, hardness=hardness, keep_first=keep_first
         )
         self.criterion = make_criterion(criterion, **(criterion_options or {}))
+        self.budget = make_budget(budget)
+        if (
+            isinstance(calibration_batches, bool)
+            or not isinstance(calibration_batches, int)
+            or calibration_batches < 0
+        ):
+            raise SoftpruneError(f"calibration_batches must be an integer >= 0, got {calibration_batches!r}")
+        self.calibration = calibration
+        self.calibration_batches = calibration_batches
+        self.loss_fn = loss_fn
+        if self.criterion.needs == "activations" and (calibration is None or calibration_batches == 0):
+            raise SoftpruneError(
+                f"criterion {self.criterion.name!r} scores feature maps: pass calibration= (a few batches of "
+                "training data, e.g. a DataLoader) and calibration_batches >= 1"
+            )
+        if compensate is True:
+            compensate = "activations" if calibration is not None and calibration_batches else "weights"
+        if compensate is False or compensate is None:
+            self.compensator = None
+        else:
+            check_choice("compensate", compensate, SOURCES)
+            if compensate == "activations" and (calibration is None or not calibration_batches):
+                raise SoftpruneError(
+                    "compensate='activations' fits the next layers on calibration data: pass calibration=..."
+                )
+            self.compensator = Compensator(compensate)
+        self.regularizer = make_regularizer(regularizer)
         self.model = model
         # how to build the original model again (softprune.load), kept across compact_hard()
         self.model_spec = getattr(model, "softprune_spec", None)
@@ -235,18 +296,149 @@ class Pruner:
         self._optimizer_steps = 0
         self._keeper = HardKeeper(model, mask_scope)
         self._interval_handle = None
+        self._regularizer_handle = None
+        self._tap: FeatureTap | None = None
+        self._cost_model: CostModel | None = None
+        self.dense_cost: dict[str, float] | None = None
+        if self.budget.kind in ("macs", "params"):
+            self.dense_cost = self._costs().cost(
+                torch.zeros(int(self.analysis.ids.label.max()) + 1, dtype=torch.bool)
+            )
+        self._watch()
         self.attach(optimizer)
 
     # -- optimizer hooks ------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Hook ``optimizer`` (replacing any earlier one): hard filters are re-zeroed after its steps."""
+        """Hook ``optimizer`` (replacing any earlier one): hard filters are re-zeroed after its steps,
+        and the regularizer's penalty is added to the gradients before them."""
         self._keeper.attach(optimizer)
-        if self._interval_handle is not None:
-            self._interval_handle.remove()
-            self._interval_handle = None
+        for name in ("_interval_handle", "_regularizer_handle"):
+            handle = getattr(self, name)
+            if handle is not None:
+                handle.remove()
+                setattr(self, name, None)
         if optimizer is not None and self.interval is not None:
             self._interval_handle = optimizer.register_step_post_hook(lambda opt, a, k: self._count_step())
+        if optimizer is not None and self.regularizer is not None:
+            self._regularizer_handle = optimizer.register_step_pre_hook(
+                lambda opt, a, k: self.regularizer.apply(self)
+            )
         self.optimizer = optimizer
+
+    def _watch(self) -> None:
+        """Gradient criteria observe every training batch through hooks on the model."""
+        if self._tap is not None:
+            self._tap.remove()
+            self._tap = None
+        self.criterion.start(self.prunable)
+        if self.criterion.needs == "gradients":
+            sites = find_sites(self.analysis, self.prunable, self.model)
+            self._tap = FeatureTap(self.model, sites, self.criterion.observe, gradients=True)
+
+    def _costs(self) -> CostModel:
+        if self._cost_model is None:
+            from .graph import _example_batch1
+
+            self._cost_model = CostModel(self.model, self.analysis, _example_batch1(self.example_inputs))
+        return self._cost_model
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        param = next(iter(self.model.parameters()), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def _run_calibration(self, gradients: bool = False) -> int:
+        """Forward (and, for gradients, backward) passes over the calibration batches in eval mode;
+        the parameters' .grad are left as they were. Returns the number of batches."""
+        if self.calibration is None or not self.calibration_batches:
+            return 0
+        if gradients and self.loss_fn is None:
+            raise SoftpruneError(
+                f"criterion {self.criterion.name!r} needs gradients: train between pruning steps, or give the "
+                "pruner loss_fn= to score it on the calibration batches"
+            )
+        device = self._device()
+        was_training = self.model.training
+        self.model.eval()
+        saved = {p: p.grad for p in self.model.parameters()}
+        n = 0
+        try:
+            for x, y in calibration_batches(self.calibration, self.calibration_batches):
+                x = x.to(device)
+                if gradients:
+                    if y is None:
+                        raise SoftpruneError(
+                            "calibration batches for gradient criteria need targets: (inputs, targets)"
+                        )
+                    for p in saved:
+                        p.grad = None
+                    with torch.enable_grad():
+                        loss = self.loss_fn(self.model(x), y.to(device))
+                        loss.backward()
+                else:
+                    with torch.no_grad():
+                        self.model(x)
+                n += 1
+        finally:
+            for p, g in saved.items():
+                p.grad = g
+            self.model.train(was_training)
+        if n == 0:
+            raise SoftpruneError("the calibration data gave no batch")
+        return n
+
+    def _observe_activations(self) -> None:
+        self.criterion.start(self.prunable)
+        sites = find_sites(self.analysis, self.prunable, self.model)
+        tap = FeatureTap(self.model, sites, self.criterion.observe, gradients=False)
+        try:
+            self._run_calibration()
+        finally:
+            tap.remove()
+
+    @torch.no_grad()
+    def tick(self, batches: Iterable, loss_fn: Any = None, lr: float = 0.01, momentum: float = 0.9) -> int:
+        """Gate Decorator's Tick: train only the one-dimensional parameters (BatchNorm scales, the gates,
+        and biases) on ``batches`` of (inputs, targets), with convolution and linear weights frozen,
+        while a gradient criterion accumulates its scores from these batches alone. Returns the
+        number of batches. Call it right before step()."""
+        loss_fn = loss_fn or self.loss_fn
+        if loss_fn is None:
+            raise SoftpruneError("tick() needs loss_fn= (e.g. torch.nn.functional.cross_entropy)")
+        self.criterion.start(self.prunable)
+        params = list(self.model.parameters())
+        flags = [p.requires_grad for p in params]
+        gates = [p for p in params if p.dim() < 2 and p.requires_grad]
+        optimizer = torch.optim.SGD(gates, lr=lr, momentum=momentum)
+        device = self._device()
+        was_training = self.model.training
+        self.model.train()
+        n = 0
+        try:
+            for p in params:
+                if p.dim() >= 2:
+                    p.requires_grad_(False)
+            for x, y in calibration_batches(batches, 1 << 62):
+                if y is None:
+                    raise SoftpruneError("tick() batches must be (inputs, targets)")
+                with torch.enable_grad():
+                    loss = loss_fn(self.model(x.to(device)), y.to(device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+                self.enforce()
+                n += 1
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+                if p.dim() >= 2:
+                    p.grad = None
+            self.model.train(was_training)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for tensor in gates + list(self.model.buffers()):
+                if tensor.is_floating_point():
+                    dist.broadcast(tensor.data, src=0)
+        return n
 
     def _count_step(self) -> None:
         self._optimizer_steps += 1
@@ -267,19 +459,191 @@ class Pruner:
             )
         t, T = self.t, self.total_steps
         rate, alpha, hardness = self.policy.values(t, T)
-        for i, (group, mask) in enumerate(zip(self.prunable, self.masks)):
-            self._select(i, group, mask, rate, hardness)
+        self.criterion.begin_step(t)
+        if self.criterion.needs == "activations":
+            self._observe_activations()
+        elif self.criterion.needs == "gradients" and not self.criterion.observed():
+            self._run_calibration(gradients=True)
+        old_hard = [m.hard.clone() for m in self.masks]
+        for i, (picked, n_hard) in enumerate(self._plan(rate, hardness)):
+            mask, n = self.masks[i], self.prunable[i].size
+            selected = torch.zeros(n, dtype=torch.bool)
+            selected[picked] = True
+            hard = torch.zeros(n, dtype=torch.bool)
+            hard[picked[: min(n_hard, picked.numel())]] = True
+            mask.hard = hard | mask.hard
+            mask.soft = selected & ~mask.hard
+            if self.policy.keep_first and self.first[i] is None and picked.numel() > 0:
+                self.first[i] = selected.clone()
         self._agree()
+        self._compensate(old_hard)
         for group, mask in zip(self.prunable, self.masks):
             apply(group, mask, self.model, alpha, self.mask_scope)
         self._keeper.update(self.prunable, self.masks, self._dead_inputs())
         self._keeper.enforce()
+        if self.criterion.needs == "gradients":
+            self.criterion.start(self.prunable)  # the next step scores the batches from here on
         self.t += 1
         report = StepReport(t, rate, alpha, hardness, *self.counts())
         self.history.append(report)
         log.debug("pruning step %d: P=%.4f alpha=%.4g lambda=%.4f kept=%d soft=%d hard=%d", t, rate, alpha,
                   hardness, report.kept, report.soft, report.hard)  # fmt: skip
         return report
+
+    # -- selection --------------------------------------------------------------------------------
+    def _layer_count(self, i: int, rate: float, hardness: float) -> tuple[int, int]:
+        """(selected, hard) units of group i under a layer-wise rate (the papers' counts)."""
+        group, mask = self.prunable[i], self.masks[i]
+        n = group.size
+        n0, gone = self._original[i], int(self._gone[i].numel())  # removed by compact_hard()
+        n_sel = min(_floor(n0 * rate) - gone, int((~group.frozen).sum()), n - 1)
+        n_hard = min(_floor(n0 * rate * hardness) - gone, n_sel)
+        n_hard = max(n_hard, int(mask.hard.sum()), 0)  # hard units never come back
+        n_sel = max(n_sel, n_hard, 0)
+        n_sel = max(rounded_count(n, n_sel, self.budget.round_to), n_hard)
+        return n_sel, n_hard
+
+    def _prioritized(self, i: int, order: torch.Tensor) -> torch.Tensor:
+        """Hard units first, then HFP's first selection, then the criterion's order; frozen units last."""
+        group, mask = self.prunable[i], self.masks[i]
+        n = group.size
+        priority = torch.zeros(n)
+        priority[mask.hard] = -2
+        if self.policy.keep_first and self.first[i] is not None:
+            priority[self.first[i] & ~mask.hard] = -1
+        priority[group.frozen] = 1
+        position = torch.empty(n, dtype=torch.long)
+        position[order] = torch.arange(n)
+        return torch.argsort(priority * (n + 1) + position.float(), stable=True)
+
+    def _plan(self, rate: float, hardness: float) -> list[tuple[torch.Tensor, int]]:
+        """Per group: the selected units (hard ones first, in selection order) and how many are hard."""
+        orders, scores = [], []
+        for i, group in enumerate(self.prunable):
+            guess = self._layer_count(i, rate, hardness)[0]
+            order, score = self.criterion.order_and_scores(group, self.model, guess)
+            orders.append(self._prioritized(i, order))
+            scores.append(score)
+        if not self.budget.is_global:
+            plans = []
+            for i, order in enumerate(orders):
+                n_sel, n_hard = self._layer_count(i, rate, hardness)
+                mask, group = self.masks[i], self.prunable[i]
+                plans.append((self._within_quota(i, order, mask.hard, group.frozen, rate, n_sel), n_hard))
+            return plans
+        counts = self._global_counts(orders, scores, rate)
+        plans = []
+        for i, (order, n_sel) in enumerate(zip(orders, counts)):
+            mask, group = self.masks[i], self.prunable[i]
+            picked = self._within_quota(i, order, mask.hard, group.frozen, self.budget.max_rate, n_sel)
+            gone = int(self._gone[i].numel())
+            n_hard = max(
+                min(_floor((picked.numel() + gone) * hardness) - gone, picked.numel()),
+                int(mask.hard.sum()),
+                0,
+            )
+            plans.append((picked, n_hard))
+        return plans
+
+    def _global_counts(
+        self, orders: list[torch.Tensor], scores: list[torch.Tensor], rate: float
+    ) -> list[int]:
+        """Per group counts when units compete across groups (budget kinds global, macs, params)."""
+        how = self.budget.normalize
+        if how == "auto":
+            how = "none" if self.criterion.comparable else "mean"
+        keys, owners, caps, floors = [], [], [], []
+        for i, (group, order, score) in enumerate(zip(self.prunable, orders, scores)):
+            mask = self.masks[i]
+            free = ~group.frozen
+            key = normalized(score, free, order, how)
+            if self.policy.keep_first and self.first[i] is not None:
+                key[self.first[i]] = -1e30
+            key[mask.hard] = -math.inf
+            ranked = order[free[order]]
+            along = torch.cummax(key[ranked].double(), 0).values  # monotone along the group's order
+            keys.append(along)
+            owners.append(torch.full((ranked.numel(),), i, dtype=torch.long))
+            n0, gone = self._original[i], int(self._gone[i].numel())
+            cap = min(_floor(n0 * self.budget.max_rate) - gone, int(free.sum()), group.size - 1)
+            floors.append(int(mask.hard.sum()))
+            caps.append(max(cap, floors[-1]))
+        key_all = torch.cat(keys) if keys else torch.zeros(0)
+        owner_all = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+        merged = owner_all[torch.argsort(key_all, stable=True)]
+        n_groups = len(self.prunable)
+
+        def counts_for(k: int) -> list[int]:
+            taken = torch.bincount(merged[:k], minlength=n_groups).tolist()
+            out = []
+            for i, c in enumerate(taken):
+                c = max(min(c, caps[i]), floors[i])
+                out.append(max(rounded_count(self.prunable[i].size, c, self.budget.round_to), floors[i]))
+            return out
+
+        if self.budget.kind == "global":
+            total = sum(self._original)
+            gone = sum(int(g.numel()) for g in self._gone)
+            return counts_for(max(_floor(total * rate) - gone, 0))
+        kind = self.budget.kind
+        target = (1.0 - rate) * self.dense_cost[kind]
+        costs = self._costs()
+
+        def cost(k: int) -> float:
+            pruned = torch.zeros(int(self.analysis.ids.label.max()) + 1, dtype=torch.bool)
+            for i, n_sel in enumerate(counts_for(k)):
+                mask, group = self.masks[i], self.prunable[i]
+                picked = self._within_quota(
+                    i, orders[i], mask.hard, group.frozen, self.budget.max_rate, n_sel
+                )
+                pruned[group.classes[picked]] = True
+            return costs.cost(pruned)[kind]
+
+        k, achieved = smallest_meeting(cost, target, int(merged.numel()))
+        if achieved > target * (1 + 1e-9) and rate > 0:
+            log.warning(
+                "the %s target (%.1f%% fewer) cannot be met with max_rate=%.2f; pruning as far as it allows "
+                "(%.1f%% fewer)", kind, 100 * rate, self.budget.max_rate, 100 * (1 - achieved / self.dense_cost[kind])
+            )  # fmt: skip
+        return counts_for(k)
+
+    def _classes(self, masks: list[torch.Tensor]) -> torch.Tensor:
+        pruned = torch.zeros(int(self.analysis.ids.label.max()) + 1, dtype=torch.bool)
+        for group, units in zip(self.prunable, masks):
+            pruned[group.classes[units]] = True
+        return pruned
+
+    @torch.no_grad()
+    def _compensate(self, old_hard: list[torch.Tensor]) -> None:
+        """Fold the units that just became hard into their consumers (see softprune.compensate)."""
+        if self.compensator is None:
+            return
+        new = [m.hard & ~o for m, o in zip(self.masks, old_hard)]
+        if not any(bool(n.any()) for n in new):
+            return
+        if self.compensator.source == "activations":
+            ids = self.analysis.ids
+            changed = self.compensator.from_activations(
+                self.model,
+                self.analysis,
+                ids.alive(self._classes(old_hard)),
+                ids.alive(self._classes([m.hard for m in self.masks])),
+                ids.alive(self._classes([m.pruned for m in self.masks])),
+                self._run_calibration,
+            )
+        else:
+            changed = []
+            for group, mask, fresh in zip(self.prunable, self.masks, new):
+                if bool(fresh.any()) and bool((~mask.pruned).any()):
+                    removed = torch.nonzero(fresh).view(-1)
+                    kept = torch.nonzero(~mask.pruned).view(-1)
+                    changed += self.compensator.from_weights(self.model, group, removed, kept)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for name in sorted(set(changed)):  # the same order on every rank
+                module = self.model.get_submodule(name)
+                for tensor in (module.weight, getattr(module, "bias", None)):
+                    if tensor is not None:
+                        dist.broadcast(tensor.data, src=0)
 
     def _dead_inputs(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
         """Consumer input columns that read an always-zero channel (hard units, and residual streams
@@ -334,34 +698,6 @@ class Pruner:
                     self.first[i] = stacked[offset : offset + f.numel()].clone()
                     offset += f.numel()
 
-    def _select(self, i: int, group: ChannelGroup, mask: GroupMask, rate: float, hardness: float) -> None:
-        n = group.size
-        n0, gone = self._original[i], int(self._gone[i].numel())  # removed by compact_hard()
-        free = ~group.frozen
-        n_sel = min(_floor(n0 * rate) - gone, int(free.sum()), n - 1)
-        n_hard = min(_floor(n0 * rate * hardness) - gone, n_sel)
-        n_hard = max(n_hard, int(mask.hard.sum()), 0)  # hard units never come back
-        n_sel = max(n_sel, n_hard, 0)
-        order = self.criterion.rank(group, self.model, n_sel)
-        # hard units first, then HFP's first selection, then the criterion's order; frozen units last
-        priority = torch.zeros(n)
-        priority[mask.hard] = -2
-        if self.policy.keep_first and self.first[i] is not None:
-            priority[self.first[i] & ~mask.hard] = -1
-        priority[group.frozen] = 1
-        position = torch.empty(n, dtype=torch.long)
-        position[order] = torch.arange(n)
-        final = torch.argsort(priority * (n + 1) + position.float(), stable=True)
-        picked = self._within_quota(i, final, mask.hard, group.frozen, rate, n_sel)
-        selected = torch.zeros(n, dtype=torch.bool)
-        selected[picked] = True
-        hard = torch.zeros(n, dtype=torch.bool)
-        hard[picked[: min(n_hard, picked.numel())]] = True
-        mask.hard = hard | mask.hard
-        mask.soft = selected & ~mask.hard
-        if self.policy.keep_first and self.first[i] is None and n_sel > 0:
-            self.first[i] = selected.clone()
-
     def _within_quota(
         self, i: int, order: torch.Tensor, hard: torch.Tensor, frozen: torch.Tensor, rate: float, n_sel: int
     ) -> torch.Tensor:
@@ -403,12 +739,7 @@ class Pruner:
         return total - soft - hard, soft, hard
 
     def pruned_classes(self, include_soft: bool = True) -> torch.Tensor:
-        label = self.analysis.ids.label
-        pruned = torch.zeros(int(label.max()) + 1, dtype=torch.bool)
-        for group, mask in zip(self.prunable, self.masks):
-            units = mask.pruned if include_soft else mask.hard
-            pruned[group.classes[units]] = True
-        return pruned
+        return self._classes([m.pruned if include_soft else m.hard for m in self.masks])
 
     def profile(self) -> dict[str, int]:
         """Parameters and MACs per sample of the model as it would be compacted now."""
@@ -492,6 +823,8 @@ class Pruner:
         self._original, self._origin, self._gone, self._row_gone = original, origin, gone, row_gone
         self.compactions.append(record)
         self._keeper = HardKeeper(small, self.mask_scope)
+        self._cost_model = None
+        self._watch()
         self.attach(optimizer)
         return small
 
@@ -499,6 +832,10 @@ class Pruner:
     @torch.no_grad()
     def finalize(self) -> None:
         """Make every selected unit hard and exactly zero (what the last step of training does)."""
+        old_hard = [m.hard.clone() for m in self.masks]
+        for mask in self.masks:
+            mask.hard = mask.pruned.clone()
+        self._compensate(old_hard)
         for group, mask in zip(self.prunable, self.masks):
             mask.hard = mask.pruned.clone()
             mask.soft = torch.zeros_like(mask.soft)
@@ -550,6 +887,15 @@ class Pruner:
             ],
             "history": [r.as_dict() for r in self.history],
             "compactions": self.compactions,
+            "budget": self.budget.to_dict(),
+            "criterion_state": self.criterion.state_dict(),
+            "regularizer": None
+            if self.regularizer is None
+            else {
+                "kind": self.regularizer.name,
+                **self.regularizer.options(),
+                "state": self.regularizer.state_dict(),
+            },
         }
 
     def load_state_dict(self, state: dict) -> nn.Module:
@@ -586,5 +932,9 @@ class Pruner:
             self.masks[i].soft = s["soft"].clone().bool()
             self.first[i] = None if s.get("first") is None else s["first"].clone().bool()
         self.history = [StepReport(**r) for r in state.get("history", [])]
+        self.criterion.load_state_dict(state.get("criterion_state") or {})
+        saved_reg = state.get("regularizer")
+        if self.regularizer is not None and saved_reg:
+            self.regularizer.load_state_dict(saved_reg.get("state", {}))
         self._keeper.update(self.prunable, self.masks, self._dead_inputs())
         return self.model

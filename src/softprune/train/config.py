@@ -77,6 +77,21 @@ class PruneConfig:
     # BatchNorm statistics re-estimated on this many training batches after each pruning step and
     # before evaluation (0: off, the papers' protocol). It changes no weight and no training step.
     recalibrate_bn: int = 20
+    # how P_t becomes counts (softprune.budgets): per layer, or units competing across layers for a
+    # share of all units, of the MACs or of the parameters
+    budget: Literal["layer", "global", "macs", "params"] = "layer"
+    max_rate: float = 0.9  # global budgets: the most any group may lose
+    round_to: int = 1  # kept widths rounded up to a multiple of this
+    normalize: Literal["auto", "mean", "max", "sum", "rank", "none"] = "auto"
+    # training batches read before each step by criteria that score feature maps (hrank, ezcrop,
+    # similarity) and by activation compensation
+    calibration_batches: int = 5
+    compensate: Literal["none", "activations", "weights"] = "none"
+    regularizer: str | dict[str, Any] | None = None  # bn_l1, greg1, greg2, or {kind: ..., options}
+    # Gate Decorator's Tick: before each step, this many batches training only BN scales and biases
+    # while a gradient criterion (taylor) scores the channels
+    tick_batches: int = 0
+    tick_lr: float = 0.01
 
 
 @dataclass
@@ -242,6 +257,31 @@ def _validate(config: RunConfig) -> None:
         )
     if p.recalibrate_bn < 0:
         raise SoftpruneError(f"config key 'prune.recalibrate_bn' must be >= 0, got {p.recalibrate_bn!r}")
+    for key in ("calibration_batches", "tick_batches"):
+        if getattr(p, key) < 0:
+            raise SoftpruneError(f"config key 'prune.{key}' must be >= 0, got {getattr(p, key)!r}")
+    positive("prune.tick_lr", p.tick_lr)
+    positive("prune.round_to", p.round_to)
+    if not 0.0 < p.max_rate < 1.0:
+        raise SoftpruneError(f"config key 'prune.max_rate' must lie in (0, 1), got {p.max_rate!r}")
+    if p.method != "dense":
+        from ..criteria import make_criterion
+        from ..regularizers import make_regularizer
+
+        criterion = make_criterion(p.criterion, **p.criterion_options)
+        make_regularizer(p.regularizer)
+        if criterion.needs == "activations" and p.calibration_batches < 1:
+            raise SoftpruneError(
+                f"criterion {p.criterion!r} scores feature maps: prune.calibration_batches must be >= 1"
+            )
+        if p.tick_batches and p.every_iterations is not None:
+            raise SoftpruneError(
+                "prune.tick_batches runs before pruning steps at epoch ends, not with prune.every_iterations"
+            )
+        if p.tick_batches and criterion.needs != "gradients":
+            raise SoftpruneError(
+                f"prune.tick_batches scores channels by their gradients; criterion {p.criterion!r} does not use them"
+            )
     positive("prune.every_iterations", p.every_iterations, allow_none=True)
     positive("data.train_limit", d.train_limit, allow_none=True)
     positive("data.test_limit", d.test_limit, allow_none=True)

@@ -181,6 +181,17 @@ class Run:
                 decay=p.decay,
                 hardness=p.hardness,
                 keep_first=p.keep_first,
+                budget={
+                    "kind": p.budget,
+                    "max_rate": p.max_rate,
+                    "round_to": p.round_to,
+                    "normalize": p.normalize,
+                },
+                calibration=self.calibration_data,
+                calibration_batches=p.calibration_batches,
+                loss_fn=F.cross_entropy,
+                compensate=False if p.compensate == "none" else p.compensate,
+                regularizer=p.regularizer,
             )
         self.model: nn.Module = self.net
         if self.world > 1:
@@ -310,6 +321,32 @@ class Run:
         total, correct, loss_sum = self.epoch_sums
         return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
 
+    def _side_loader(self, salt: int) -> BatchLoader:
+        """Training batches in an order of their own (seeded by run, epoch and purpose), so the extra
+        passes of calibration and Tick leave the training order, and so a resumed run, unchanged."""
+        loader = BatchLoader(
+            self.train_set, self.train_loader.batch_size, shuffle=True, augment=self.train_loader.augment,
+            seed=self.config.seed + salt, rank=self.rank, world_size=self.world,
+        )  # fmt: skip
+        loader.set_epoch(self.epoch)
+        return loader
+
+    def calibration_data(self):
+        """The pruner's calibration batches: fresh at every pruning step."""
+        for x, y in self._side_loader(104729).iterate(0):
+            yield (
+                x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
+                y.to(self.device, non_blocking=True),
+            )
+
+    def tick(self) -> None:
+        """Gate Decorator's Tick before a pruning step (prune.tick_batches > 0)."""
+        n = self.config.prune.tick_batches
+        if n <= 0:
+            return
+        batches = ((x, y) for i, (x, y) in enumerate(self.calibration_data()) if i < n)
+        self.pruner.tick(batches, F.cross_entropy, lr=self.config.prune.tick_lr)
+
     def compact_hard(self) -> None:
         """Remove the hard filters now; train the smaller network from here on (see Pruner.compact_hard)."""
         small = self.pruner.compact_hard()
@@ -331,12 +368,7 @@ class Run:
         n = self.config.prune.recalibrate_bn
         if n <= 0:
             return
-        loader = BatchLoader(
-            self.train_set, self.train_loader.batch_size, shuffle=True, augment=self.train_loader.augment,
-            seed=self.config.seed + 7919, rank=self.rank, world_size=self.world,
-        )  # fmt: skip
-        loader.set_epoch(self.epoch)
-        recalibrate_batchnorm(self.net, loader, n, self.device)
+        recalibrate_batchnorm(self.net, self._side_loader(7919), n, self.device)
 
     def run(self) -> dict[str, Any]:
         cfg = self.config
@@ -361,6 +393,7 @@ class Run:
                     and (self.epoch + 1) % p.every_epochs == 0
                     and self.pruner.t < self.pruner.total_steps
                 ):
+                    self.tick()
                     self.pruner.step()
                     if p.compact_during_training:
                         self.compact_hard()
@@ -446,6 +479,9 @@ class Run:
             "rate": cfg.prune.rate if cfg.prune.method != "dense" else 0.0,
             "criterion": cfg.prune.criterion if cfg.prune.method != "dense" else None,
             "residual": cfg.prune.residual if cfg.prune.method != "dense" else None,
+            "budget": cfg.prune.budget if cfg.prune.method != "dense" else None,
+            "regularizer": cfg.prune.regularizer if cfg.prune.method != "dense" else None,
+            "compensate": cfg.prune.compensate if cfg.prune.method != "dense" else None,
             "epochs": cfg.train.epochs,
             "processes": self.world,
             "replicas": self.replicas,
