@@ -11,7 +11,7 @@ help:
 	@echo "make test   - set up .venv if needed, install Fashion-MNIST where apt-get can, run the test suite"
 	@echo "make demo   - train a small ResNet on Fashion-MNIST with GHFP at 40%, compact it, compare"
 	@echo "make zoo    - prune and compact every torchvision classification model (long)"
-	@echo "make bench  - run the benchmarks under benchmarks/ (results in benchmarks/results/)"
+	@echo "make bench  - run the benchmarks under benchmarks/ (results in benchmarks/results/; ~2 h)"
 	@echo "make lint   - ruff"
 
 $(VENV)/.installed: pyproject.toml
@@ -46,8 +46,10 @@ zoo: venv
 	cd benchmarks && ../$(PY) zoo.py --out ../docs/zoo.md --json results/zoo.json
 
 bench: venv data
-	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/speedup.py
+	cd benchmarks && ../$(PY) overhead.py
+	cd benchmarks && ../$(PY) speedup.py
+	cd benchmarks && ../$(PY) vs_torch_pruning.py
+	cd benchmarks && ../$(PY) methods.py
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -44,7 +44,12 @@ METHODS = {
     "ghfp": ["prune.method=ghfp"],
     "fpgm": ["prune.method=sfp", "prune.criterion=fpgm"],
 }
-SMOKE_METHODS = ["dense", "sfp", "ghfp"]
+# The literature's methods, each from its recipe in configs/methods/ (their schedules are fractions
+# of training, so they stretch to this budget) with a MACs budget set to the cut the 40% presets
+# reach, so that every row ends at the same cost.
+RECIPES = ["slimming", "hrank", "ezcrop", "tick_tock", "lrf", "similarity", "greg1", "greg2", "random"]
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
+SMOKE_METHODS = ["dense", "sfp", "ghfp", "hrank"]
 
 
 def base_config(args) -> dict:
@@ -58,10 +63,20 @@ def base_config(args) -> dict:
     return base
 
 
-def run_softprune(label: str, seed: int, args, out: Path) -> Path:
-    config = config_from_dict(
-        base_config(args), [f"name={label}-s{seed}", f"output={out}", f"seed={seed}", *METHODS[label]]
-    )
+def recipe_config(label: str, args) -> dict:
+    """The benchmark's data, training and report settings with a recipe's pruning section."""
+    config = base_config(args)
+    config["prune"] = read_yaml(RECIPE_DIR / f"{label}.yaml")["prune"]
+    return config
+
+
+def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Path:
+    if label in METHODS:
+        base, overrides = base_config(args), METHODS[label]
+    else:
+        base = recipe_config(label, args)
+        overrides = ["prune.budget=macs", f"prune.rate={macs_cut:.4f}"]
+    config = config_from_dict(base, [f"name={label}-s{seed}", f"output={out}", f"seed={seed}", *overrides])
     if config.run_dir.exists():
         shutil.rmtree(config.run_dir)
     train(config, progress=False)
@@ -205,7 +220,7 @@ def summarize(runs: dict[str, list[Path]]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train-limit", type=int, default=10000)
     parser.add_argument("--test-limit", type=int, default=5000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -213,21 +228,27 @@ def main() -> None:
         "--runs", default="../runs/bench-methods", help="where the run folders go (not committed)"
     )
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
-    parser.add_argument("--smoke", action="store_true", help="2 epochs on 256 images, 3 methods, one seed")
+    parser.add_argument("--smoke", action="store_true", help="2 epochs on 256 images, 4 methods, one seed")
+    parser.add_argument("--only", nargs="+", help="run only these methods (and Torch-Pruning)")
     args = parser.parse_args()
     if args.smoke:
         args.epochs, args.train_limit, args.test_limit, args.seeds = 2, 256, 128, [0]
-    labels = SMOKE_METHODS if args.smoke else list(METHODS)
+    labels = SMOKE_METHODS if args.smoke else [*METHODS, *RECIPES]
+    if args.only:
+        labels = [label for label in labels if label in args.only]
     runs_root, out = Path(args.runs), Path(args.out)
-    fresh = softprune.Pruner(softprune.create_model("resnet20", in_channels=1, input_size=28), "sfp", 0.4, 1)
+    dense = softprune.create_model("resnet20", in_channels=1, input_size=28)
+    dense_macs = softprune.profile(dense, torch.randn(1, 1, 28, 28))["macs"]
+    fresh = softprune.Pruner(dense, "sfp", 0.4, 1)
     fresh.step()
     target = fresh.profile()["macs"]  # every 40% preset ends at these MACs (coupled residuals)
+    macs_cut = 1 - target / dense_macs
     runs: dict[str, list[Path]] = {label: [] for label in labels}
     runs["torch-pruning"] = []
     for seed in args.seeds:
         for label in labels:
             print(f"seed {seed}: {label}", flush=True)
-            runs[label].append(run_softprune(label, seed, args, runs_root))
+            runs[label].append(run_softprune(label, seed, args, runs_root, macs_cut))
         print(f"seed {seed}: torch-pruning", flush=True)
         tp_dir = run_torch_pruning(seed, args, runs_root, target)
         if tp_dir is not None:

@@ -128,13 +128,17 @@ def test_methods_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "methods_smoke.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
-    expected = {"dense", "sfp", "ghfp"} | ({"torch-pruning"} if "torch_pruning" in data["machine"] else set())
+    expected = {"dense", "sfp", "ghfp", "hrank"} | (
+        {"torch-pruning"} if "torch_pruning" in data["machine"] else set()
+    )
     assert set(rows) == expected
     for method, row in rows.items():
         summary = json.loads((tmp_path / "runs" / f"{method}-s0" / "summary.json").read_text())
         final = summary.get("compact", {}).get("test_acc", summary.get("test_acc_masked"))
         assert row["finals"] == [final] and len(row["acc_per_epoch_mean"]) == 2
     assert rows["sfp"]["macs"] == rows["ghfp"]["macs"] < rows["dense"]["macs"]
+    # a recipe row runs under a MACs budget set to the presets' cut: within 1% of their MACs
+    assert rows["hrank"]["macs"] == pytest.approx(rows["ghfp"]["macs"], rel=0.01)
     if "torch-pruning" in rows:  # pruned to the MACs of the 40% presets, within 10%
         assert rows["torch-pruning"]["macs"] == pytest.approx(rows["ghfp"]["macs"], rel=0.1)
     report = tmp_path / "methods_smoke"
