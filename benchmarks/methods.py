@@ -31,7 +31,7 @@ from common import RESULTS, machine
 from softprune.calibrate import recalibrate_batchnorm
 from softprune.data import DATASETS, BatchLoader, load_dataset
 from softprune.report import make_report
-from softprune.train.config import config_from_dict, read_yaml
+from softprune.train.config import config_from_dict, load_config, read_yaml
 from softprune.train.engine import evaluate, train
 
 METHODS = {
@@ -77,6 +77,9 @@ def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Pa
         base = recipe_config(label, args)
         overrides = ["prune.budget=macs", f"prune.rate={macs_cut:.4f}"]
     config = config_from_dict(base, [f"name={label}-s{seed}", f"output={out}", f"seed={seed}", *overrides])
+    done = config.run_dir / "summary.json"
+    if args.reuse and done.is_file() and load_config(config.run_dir / "config.yaml") == config:
+        return config.run_dir  # finished by an earlier invocation with the same settings
     if config.run_dir.exists():
         shutil.rmtree(config.run_dir)
     train(config, progress=False)
@@ -230,6 +233,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     parser.add_argument("--smoke", action="store_true", help="2 epochs on 256 images, 4 methods, one seed")
     parser.add_argument("--only", nargs="+", help="run only these methods (and Torch-Pruning)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep softprune runs that already finished (same settings)"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.epochs, args.train_limit, args.test_limit, args.seeds = 2, 256, 128, [0]

@@ -296,6 +296,25 @@ def test_a_macs_target_is_met_within_one_percent_by_the_compact_model(name):
     assert 0.5 <= cut <= 0.51
 
 
+def test_the_rate_schedule_drives_a_macs_target():
+    x = torch.randn(1, 3, 32, 32)
+    dense = softprune.profile(softprune.create_model("resnet20"), x)["macs"]
+    cuts = {}
+    for seed, method in enumerate(("ghfp", "asfp", "sfp")):
+        torch.manual_seed(seed)
+        p = softprune.Pruner(softprune.create_model("resnet20"), method, 0.5, 4, budget="macs")
+        cuts[method] = []
+        for _ in range(4):
+            report = p.step()
+            cuts[method].append((report.rate, 1 - p.profile()["macs"] / dense))
+        if method == "ghfp":
+            assert p.counts()[1] == 0  # GHFP ends with every pruned unit hard
+    for rate, cut in sum(cuts.values(), []):  # soft and hard units together meet P_t of the MACs
+        assert rate <= cut <= rate + 0.005
+    asfp = [rate for rate, _ in cuts["asfp"]]
+    assert asfp == sorted(asfp) and asfp[0] < 0.5 and asfp[-1] == pytest.approx(0.5, abs=1e-3)
+
+
 def test_a_params_target_with_round_to_8():
     torch.manual_seed(0)
     model, x = _example("resnet18")

@@ -573,8 +573,8 @@ class Pruner:
         merged = owner_all[torch.argsort(key_all, stable=True)]
         n_groups = len(self.prunable)
 
-        def counts_for(k: int) -> list[int]:
-            taken = torch.bincount(merged[:k], minlength=n_groups).tolist()
+        def counts_for(k: int, sequence: torch.Tensor = merged) -> list[int]:
+            taken = torch.bincount(sequence[:k], minlength=n_groups).tolist()
             out = []
             for i, c in enumerate(taken):
                 c = max(min(c, caps[i]), floors[i])
@@ -589,9 +589,9 @@ class Pruner:
         target = (1.0 - rate) * self.dense_cost[kind]
         costs = self._costs()
 
-        def cost(k: int) -> float:
+        def cost_of(counts: list[int]) -> float:
             pruned = torch.zeros(int(self.analysis.ids.label.max()) + 1, dtype=torch.bool)
-            for i, n_sel in enumerate(counts_for(k)):
+            for i, n_sel in enumerate(counts):
                 mask, group = self.masks[i], self.prunable[i]
                 picked = self._within_quota(
                     i, orders[i], mask.hard, group.frozen, self.budget.max_rate, n_sel
@@ -599,13 +599,32 @@ class Pruner:
                 pruned[group.classes[picked]] = True
             return costs.cost(pruned)[kind]
 
-        k, achieved = smallest_meeting(cost, target, int(merged.numel()))
+        def meeting(sequence: torch.Tensor) -> tuple[int, float]:
+            return smallest_meeting(lambda k: cost_of(counts_for(k, sequence)), target, int(sequence.numel()))
+
+        k, achieved = meeting(merged)
         if achieved > target * (1 + 1e-9) and rate > 0:
             log.warning(
                 "the %s target (%.1f%% fewer) cannot be met with max_rate=%.2f; pruning as far as it allows "
                 "(%.1f%% fewer)", kind, 100 * rate, self.budget.max_rate, 100 * (1 - achieved / self.dense_cost[kind])
             )  # fmt: skip
-        return counts_for(k)
+            return counts_for(k)
+        # One channel can be several percent of the cost (a residual stream's channel spans every
+        # block), so the channel that crosses the target may overshoot it. Then its group stops
+        # before it and the following channels of the other groups close the gap; the candidate that
+        # lands closest to the target wins.
+        best, best_counts, sequence = achieved, counts_for(k), merged
+        for _ in range(3):
+            if k == 0 or target - best <= 1e-3 * self.dense_cost[kind]:
+                break
+            crossing, rest = sequence[k - 1], sequence[k:]
+            sequence = torch.cat([sequence[: k - 1], rest[rest != crossing]])
+            k, achieved = meeting(sequence)
+            if achieved > target * (1 + 1e-9):
+                break
+            if achieved > best:
+                best, best_counts = achieved, counts_for(k, sequence)
+        return best_counts
 
     def _classes(self, masks: list[torch.Tensor]) -> torch.Tensor:
         pruned = torch.zeros(int(self.analysis.ids.label.max()) + 1, dtype=torch.bool)
