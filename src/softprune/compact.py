@@ -266,8 +266,16 @@ class _Compactor:
         self.old = analysis.gm
         self.modules = dict(self.old.named_modules())
         # A copy of the user's model, not of the trace: its containers keep their classes
-        # (Sequential, ModuleList), so `small.layer1[0]` still works on the result.
-        self.root = copy.deepcopy(model)
+        # (Sequential, ModuleList), so `small.layer1[0]` still works on the result. Modules about to
+        # be replaced by smaller ones are not worth copying (most of the weights): the copy first
+        # shares their tensors, and finish() copies any of them that ends up not replaced.
+        self.model = model
+        self.deferred = _replaced_soon(model, analysis, alive)
+        memo: dict[int, Any] = {}
+        for name in self.deferred:
+            for t in (*model.get_submodule(name).parameters(), *model.get_submodule(name).buffers()):
+                memo[id(t)] = t
+        self.root = copy.deepcopy(model, memo)
         self.graph = torch.fx.Graph()
         self.env: dict[str, torch.fx.Node] = {}
         self.cval: dict[str, Any] = {}  # compact ids (tensors) or compact values (sizes, ints)
@@ -615,6 +623,14 @@ class _Compactor:
 
         self.graph.output(torch.fx.node.map_arg(node.args[0], fix))
 
+    def finish(self) -> None:
+        """Give every module that kept its tensors shared with the user's model its own copy."""
+        for name in self.deferred:
+            parts = name.split(".")
+            replaced = any(".".join(parts[:i]) in self.swapped for i in range(1, len(parts) + 1))
+            if not replaced:  # neither it nor a module holding it (an attention block) was replaced
+                self.root.set_submodule(name, copy.deepcopy(self.model.get_submodule(name)))
+
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> None:
         for node in self.old.graph.nodes:
@@ -638,6 +654,26 @@ class _Compactor:
                     self.movement(node)
                 else:
                     self.same(node)
+        self.finish()
+
+
+def _replaced_soon(model: nn.Module, analysis: Analysis, alive: torch.Tensor) -> list[str]:
+    """Leaf modules that lose units, own their tensors alone, and appear once in ``model``."""
+    losing = {m.module for m in analysis.members if m.dim is not None and not bool(alive[m.unit].all())}
+    seen_modules: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        seen_modules[id(module)] = seen_modules.get(id(module), 0) + 1
+    seen_tensors: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            seen_tensors[id(t)] = seen_tensors.get(id(t), 0) + 1
+    names = []
+    for name, module in model.named_modules():
+        if name not in losing or next(module.children(), None) is not None or seen_modules[id(module)] > 1:
+            continue
+        if all(seen_tensors.get(id(t), 0) == 1 for t in (*module.parameters(), *module.buffers())):
+            names.append(name)
+    return names
 
 
 def _is_add(node: torch.fx.Node) -> bool:
