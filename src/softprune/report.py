@@ -37,8 +37,15 @@ class RunData:
         method = self.summary.get("method") or self.config.get("prune", {}).get("method", "?")
         if method == "dense":
             return f"{self.name} (dense)"
-        rate = self.summary.get("rate", self.config.get("prune", {}).get("rate"))
-        return f"{self.name} ({method} {rate:.0%})" if isinstance(rate, (int, float)) else self.name
+        prune = self.config.get("prune", {})
+        rate = self.summary.get("rate", prune.get("rate"))
+        if not isinstance(rate, (int, float)):
+            return self.name
+        criterion = self.summary.get("criterion") or prune.get("criterion")
+        budget = self.summary.get("budget") or prune.get("budget") or "layer"
+        what = {"macs": " of MACs", "params": " of params", "global": " of channels"}.get(budget, "")
+        how = f"{method}, {criterion}" if criterion and criterion != "l2" else method
+        return f"{self.name} ({how} {rate:.0%}{what})"
 
     @property
     def final_accuracy(self) -> float | None:
@@ -171,20 +178,29 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
+_LABELS_AT_POINTS = 8
+_MARKERS = "os^Dv<>PXp*h"
+
+
 def plot_pareto(runs: list[RunData], out: Path) -> Path:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    shown = [run for run in runs if run.macs is not None and run.final_accuracy is not None]
+    # beyond a handful of runs the points crowd together: a legend instead of labels at the points
+    crowded = len(shown) > _LABELS_AT_POINTS
+    fig, ax = plt.subplots(figsize=(10, 5) if crowded else (7, 4.5))
     points = []
-    for run in runs:
-        if run.macs is None or run.final_accuracy is None:
-            continue
+    for i, run in enumerate(shown):
         x, y = run.macs / 1e6, run.final_accuracy
         points.append((x, y))
-        ax.scatter([x], [y], s=36)
-        ax.annotate(run.label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.scatter([x], [y], s=36, marker=_MARKERS[i % len(_MARKERS)], label=run.label if crowded else None)
+        if not crowded:
+            ax.annotate(run.label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = _pareto(points)
     if len(front) > 1:
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label="Pareto front")
+    if crowded:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif len(front) > 1:
         ax.legend()
     ax.set(xlabel="MACs per image (millions)", ylabel="test accuracy (%)", title="accuracy against cost")
     ax.grid(alpha=0.3)
@@ -196,12 +212,17 @@ def plot_pareto(runs: list[RunData], out: Path) -> Path:
 
 def plot_accuracy_by_epoch(runs: list[RunData], out: Path) -> Path:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        ax.plot([r["epoch"] for r in run.rows], [r["test_acc"] for r in run.rows], label=run.label)
+    crowded = len(runs) > _LABELS_AT_POINTS
+    fig, ax = plt.subplots(figsize=(10, 5) if crowded else (7, 4.5))
+    for i, run in enumerate(runs):
+        style = "-" if i < 10 else "--"  # matplotlib's cycle has 10 colours
+        ax.plot([r["epoch"] for r in run.rows], [r["test_acc"] for r in run.rows], style, label=run.label)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy per epoch")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if crowded:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
