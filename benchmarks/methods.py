@@ -75,7 +75,7 @@ def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Pa
         base, overrides = base_config(args), METHODS[label]
     else:
         base = recipe_config(label, args)
-        overrides = ["prune.budget=macs", f"prune.rate={macs_cut:.4f}"]
+        overrides = ["prune.budget=macs", f"prune.rate={macs_cut}"]
     config = config_from_dict(base, [f"name={label}-s{seed}", f"output={out}", f"seed={seed}", *overrides])
     done = config.run_dir / "summary.json"
     if args.reuse and done.is_file() and load_config(config.run_dir / "config.yaml") == config:
@@ -234,6 +234,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="2 epochs on 256 images, 4 methods, one seed")
     parser.add_argument("--only", nargs="+", help="run only these methods (and Torch-Pruning)")
     parser.add_argument(
+        "--macs-cut", type=float, help="the recipes' MACs target (default: where a fresh 40%% preset ends)"
+    )
+    parser.add_argument(
         "--reuse", action="store_true", help="keep softprune runs that already finished (same settings)"
     )
     args = parser.parse_args()
@@ -243,12 +246,14 @@ def main() -> None:
     if args.only:
         labels = [label for label in labels if label in args.only]
     runs_root, out = Path(args.runs), Path(args.out)
+    torch.manual_seed(0)  # which stream channels a 40% preset removes, so its MACs, depend on weights
     dense = softprune.create_model("resnet20", in_channels=1, input_size=28)
     dense_macs = softprune.profile(dense, torch.randn(1, 1, 28, 28))["macs"]
     fresh = softprune.Pruner(dense, "sfp", 0.4, 1)
     fresh.step()
-    target = fresh.profile()["macs"]  # every 40% preset ends at these MACs (coupled residuals)
-    macs_cut = 1 - target / dense_macs
+    target = fresh.profile()["macs"]  # about where the 40% presets end (coupled residuals)
+    macs_cut = args.macs_cut if args.macs_cut is not None else round(1 - target / dense_macs, 4)
+    target = (1 - macs_cut) * dense_macs
     runs: dict[str, list[Path]] = {label: [] for label in labels}
     runs["torch-pruning"] = []
     for seed in args.seeds:
@@ -269,6 +274,7 @@ def main() -> None:
             "train_images": args.train_limit,
             "test_images": args.test_limit,
             "seeds": args.seeds,
+            "recipes_macs_cut": macs_cut,
         },
         "rows": rows,
     }
