@@ -11,7 +11,7 @@ help:
 	@echo "make test   - set up .venv if needed, install Fashion-MNIST where apt-get can, run the test suite"
 	@echo "make demo   - train a small ResNet on Fashion-MNIST with GHFP at 40%, compact it, compare"
 	@echo "make zoo    - prune and compact every torchvision classification model (long)"
-	@echo "make bench  - run the benchmarks under benchmarks/ (results in benchmarks/results/; ~2 h)"
+	@echo "make bench  - run the benchmarks under benchmarks/ (results in benchmarks/results/; ~1 h)"
 	@echo "make lint   - ruff"
 
 $(VENV)/.installed: pyproject.toml
