@@ -268,14 +268,18 @@ class _Compactor:
         # A copy of the user's model, not of the trace: its containers keep their classes
         # (Sequential, ModuleList), so `small.layer1[0]` still works on the result. Modules about to
         # be replaced by smaller ones are not worth copying (most of the weights): the copy first
-        # shares their tensors, and finish() copies any of them that ends up not replaced.
+        # holds the user's own, and finish() copies any of them that ends up not replaced.
         self.model = model
         self.deferred = _replaced_soon(model, analysis, alive)
         memo: dict[int, Any] = {}
         for name in self.deferred:
-            for t in (*model.get_submodule(name).parameters(), *model.get_submodule(name).buffers()):
-                memo[id(t)] = t
+            module = model.get_submodule(name)
+            memo[id(module)] = module
         self.root = copy.deepcopy(model, memo)
+        self.members_of: dict[str, list] = {}
+        for m in analysis.members:
+            if m.dim is not None:
+                self.members_of.setdefault(m.module, []).append(m)
         self.graph = torch.fx.Graph()
         self.env: dict[str, torch.fx.Node] = {}
         self.cval: dict[str, Any] = {}  # compact ids (tensors) or compact values (sizes, ints)
@@ -394,8 +398,9 @@ class _Compactor:
         # a leaf's own parameters ("weight") and its submodules' ("out_proj.weight")
         members = {
             (m.param if m.module == name else f"{m.module[len(name) + 1 :]}.{m.param}", m.dim): m
-            for m in self.a.members
-            if m.dim is not None and (m.module == name or m.module.startswith(name + "."))
+            for owner, owned in self.members_of.items()
+            if owner == name or owner.startswith(name + ".")
+            for m in owned
         }
 
         out_layout, out_c = self.expected(node)
