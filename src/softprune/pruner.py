@@ -159,8 +159,9 @@ class Pruner:
         rate: the fraction of each group's filters to prune, in [0, 1).
         total_steps: T, the number of pruning steps (epochs, by default).
         optimizer: hooked so that hard filters stay exactly zero after every step.
-        criterion: l1, l2 (default), fpgm, fpgm_mix, or a Criterion instance.
-        criterion_options: e.g. {"aggregate": "sum"} or {"norm_fraction": 0.25}.
+        criterion: l2 (default), l1, fpgm, fpgm_mix, bn_scale, lrf, random (weights); hrank, ezcrop,
+            similarity (feature maps: pass calibration=); taylor (gradients); or a Criterion instance.
+        criterion_options: e.g. {"aggregate": "sum"}, {"norm_fraction": 0.25}, {"alpha": 0.25}.
         example_inputs: what the forward takes, for tracing (softprune's models have a default).
         residual: "coupled" (default: one mask across a residual stream, so the stream narrows too; the
             fastest compact model) or "independent" (each branch prunes its own filters and adds its
