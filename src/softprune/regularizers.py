@@ -155,8 +155,23 @@ class GrowingL2(Regularizer):
         self.uniform = [float(u) for u in state.get("uniform", [])]
 
 
-REGULARIZERS = {"bn_l1": BNL1, "greg1": GrowingL2, "greg2": GrowingL2}
-_GREG2_DEFAULTS = {"uniform_delta": 1e-5, "uniform_ceiling": 1e-2}
+class GrowingL2Uniform(GrowingL2):
+    """GReg-2: GrowingL2 with the paper's uniform phase on by default (1e-5 per step up to 1e-2)."""
+
+    name = "greg2"
+
+    def __init__(
+        self,
+        delta: float = 1e-4,
+        every: int = 5,
+        ceiling: float = 1.0,
+        uniform_delta: float = 1e-5,
+        uniform_ceiling: float = 1e-2,
+    ) -> None:
+        super().__init__(delta, every, ceiling, uniform_delta, uniform_ceiling)
+
+
+REGULARIZERS = {"bn_l1": BNL1, "greg1": GrowingL2, "greg2": GrowingL2Uniform}
 
 
 def make_regularizer(spec: str | dict | Regularizer | None) -> Regularizer | None:
@@ -173,10 +188,8 @@ def make_regularizer(spec: str | dict | Regularizer | None) -> Regularizer | Non
     kind = options.pop("kind", None)
     if kind not in REGULARIZERS:
         raise choice_error("regularizer", kind, REGULARIZERS)
-    if kind == "greg2":
-        options = {**_GREG2_DEFAULTS, **options}
     try:
-        regularizer = REGULARIZERS[kind](**options)
+        return REGULARIZERS[kind](**options)
     except TypeError:
         import inspect
 
@@ -185,6 +198,3 @@ def make_regularizer(spec: str | dict | Regularizer | None) -> Regularizer | Non
             f"regularizer {kind!r} has no option {sorted(set(options) - set(allowed))[0]!r}; its options are: "
             + ", ".join(allowed)
         ) from None
-    if kind == "greg2":
-        regularizer.name = "greg2"
-    return regularizer
