@@ -291,7 +291,18 @@ def _consumer_norms(group: ChannelGroup, model: nn.Module) -> torch.Tensor:
     return total.sqrt()
 
 
-class LRF(Criterion):
+class SequentialCriterion(Criterion):
+    """A criterion whose ranking is built one removal at a time (each choice changes the others'
+    scores): order_and_scores is the primitive, and rank and scores come from it."""
+
+    def rank(self, group, model, n):
+        return self.order_and_scores(group, model, n)[0]
+
+    def scores(self, group, model):
+        return self.order_and_scores(group, model, group.size)[1]
+
+
+class LRF(SequentialCriterion):
     """Linearly replaceable filters: a filter that a linear combination of the other filters of its
     layer reproduces is redundant. Score: the residual norm of that least-squares fit, times the
     norm of the next layer's weights that read the channel (the paper's code); units are removed one
@@ -331,12 +342,6 @@ class LRF(Criterion):
             inv[:, u] = 0
         return torch.tensor(order, dtype=torch.long), scores
 
-    def rank(self, group, model, n):
-        return self.order_and_scores(group, model, n)[0]
-
-    def scores(self, group, model):
-        return self.order_and_scores(group, model, group.size)[1]
-
     def options(self):
         return {**super().options(), "ridge": self.ridge}
 
@@ -369,7 +374,8 @@ class DataCriterion(Criterion):
     def observed(self):
         return bool(self._counts) and any(bool((c > 0).any()) for c in self._counts)
 
-    def scores(self, group, model):
+    def _observed_position(self, group: ChannelGroup) -> int:
+        """The group's position in what was observed; an error if none of its maps were seen."""
         i = self._position.get(group.index)
         if i is None or not bool((self._counts[i] > 0).any()):
             raise SoftpruneError(
@@ -377,6 +383,10 @@ class DataCriterion(Criterion):
                 "calibration batches (calibration=...)"
                 + (" with loss_fn=, or train between steps" if self.needs == "gradients" else "")
             )
+        return i
+
+    def scores(self, group, model):
+        i = self._observed_position(group)
         counts = self._counts[i]
         if self.aggregate == "sum":
             return self._sums[i].float()
@@ -484,7 +494,7 @@ class Taylor(DataCriterion):
         return {**super().options(), "square": self.square}
 
 
-class Similarity(DataCriterion):
+class Similarity(SequentialCriterion, DataCriterion):
     """Channel similarity: channels whose feature maps are strongly correlated carry the same
     information. Units are clustered hierarchically (average linkage on 1 - |correlation| of their
     maps over calibration data); each merge drops the cluster member with the lower activation
@@ -509,12 +519,7 @@ class Similarity(DataCriterion):
         self._counts[g].index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
 
     def order_and_scores(self, group, model, n):
-        i = self._position.get(group.index)
-        if i is None or not bool((self._counts[i] > 0).any()):
-            raise SoftpruneError(
-                f"criterion 'similarity' has seen no feature maps of group '{group.name}'; give the pruner "
-                "calibration batches (calibration=...)"
-            )
+        i = self._observed_position(group)
         count = self._n[i].clamp(min=1)
         # every unit is observed over the same positions, so one n per unit is enough
         mean = self._mean[i] / count
@@ -527,12 +532,6 @@ class Similarity(DataCriterion):
         dist[dead, :] = 0.0
         dist[:, dead] = 0.0
         return agglomerate(dist, energy)
-
-    def rank(self, group, model, n):
-        return self.order_and_scores(group, model, n)[0]
-
-    def scores(self, group, model):
-        return self.order_and_scores(group, model, group.size)[1]
 
     def state_dict(self):
         return {**super().state_dict(), "gram": self._gram, "mean": self._mean, "n": self._n}
