@@ -302,9 +302,7 @@ class Pruner:
         self._cost_model: CostModel | None = None
         self.dense_cost: dict[str, float] | None = None
         if self.budget.kind in ("macs", "params"):
-            self.dense_cost = self._costs().cost(
-                torch.zeros(int(self.analysis.ids.label.max()) + 1, dtype=torch.bool)
-            )
+            self.dense_cost = self._costs().cost(self._classes([]))  # nothing pruned
         self._watch()
         self.attach(optimizer)
 
@@ -591,14 +589,11 @@ class Pruner:
         costs = self._costs()
 
         def cost_of(counts: list[int]) -> float:
-            pruned = torch.zeros(int(self.analysis.ids.label.max()) + 1, dtype=torch.bool)
-            for i, n_sel in enumerate(counts):
-                mask, group = self.masks[i], self.prunable[i]
-                picked = self._within_quota(
-                    i, orders[i], mask.hard, group.frozen, self.budget.max_rate, n_sel
-                )
-                pruned[group.classes[picked]] = True
-            return costs.cost(pruned)[kind]
+            picked = [
+                self._within_quota(i, orders[i], m.hard, g.frozen, self.budget.max_rate, n_sel)
+                for i, (g, m, n_sel) in enumerate(zip(self.prunable, self.masks, counts))
+            ]
+            return costs.cost(self._classes(picked))[kind]
 
         def meeting(sequence: torch.Tensor) -> tuple[int, float]:
             return smallest_meeting(lambda k: cost_of(counts_for(k, sequence)), target, int(sequence.numel()))
