@@ -44,9 +44,10 @@ def machine() -> dict:
     return info
 
 
-def write(name: str, payload: dict, table: str, out: Path | None = None) -> Path:
-    """Write results/NAME.json and results/NAME.md (the table, with the machine and the date)."""
-    out = out or RESULTS
+def write(name: str, payload: dict, table: str, out: str | Path | None = None) -> Path:
+    """Write NAME.json and NAME.md (the table, with the machine and the date) into ``out`` (default
+    results/), print the Markdown, and return its path."""
+    out = Path(out) if out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     m = payload["machine"]
@@ -57,4 +58,5 @@ def write(name: str, payload: dict, table: str, out: Path | None = None) -> Path
         + ".\n\n"
     )
     (out / f"{name}.md").write_text(header + table.rstrip() + "\n")
+    print(header + table.rstrip())
     return out / f"{name}.md"

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import softprune
-from common import RESULTS, machine
+from common import RESULTS, machine, write
 from softprune.calibrate import recalibrate_batchnorm
 from softprune.data import DATASETS, BatchLoader, load_dataset
 from softprune.report import make_report
@@ -278,8 +278,6 @@ def main() -> None:
         },
         "rows": rows,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     report_dir = out / name
     if report_dir.exists():
         shutil.rmtree(report_dir)
@@ -288,14 +286,9 @@ def main() -> None:
         report_dir,
         title=f"Methods on Fashion-MNIST (seed {args.seeds[0]})",
     )
-    m = payload["machine"]
     lines = [
         f"## Methods on Fashion-MNIST, ResNet-20 (1 input channel), {args.epochs} epochs on {args.train_limit} images, "
         f"test on {args.test_limit}, seeds {', '.join(map(str, args.seeds))}",
-        "",
-        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, softprune {m['softprune']}"
-        + (f", torch-pruning {m['torch_pruning']}" if "torch_pruning" in m else "")
-        + ".",
         "",
         "| method | final test accuracy (compact) | per seed | accuracy by epoch (mean) | MACs | params | wall time |",
         "|---|---|---|---|---|---|---|",
@@ -311,8 +304,7 @@ def main() -> None:
         f"Plots over the runs of seed {args.seeds[0]}: [report]({name}/report.md), "
         f"with the [accuracy against MACs]({name}/pareto.png) and [accuracy per epoch]({name}/accuracy_by_epoch.png).",
     ]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(name, payload, "\n".join(lines), out)
 
 
 if __name__ == "__main__":

@@ -120,13 +120,7 @@ def main() -> None:
         "Floors: a pruning step < 1% of an epoch; the per-iteration hooks <= 3% of a training step. Presets",
         "without hard filters (sfp, asfp, srfp, asrfp) have nothing to re-zero; their ratio is the noise.",
     ]
-    path = write(
-        "overhead" + ("_smoke" if args.smoke else ""),
-        payload,
-        "\n".join(lines),
-        None if not args.out else __import__("pathlib").Path(args.out),
-    )
-    print(path.read_text())
+    write("overhead" + ("_smoke" if args.smoke else ""), payload, "\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torchvision
@@ -157,13 +156,7 @@ def main() -> None:
         "prunes LayerNorm-normalized embedding dimensions of the ViT (an approximation), softprune keeps them",
         "(docs/methods.md), so parameter counts differ.",
     ]
-    path = write(
-        "vs_torch_pruning" + ("_smoke" if args.smoke else ""),
-        payload,
-        "\n".join(lines),
-        Path(args.out) if args.out else None,
-    )
-    print(path.read_text())
+    write("vs_torch_pruning" + ("_smoke" if args.smoke else ""), payload, "\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
