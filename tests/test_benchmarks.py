@@ -11,17 +11,18 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _run(script, out, *extra):
+def _script(script, *args, timeout=600):
+    """Run benchmarks/SCRIPT with ARGS; it must succeed."""
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
     proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--smoke", "--out", str(out), "--threads", "1", *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env, timeout=timeout
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
+
+
+def _run(script, out, *extra):
+    return _script(script, "--smoke", "--out", str(out), "--threads", "1", *extra)
 
 
 def test_overhead_smoke(tmp_path):
@@ -84,23 +85,7 @@ def test_vs_torch_pruning_smoke(tmp_path):
 
 def test_zoo_smoke(tmp_path):
     out = tmp_path / "zoo.md"
-    env = {**os.environ, "PYTHONPATH": str(BENCH)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "zoo.py"),
-            "--smoke",
-            "--out",
-            str(out),
-            "--json",
-            str(tmp_path / "zoo.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _script("zoo.py", "--smoke", "--out", str(out), "--json", str(tmp_path / "zoo.json"))
     rows = json.loads((tmp_path / "zoo.json").read_text())["rows"]
     assert len(rows) == 6 and all(r["ok"] for r in rows)
     for r in rows:
@@ -109,23 +94,7 @@ def test_zoo_smoke(tmp_path):
 
 
 def test_methods_smoke(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(BENCH)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "methods.py"),
-            "--smoke",
-            "--out",
-            str(tmp_path),
-            "--runs",
-            str(tmp_path / "runs"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _script("methods.py", "--smoke", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), timeout=900)
     data = json.loads((tmp_path / "methods_smoke.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
     expected = {"dense", "sfp", "ghfp", "hrank"} | (
