@@ -92,6 +92,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, out: Path) -> Path:
+    """Lay out, write the PNG and free the figure (pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    _pyplot().close(fig)
+    return out
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
 
@@ -110,10 +118,7 @@ def plot_curves(run: RunData, out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(run.label)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_schedules(run: RunData, out: Path) -> Path:
@@ -142,10 +147,7 @@ def plot_schedules(run: RunData, out: Path) -> Path:
         if rows:
             ax.legend(loc="best")
     fig.suptitle(run.label)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_widths(run: RunData, out: Path) -> Path:
@@ -162,10 +164,7 @@ def plot_widths(run: RunData, out: Path) -> Path:
         ax.text(0.5, 0.5, "no compact model", ha="center", va="center", transform=ax.transAxes)
     ax.set(ylabel="output channels (heads for attention)", title=f"kept width of every layer: {run.label}")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -204,10 +203,7 @@ def plot_pareto(runs: list[RunData], out: Path) -> Path:
         ax.legend()
     ax.set(xlabel="MACs per image (millions)", ylabel="test accuracy (%)", title="accuracy against cost")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_accuracy_by_epoch(runs: list[RunData], out: Path) -> Path:
@@ -223,10 +219,7 @@ def plot_accuracy_by_epoch(runs: list[RunData], out: Path) -> Path:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def runs_table(runs: list[RunData]) -> list[str]:
