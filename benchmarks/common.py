@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -35,11 +36,9 @@ def machine() -> dict:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        import torch_pruning
-
-        info["torch_pruning"] = torch_pruning.__version__
-    except ImportError:
+    try:  # the installed distribution's version: torch_pruning.__version__ says 1.6.0 in 1.6.1
+        info["torch_pruning"] = importlib.metadata.version("torch-pruning")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return info
 
