@@ -37,6 +37,14 @@ def _compensable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def ridged(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """gram + ridge * (its mean diagonal) * I: a ridge that scales with the data, so the same
+    ``ridge`` suits activations of any magnitude (float64 in, float64 out)."""
+    n = gram.shape[0]
+    scale = float(gram.diagonal().mean()) if n else 1.0
+    return gram + ridge * max(scale, 1e-30) * torch.eye(n, dtype=gram.dtype)
+
+
 def _fold(weight: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor, a: torch.Tensor) -> None:
     """weight[:, kept] += weight[:, removed] contracted with a [|removed|, |kept|] (column dim 1)."""
     w_r = weight.index_select(1, removed).double()
@@ -110,9 +118,7 @@ class Compensator:
             cols = torch.cat([kept, torch.tensor([gram.shape[0] - 1])]) if has_bias else kept
             g_kk = gram[cols][:, cols]
             g_rk = gram[removed][:, cols]
-            scale = float(g_kk.diagonal().mean()) if cols.numel() else 1.0
-            eye = torch.eye(cols.numel(), dtype=torch.float64)
-            a = torch.linalg.solve(g_kk + self.ridge * max(scale, 1e-30) * eye, g_rk.T).T  # [R, K(+1)]
+            a = torch.linalg.solve(ridged(g_kk, self.ridge), g_rk.T).T  # [R, K(+1)]
             weight = module.weight
             if has_bias:
                 w_r = weight.detach().index_select(1, removed.to(weight.device)).double()
@@ -132,11 +138,7 @@ class Compensator:
         filters = [m for m in group.members_with(Role.FILTER)]
         rows = torch.cat([group.unit_matrix(model, m).double() for m in filters], dim=1)
         f_k, f_r = rows[kept], rows[removed]
-        gram = f_k @ f_k.T
-        scale = float(gram.diagonal().mean()) if kept.numel() else 1.0
-        a = torch.linalg.solve(
-            gram + self.ridge * max(scale, 1e-30) * torch.eye(kept.numel(), dtype=torch.float64), f_k @ f_r.T
-        ).T  # [R, K]
+        a = torch.linalg.solve(ridged(f_k @ f_k.T, self.ridge), f_k @ f_r.T).T  # [R, K]
         changed = []
         for member in group.members_with(Role.CONSUMER):
             if member.dim != 1 or member.param != "weight":

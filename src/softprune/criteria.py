@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .compensate import ridged
 from .errors import SoftpruneError, choice_error
 from .groups import ChannelGroup, Member, Role
 
@@ -321,9 +322,7 @@ class LRF(SequentialCriterion):
         rows = _filter_rows(group, model).double()
         weight = _consumer_norms(group, model).double()
         size = rows.shape[0]
-        gram = rows @ rows.T
-        scale = float(gram.diagonal().mean()) if size else 1.0
-        inv = torch.linalg.inv(gram + self.ridge * max(scale, 1e-30) * torch.eye(size, dtype=torch.float64))
+        inv = torch.linalg.inv(ridged(rows @ rows.T, self.ridge))
         alive = torch.ones(size, dtype=torch.bool)
         order, scores = [], torch.zeros(size)
         for _ in range(size):
