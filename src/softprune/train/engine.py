@@ -471,17 +471,17 @@ class Run:
         plan = sp_io.make_plan(self.pruner, removed_only=True) if removed else None
         sp_io.save(self.net, self.dir / "model.safetensors", plan=plan)
         final = self.history[-1] if self.history else {}
+        pruning = cfg.prune.method != "dense"
         summary: dict[str, Any] = {
             "name": cfg.name,
             "model": cfg.model.name,
             "data": cfg.data.name,
             "method": cfg.prune.method,
-            "rate": cfg.prune.rate if cfg.prune.method != "dense" else 0.0,
-            "criterion": cfg.prune.criterion if cfg.prune.method != "dense" else None,
-            "residual": cfg.prune.residual if cfg.prune.method != "dense" else None,
-            "budget": cfg.prune.budget if cfg.prune.method != "dense" else None,
-            "regularizer": cfg.prune.regularizer if cfg.prune.method != "dense" else None,
-            "compensate": cfg.prune.compensate if cfg.prune.method != "dense" else None,
+            "rate": cfg.prune.rate if pruning else 0.0,
+            **{  # how it was pruned; nothing for a dense run
+                key: getattr(cfg.prune, key) if pruning else None
+                for key in ("criterion", "residual", "budget", "regularizer", "compensate")
+            },
             "epochs": cfg.train.epochs,
             "processes": self.world,
             "replicas": self.replicas,
