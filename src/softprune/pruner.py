@@ -56,6 +56,18 @@ class StepReport:
         return dict(self.__dict__)
 
 
+def _replicated() -> bool:
+    """Several processes (torchrun): rank 0's decisions and weight changes are copied to the others."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast_from_rank0(tensors: Iterable[torch.Tensor | None]) -> None:
+    """Rank 0's values of the floating-point tensors, in place, on every process (call on all)."""
+    for tensor in tensors:
+        if tensor is not None and tensor.is_floating_point():
+            dist.broadcast(tensor.data, src=0)
+
+
 def _floor(x: float) -> int:
     return int(math.floor(x + 1e-9))  # 10 * 0.3 is 2.9999999999999996 in floating point
 
@@ -433,10 +445,8 @@ class Pruner:
                 if p.dim() >= 2:
                     p.grad = None
             self.model.train(was_training)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for tensor in gates + list(self.model.buffers()):
-                if tensor.is_floating_point():
-                    dist.broadcast(tensor.data, src=0)
+        if _replicated():
+            _broadcast_from_rank0(gates + list(self.model.buffers()))
         return n
 
     def _count_step(self) -> None:
@@ -642,8 +652,8 @@ class Pruner:
                 self.model,
                 self.analysis,
                 ids.alive(self._classes(old_hard)),
-                ids.alive(self._classes([m.hard for m in self.masks])),
-                ids.alive(self._classes([m.pruned for m in self.masks])),
+                ids.alive(self.pruned_classes(include_soft=False)),
+                ids.alive(self.pruned_classes()),
                 self._run_calibration,
             )
         else:
@@ -653,12 +663,10 @@ class Pruner:
                     removed = torch.nonzero(fresh).view(-1)
                     kept = torch.nonzero(~mask.pruned).view(-1)
                     changed += self.compensator.from_weights(self.model, group, removed, kept)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _replicated():
             for name in sorted(set(changed)):  # the same order on every rank
                 module = self.model.get_submodule(name)
-                for tensor in (module.weight, getattr(module, "bias", None)):
-                    if tensor is not None:
-                        dist.broadcast(tensor.data, src=0)
+                _broadcast_from_rank0((module.weight, getattr(module, "bias", None)))
 
     def _dead_inputs(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
         """Consumer input columns that read an always-zero channel (hard units, and residual streams
@@ -685,7 +693,7 @@ class Pruner:
     def _agree(self) -> None:
         """Under torch.distributed, every process takes rank 0's decision, so replicas never diverge
         (their weights agree, but a tie in the scores could otherwise break differently)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not _replicated():
             return
         packed = torch.cat([torch.cat([m.hard, m.soft]) for m in self.masks]).to(torch.uint8)
         if dist.get_backend() == "nccl":
