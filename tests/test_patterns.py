@@ -356,3 +356,37 @@ def test_custom_module_through_a_handler_or_ignore():
         from softprune.handlers import HANDLERS
 
         HANDLERS.pop(MyConv)
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Conv2d(3, 8, 3), (1, 3, 9, 9)),
+        (nn.Conv2d(4, 8, (3, 5), stride=(2, 3), padding=(1, 2), dilation=(2, 1), groups=2), (1, 4, 17, 13)),
+        (nn.Conv2d(4, 4, 4, padding="same", dilation=3, groups=4, padding_mode="reflect"), (1, 4, 15, 15)),
+        (nn.Conv2d(4, 6, 3, padding="valid"), (4, 7, 7)),  # unbatched
+        (nn.Conv1d(2, 5, 7, stride=3, padding=2), (1, 2, 30)),
+        (nn.Conv3d(2, 3, (1, 3, 2), stride=(1, 2, 2)), (1, 2, 4, 9, 8)),
+        (nn.Linear(6, 3), (1, 5, 6)),
+    ],
+)
+def test_analysis_output_shapes_without_arithmetic_match_the_layers(layer, shape):
+    from softprune.graph import _without_arithmetic
+
+    x = torch.randn(shape)
+    shaped = _without_arithmetic(layer, (x,), {})
+    assert shaped.shape == layer(x).shape and not bool(shaped.any())
+
+
+def test_analysis_runs_layers_it_cannot_size_for_real():
+    from softprune.graph import _without_arithmetic
+
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x)[:, :, ::2]
+
+    x = torch.randn(1, 3, 8, 8)
+    assert _without_arithmetic(Scaled(3, 4, 3), (x,), {}) is None  # its own forward: run it
+    assert _without_arithmetic(nn.Conv2d(5, 4, 3), (x,), {}) is None  # wrong width: the layer reports it
+    assert _without_arithmetic(nn.Conv2d(3, 4, 9), (x,), {}) is None  # larger kernel than input
+    assert _without_arithmetic(nn.Conv2d(3, 4, 3).double(), (x,), {}) is None  # dtype mismatch

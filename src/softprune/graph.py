@@ -433,6 +433,48 @@ def analyze(
         return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta=False)
 
 
+_STOCK_CONV = {c: (c.forward, c._conv_forward) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+
+
+def _without_arithmetic(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Zeros of the output's shape for a stock convolution or Linear, or None to run the module.
+
+    The analysis needs shapes, not values, and these layers are nearly all of a CNN's arithmetic
+    (ResNet-50 at 224: 0.05 s of convolutions). Anything unusual (a subclass with its own forward,
+    keyword arguments, a size mismatch the real layer should report) runs for real.
+    """
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    x, kind = args[0], type(module)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or x.dtype != weight.dtype or x.device != weight.device:
+        return None
+    if kind is nn.Linear and kind.forward is nn.Linear.forward:
+        if x.dim() == 0 or x.shape[-1] != module.in_features:
+            return None
+        return x.new_zeros(*x.shape[:-1], module.out_features)
+    if _STOCK_CONV.get(kind) != (kind.forward, getattr(kind, "_conv_forward", None)):
+        return None
+    nd = weight.dim() - 2
+    if x.dim() not in (nd + 1, nd + 2) or x.shape[-nd - 1] != module.in_channels:
+        return None
+    spatial = []
+    for i in range(nd):
+        size = x.shape[x.dim() - nd + i]
+        if isinstance(module.padding, str):
+            pad = (module.dilation[i] * (module.kernel_size[i] - 1)) // 2 if module.padding == "same" else 0
+            out = size if module.padding == "same" else None
+        else:
+            pad, out = module.padding[i], None
+        if out is None:
+            span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
+            out = (size + 2 * pad - span) // module.stride[i] + 1
+        if out <= 0:
+            return None
+        spatial.append(out)
+    return x.new_zeros(*x.shape[: x.dim() - nd - 1], module.out_channels, *spatial)
+
+
 def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta: bool) -> Analysis:
     from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, rule_for_unknown
 
@@ -450,7 +492,8 @@ def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta: 
 
     def call(module: nn.Module, args, kwargs):
         if not meta:
-            return module(*args, **kwargs)
+            shaped = _without_arithmetic(module, args, kwargs)
+            return shaped if shaped is not None else module(*args, **kwargs)
         # swap in meta copies of the parameters for the call (cheaper than torch.func.functional_call)
         swaps = meta_state.get(id(module))
         if swaps is None:
@@ -678,77 +721,119 @@ def build_groups(
                 m.unit[m.unit > CONST] if m.unit.numel() else m.unit, f"module '{m.module}' is in ignore"
             )
     label = ids.resolve()
-
+    n_classes = int(label.max()) + 1
     frozen_class = ids.frozen_classes()
-    is_frozen = torch.zeros(int(label.max()) + 1, dtype=torch.bool)
+    is_frozen = torch.zeros(n_classes, dtype=torch.bool)
     if frozen_class:
         is_frozen[torch.tensor(list(frozen_class))] = True
 
-    # classes owned by each producer (FILTER members)
-    labels = [label[m.unit] for m in analysis.members]
-    real = [m.unit > CONST for m in analysis.members]
-    producers_of: dict[int, list[str]] = {}
-    for m, lab, ok in zip(analysis.members, labels, real):
-        if m.role is Role.FILTER:
-            for c in torch.unique(lab[ok]).tolist():
-                lst = producers_of.setdefault(c, [])
-                if m.module not in lst:
-                    lst.append(m.module)
-    # groups: classes connected through shared producers (union-find over producer names)
-    parent: dict[str, str] = {}
+    # Every member's positions in one flat tensor (a class per position, -1 where not a channel), so
+    # the per-class work below is tensor work: a ResNet-50 has ~40k classes and ~1k members.
+    members = analysis.members
+    sizes = [m.unit.numel() for m in members]
+    flat_ids = (
+        torch.cat([m.unit.reshape(-1) for m in members]) if members else torch.zeros(0, dtype=torch.long)
+    )
+    flat = torch.where(flat_ids > CONST, label[flat_ids], -1)
+    owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(sizes, dtype=torch.long))
+    starts = [0]
+    for s in sizes:
+        starts.append(starts[-1] + s)
 
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
+    # producers: modules with FILTER members; the classes each one owns
+    order_of_module = {name: i for i, name in enumerate(modules)}
+    producer_names: list[str] = []
+    producer_index: dict[str, int] = {}
+    module_of_member = torch.full((len(members),), -1, dtype=torch.long)
+    position_key = torch.zeros(len(members), dtype=torch.long)
+    with_dim = torch.zeros(len(members), dtype=torch.bool)
+    for i, m in enumerate(members):
+        if m.role is Role.FILTER:
+            module_of_member[i] = producer_index.setdefault(m.module, len(producer_names))
+            if len(producer_index) > len(producer_names):
+                producer_names.append(m.module)
+            position_key[i] = order_of_module.get(m.module, 1 << 19)
+            with_dim[i] = m.dim is not None
+    produced = (flat >= 0) & (module_of_member[owner] >= 0)
+    pairs = unique_pairs(flat[produced], module_of_member[owner[produced]])[0]  # (class, producer)
+    none = len(producer_names)
+    first_producer = torch.full((n_classes,), none, dtype=torch.long)
+    first_producer.scatter_reduce_(0, pairs[0], pairs[1], reduce="amin")
+    # groups: classes connected through shared producers (components over the few producer modules)
+    parent = list(range(none))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
         return x
 
-    for prods in producers_of.values():
-        for p in prods[1:]:
-            parent[find(p)] = find(prods[0])
-    by_root: dict[str, list[int]] = {}
-    for c, prods in producers_of.items():
-        by_root.setdefault(find(prods[0]), []).append(c)
+    for a, b in unique_pairs(first_producer[pairs[0]], pairs[1])[0].t().tolist():
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    component = torch.tensor([find(p) for p in range(none)] + [none], dtype=torch.long)
+    owned = torch.nonzero(first_producer < none).view(-1)  # the classes that have a producer
+    root = component[first_producer[owned]]
 
     # order units by their first producer's position, so unit i of a plain conv is its filter i
-    n_classes = int(label.max()) + 1
     big = 1 << 40
     position = torch.full((n_classes,), big * (1 << 20), dtype=torch.long)
-    order_of_module = {name: i for i, name in enumerate(modules)}
-    for m, lab in zip(analysis.members, labels):
-        if m.role is Role.FILTER and m.dim is not None:
-            key = order_of_module.get(m.module, 1 << 19) * big + torch.arange(lab.numel())
-            position.scatter_reduce_(0, lab, key, reduce="amin")
-
-    first_position = {r: int(position[torch.tensor(cs)].min()) for r, cs in by_root.items()}
-    root_order = sorted(by_root, key=first_position.__getitem__)
+    keyed = produced & with_dim[owner]
+    index_in_member = torch.arange(flat.numel()) - torch.tensor(
+        starts[:-1], dtype=torch.long
+    ).repeat_interleave(torch.tensor(sizes, dtype=torch.long))
+    position.scatter_reduce_(
+        0, flat[keyed], position_key[owner[keyed]] * big + index_in_member[keyed], reduce="amin"
+    )
+    # groups in the order of their first unit; units within a group by position
+    first_of_root = torch.full((none + 1,), big * (1 << 20), dtype=torch.long)
+    first_of_root.scatter_reduce_(0, root, position[owned], reduce="amin")
+    roots = torch.unique(root)
+    roots = roots[torch.argsort(first_of_root[roots], stable=True)]
+    rank_of_root = torch.full((none + 1,), -1, dtype=torch.long)
+    rank_of_root[roots] = torch.arange(roots.numel())
+    gi_of_owned = rank_of_root[root]
+    by_position = torch.argsort(position[owned], stable=True)
+    by_group = by_position[torch.argsort(gi_of_owned[by_position], stable=True)]
+    sorted_classes = owned[by_group]
+    counts = torch.bincount(gi_of_owned, minlength=roots.numel())
+    group_start = torch.cumsum(counts, 0) - counts
     group_of = torch.full((n_classes,), -1, dtype=torch.long)
     unit_of = torch.full((n_classes,), -1, dtype=torch.long)
-    ordered: list[list[int]] = []
-    for gi, root in enumerate(root_order):
-        classes = torch.tensor(by_root[root])
-        classes = classes[torch.argsort(position[classes], stable=True)]
-        group_of[classes] = gi
-        unit_of[classes] = torch.arange(classes.numel())
-        ordered.append(classes.tolist())
+    group_of[sorted_classes] = gi_of_owned[by_group]
+    unit_of[sorted_classes] = torch.arange(sorted_classes.numel()) - group_start[gi_of_owned[by_group]]
+    ordered = torch.split(sorted_classes, counts.tolist()) if counts.numel() else ()
+
+    # each member's slice of each group it touches
+    flat_group = torch.where(flat >= 0, group_of[flat.clamp(min=0)], -1)
+    flat_unit = torch.where(flat_group >= 0, unit_of[flat.clamp(min=0)], -1)
+    touched = flat_group >= 0
+    member_group = (
+        unique_pairs(owner[touched], flat_group[touched])[0]
+        if bool(touched.any())
+        else torch.zeros(2, 0, dtype=torch.long)
+    )
     members_of: list[list[Member]] = [[] for _ in ordered]
-    for m, lab, ok in zip(analysis.members, labels, real):
-        g = torch.where(ok, group_of[lab], -1)
-        for gi in torch.unique(g[g >= 0]).tolist():
-            unit = torch.where(g == gi, unit_of[lab], -1)
-            members_of[gi].append(Member(m.module, m.param, m.dim, unit, m.role))
+    for mi, gi in member_group.t().tolist():
+        m = members[mi]
+        g = flat_group[starts[mi] : starts[mi + 1]]
+        unit = flat_unit[starts[mi] : starts[mi + 1]]
+        if not bool((g == gi).all()):
+            unit = torch.where(g == gi, unit, -1)
+        members_of[gi].append(Member(m.module, m.param, m.dim, unit.view(m.unit.shape), m.role))
 
     groups: list[ChannelGroup] = []
     for gi, classes in enumerate(ordered):
-        members = members_of[gi]
+        group_members = members_of[gi]
         prods: list[str] = []
         cons: list[str] = []
-        for m in members:
+        for m in group_members:
             target = prods if m.role is Role.FILTER else cons if m.role is Role.CONSUMER else None
             if target is not None and m.module not in target:
                 target.append(m.module)
-        frozen = is_frozen[torch.tensor(classes)]
-        reasons = {i: frozen_class[classes[i]] for i in torch.nonzero(frozen).view(-1).tolist()}
+        frozen = is_frozen[classes]
+        reasons = {i: frozen_class[int(classes[i])] for i in torch.nonzero(frozen).view(-1).tolist()}
         excluded = None
         not_selected = [p for p in prods if not selected(p, modules[p])]
         if not_selected:
@@ -756,12 +841,12 @@ def build_groups(
         groups.append(
             ChannelGroup(
                 index=len(groups),
-                size=len(classes),
-                members=members,
+                size=int(classes.numel()),
+                members=group_members,
                 producers=prods,
                 consumers=cons,
                 frozen=frozen,
-                classes=torch.tensor(classes),
+                classes=classes.clone(),
                 reasons=reasons,
                 excluded=excluded,
             )
