@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import softprune
@@ -178,3 +179,45 @@ def test_compact_modules_share_nothing_with_the_masked_model():
     dense_tensors = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     small_tensors = {t.data_ptr() for t in list(small.parameters()) + list(small.buffers()) if t.numel()}
     assert not dense_tensors & small_tensors
+
+
+def test_copy_module_is_a_deep_copy_that_shares_nothing():
+    from softprune.handlers import copy_module
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    model.features[0][0].register_forward_hook(lambda *a: None)
+    model.note = {"kept": [1, 2]}
+    kept_alone = model.classifier[1]
+    copied = copy_module(model, {id(kept_alone): kept_alone})
+    assert type(copied.features) is type(model.features)  # containers keep their classes
+    assert copied.classifier[1] is kept_alone  # the memo is honoured, as in copy.deepcopy
+    assert copied.note == model.note and copied.note is not model.note
+    assert len(copied.features[0][0]._forward_hooks) == 1
+    assert copied.features[0][0]._forward_hooks is not model.features[0][0]._forward_hooks
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(copied(x), model(x))
+    ours = {t.data_ptr() for n, t in model.state_dict().items() if not n.startswith("classifier.1")}
+    theirs = {t.data_ptr() for n, t in copied.state_dict().items() if not n.startswith("classifier.1")}
+    assert not ours & theirs
+
+
+def test_resized_replaces_tensors_and_copies_the_rest():
+    from softprune.handlers import resized
+
+    bn = nn.BatchNorm2d(4)
+    bn.running_mean.add_(1.0)
+    small = resized(bn, {"weight": torch.ones(2), "running_mean": torch.zeros(2)}, num_features=2)
+    assert small.num_features == 2 and small.weight.shape == (2,) and isinstance(small.weight, nn.Parameter)
+    assert torch.equal(small.running_mean, torch.zeros(2))
+    assert torch.equal(small.bias, bn.bias) and small.bias.data_ptr() != bn.bias.data_ptr()
+    assert torch.equal(bn.running_mean, torch.ones(4))  # the original is untouched
+
+
+def test_apply_layout_keeps_broadcast_dimensions_broadcast():
+    from softprune.compact import apply_layout
+
+    ids = torch.arange(6).view(1, 6, 1, 1).expand(1, 6, 5, 7)
+    small = apply_layout(ids, (None, torch.tensor([0, 2, 5]), None, None))
+    assert small.shape == (1, 3, 5, 7) and small.stride(2) == small.stride(3) == 0
+    assert torch.equal(small, ids.contiguous().index_select(1, torch.tensor([0, 2, 5])))
