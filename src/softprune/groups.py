@@ -93,7 +93,8 @@ class ChannelGroup:
         """The member's weights as [size, features]: row u holds every value of unit u.
 
         Positions of one unit are gathered together (a filter row, or the H*W input columns a flatten
-        gives one channel); units with no position in this member get a row of zeros.
+        gives one channel); units with no position in this member get a row of zeros. It may be a
+        view of the weights: read it, do not write to it.
         """
         weight = member.tensor(model).detach()
         if member.dim is None:
@@ -109,6 +110,8 @@ class ChannelGroup:
             out[u_sorted, col] = flat[keep][order]
             return out
         moved = weight.movedim(member.dim, 0).reshape(weight.shape[member.dim], -1)
+        if member.unit.numel() == self.size and torch.equal(member.unit, torch.arange(self.size)):
+            return moved  # row u is unit u already (a plain layer's filters): no copy
         keep = member.unit >= 0
         counts = torch.bincount(member.unit[keep], minlength=self.size)
         per = int(counts.max()) if counts.numel() else 0

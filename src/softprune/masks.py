@@ -64,10 +64,7 @@ def apply(group: ChannelGroup, mask: GroupMask, model: nn.Module, alpha: float, 
             factor[mask.soft] = alpha**k
         if member.role in hard_roles:
             factor[mask.hard] = 0.0
-        if bool((factor == 1).all()):
-            continue
-        tensor = member.tensor(model)
-        tensor.mul_(member.factor(factor.to(tensor.dtype).to(tensor.device), tensor.shape))
+        _scale(member, model, factor)
 
 
 @torch.no_grad()
@@ -78,10 +75,22 @@ def zero_units(group: ChannelGroup, units: torch.Tensor, model: nn.Module) -> No
     factor = torch.ones(group.size)
     factor[units] = 0.0
     for member in group.members:
-        if member.role is Role.CONSUMER:
-            continue
-        tensor = member.tensor(model)
-        tensor.mul_(member.factor(factor.to(tensor.dtype).to(tensor.device), tensor.shape))
+        if member.role is not Role.CONSUMER:
+            _scale(member, model, factor)
+
+
+def _scale(member: Member, model: nn.Module, factor: torch.Tensor) -> None:
+    """Multiply the member's slices by their unit's factor. Zeros and ones only (hard pruning, SFP)
+    fill the zeroed slices instead of multiplying the whole tensor."""
+    if bool((factor == 1).all()):
+        return
+    tensor = member.tensor(model)
+    if bool(((factor == 0) | (factor == 1)).all()):
+        hit = _hard_positions(member, factor == 0)
+        if hit is not None:
+            _fill(tensor, member.dim, hit.to(tensor.device))
+        return
+    tensor.mul_(member.factor(factor.to(tensor.dtype).to(tensor.device), tensor.shape))
 
 
 class HardKeeper:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -739,18 +740,28 @@ class Pruner:
         width = owners.sum(1)
         quota = torch.where(is_producer, torch.floor((width + gone) * rate + 1e-9).long() - gone, width)
         quota = torch.minimum(quota, width - 1).clamp(min=0)
-        used = torch.zeros_like(width)
+        # Rows owning the same units are one constraint (a residual stream's producers): the tightest.
+        limit_of: dict[bytes, int] = {}
+        distinct: dict[bytes, np.ndarray] = {}
+        for row, q in zip(owners.numpy(), quota.tolist()):
+            key = row.tobytes()
+            distinct.setdefault(key, row)
+            limit_of[key] = min(q, limit_of.get(key, q))
+        columns = np.stack(list(distinct.values())).T.tolist()
+        rows_of = [[r for r, owned in enumerate(column) if owned] for column in columns]
+        limit, used = list(limit_of.values()), [0] * len(limit_of)
+        frozen_list, hard_list = frozen.tolist(), hard.tolist()
         picked = []
-        for u in order.tolist():
+        for u in order.tolist():  # plain Python: one pass over a few thousand units at most
             if len(picked) >= n_sel:
                 break
-            if frozen[u]:
+            if frozen_list[u]:
                 continue
-            take = owners[:, u].long()
-            if not hard[u] and bool((used + take > quota).any()):
+            if not hard_list[u] and any(used[r] >= limit[r] for r in rows_of[u]):
                 continue
             picked.append(u)
-            used += take
+            for r in rows_of[u]:
+                used[r] += 1
         return torch.tensor(picked, dtype=torch.long)
 
     # -- reporting ------------------------------------------------------------------------------
