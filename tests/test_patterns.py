@@ -390,3 +390,26 @@ def test_analysis_runs_layers_it_cannot_size_for_real():
     assert _without_arithmetic(nn.Conv2d(5, 4, 3), (x,), {}) is None  # wrong width: the layer reports it
     assert _without_arithmetic(nn.Conv2d(3, 4, 9), (x,), {}) is None  # larger kernel than input
     assert _without_arithmetic(nn.Conv2d(3, 4, 3).double(), (x,), {}) is None  # dtype mismatch
+
+
+@pytest.mark.parametrize(
+    "batch_first, shapes, kw",
+    [
+        (True, ((2, 5, 8), (2, 7, 6), (2, 7, 4)), {}),
+        (False, ((5, 2, 8), (7, 2, 6), (7, 2, 4)), {"average_attn_weights": False}),
+        (True, ((5, 8), (7, 6), (7, 4)), {"need_weights": False}),  # unbatched
+        (False, ((5, 8), (7, 6), (7, 4)), {"average_attn_weights": False}),
+    ],
+)
+def test_analysis_attention_shapes_without_arithmetic_match_the_layer(batch_first, shapes, kw):
+    from softprune.graph import _without_arithmetic
+
+    layer = nn.MultiheadAttention(8, 2, kdim=6, vdim=4, batch_first=batch_first).eval()
+    q, k, v = (torch.randn(s) for s in shapes)
+    shaped = _without_arithmetic(layer, (q, k, v), kw)
+    real = layer(q, k, v, **kw)
+    assert shaped[0].shape == real[0].shape
+    assert (shaped[1] is None) == (real[1] is None)
+    assert shaped[1] is None or shaped[1].shape == real[1].shape
+    mask = torch.zeros(5, 7, dtype=torch.bool)  # target length 5, source length 7
+    assert _without_arithmetic(layer, (q, k, v), {"attn_mask": mask}) is None  # masks: run it for real

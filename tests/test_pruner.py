@@ -365,3 +365,13 @@ def test_selection_respects_every_producers_quota_like_the_rule_says():
         got = pruner._within_quota(i, order, hard, frozen, rate, n_sel).tolist()
         gone = pruner._row_gone[i]
         assert got == _quota_oracle(owners, is_producer, gone, order, hard, frozen, rate, n_sel)
+
+
+def test_analysis_gives_every_module_its_own_training_mode_back():
+    from softprune.models import resnet20
+
+    model = resnet20().train()
+    model.bn1.eval()  # a user's frozen BatchNorm inside a training model
+    softprune.Pruner(model, "sfp", 0.3, 1, example_inputs=torch.randn(2, 3, 32, 32))
+    assert model.training and model.layer1[0].bn1.training
+    assert not model.bn1.training

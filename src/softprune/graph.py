@@ -8,7 +8,6 @@ ids become units; units sharing producers become groups.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,8 +19,6 @@ from torch import nn
 
 from .errors import SoftpruneError
 from .groups import ChannelGroup, Member, Role
-
-log = logging.getLogger(__name__)
 
 ZERO = 0  # a constant zero (padding): joins nothing, removable
 CONST = 1  # a constant or input value: joins nothing, never removable
@@ -45,6 +42,25 @@ def unique_pairs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     width = int(max(int(a.max()), int(b.max())) + 1) if a.numel() else 1
     keys, inverse = torch.unique(a * width + b, return_inverse=True)
     return torch.stack([keys // width, keys % width]), inverse
+
+
+def distinct_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For large id tensors of one shape: their distinct rows (along the last dimension, the tensors
+    side by side) and each row's index among them; None when that would not shrink anything.
+
+    A transformer's token stream holds a few distinct rows (ViT: the class token's and the patches')
+    repeated over 197 tokens; deduplicating 197 rows is several times cheaper than a 1-D unique of
+    their 151k elements, and every later step then works on 2 rows.
+    """
+    first = tensors[0]
+    if first.dim() < 2 or first.numel() <= 4096:
+        return None
+    width = first.shape[-1]
+    rows = torch.cat([t.reshape(-1, width) for t in tensors], dim=1)
+    distinct, which = torch.unique(rows, dim=0, return_inverse=True)
+    if distinct.shape[0] == rows.shape[0]:
+        return None
+    return distinct, which
 
 
 class IdTable:
@@ -120,6 +136,10 @@ class IdTable:
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Join the classes of a[i] and b[i] for every i (zeros and constants are skipped)."""
+        fewer = distinct_rows(a, b) if a.shape == b.shape else None
+        if fewer is not None:
+            width = a.shape[-1]
+            a, b = fewer[0][:, :width], fewer[0][:, width:]
         a, b = self.base(a.reshape(-1)), self.base(b.reshape(-1))
         keep = (a > CONST) & (b > CONST) & (a != b)
         if not bool(keep.any()):
@@ -144,8 +164,10 @@ class IdTable:
 
     def freeze(self, ids: torch.Tensor | Iterable[int], reason: str) -> None:
         """These ids' classes must never be pruned (a sum's parts too); the first reason is kept."""
-        ids = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids).reshape(-1)
-        ids = torch.unique(self.base(ids))
+        ids = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids)
+        ids = _squeeze_broadcast(ids)
+        fewer = distinct_rows(ids)
+        ids = torch.unique(self.base((ids if fewer is None else fewer[0]).reshape(-1)))
         ids = ids[ids > CONST]
         if ids.numel() == 0:
             return
@@ -334,9 +356,30 @@ class Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+class Traced:
+    """A model and its fx graph, for reading: what a GraphModule offers the analysis and compaction
+    (``.graph``, submodules and attributes by qualified name) without building one, which copies
+    the module tree and generates code (5 ms on a MobileNetV2)."""
+
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph) -> None:
+        self.model = model
+        self.graph = graph
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
 def trace(
     model: nn.Module, handlers=None, module_rules=None, leaf_modules: Iterable[str] = ()
 ) -> torch.fx.GraphModule:
+    """A GraphModule of ``model`` whose leaves are the modules softprune has handlers or rules for."""
+    graph = _trace_graph(model, handlers, module_rules, leaf_modules)
+    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def _trace_graph(
+    model: nn.Module, handlers=None, module_rules=None, leaf_modules: Iterable[str] = ()
+) -> torch.fx.Graph:
     from .handlers import HANDLERS
     from .ops import MODULE_RULES
 
@@ -344,14 +387,13 @@ def trace(
     module_rules = MODULE_RULES if module_rules is None else module_rules
     tracer = Tracer(handlers, module_rules, leaf_modules)
     try:
-        graph = tracer.trace(model)
+        return tracer.trace(model)
     except Exception as exc:  # fx raises many types; the user needs the cause and the way out
         raise SoftpruneError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
             "softprune needs a traceable forward; move data-dependent Python control flow into a "
             "submodule and list it in ignore= (it is then kept whole), or register a handler for it"
         ) from exc
-    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
 @dataclass
@@ -359,7 +401,7 @@ class Analysis:
     """The result of running the ids through a trace."""
 
     model: nn.Module
-    gm: torch.fx.GraphModule
+    gm: torch.fx.GraphModule | Traced  # the graph, and the modules its nodes name
     residual: str
     ids: IdTable = field(default_factory=IdTable)
     members: list[Member] = field(default_factory=list)
@@ -398,9 +440,6 @@ def _example_batch1(example_inputs: tuple) -> tuple:
     return tuple(_map(x, one) for x in example_inputs)
 
 
-META_PARAMETERS = 30_000_000
-
-
 def analyze(
     model: nn.Module,
     example_inputs: tuple,
@@ -412,37 +451,30 @@ def analyze(
 ) -> Analysis:
     """Trace ``model`` and run ids through it on ``example_inputs`` (only the first sample is used).
 
-    The rules need shapes and sizes, not values: a model of 30M parameters or more runs on meta
-    tensors (no arithmetic; an operation without a meta kernel makes it run again on real tensors).
+    The rules need shapes and sizes, not values: stock convolutions, Linear layers and attention
+    give zeros of their output's shape instead of computing it (see :func:`_without_arithmetic`).
     """
     from .handlers import HANDLERS
     from .ops import MODULE_RULES
 
     handlers = {**HANDLERS, **(handlers or {})}
-    gm = gm if gm is not None else trace(model, handlers, MODULE_RULES, leaf_modules)
-    # Meta kernels of element-wise ops are Python reference code, slower than the real arithmetic of
-    # a small model; skipping the arithmetic pays off for large ones (ViT-B: 0.27 s instead of 0.41 s).
-    if sum(p.numel() for p in model.parameters()) < META_PARAMETERS:
-        return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta=False)
-    try:
-        return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta=True)
-    except (NotImplementedError, RuntimeError) as exc:
-        if "meta" not in str(exc).lower():
-            raise
-        log.debug("meta execution failed (%s); analysing with real tensors", exc)
-        return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta=False)
+    gm = gm if gm is not None else Traced(model, _trace_graph(model, handlers, MODULE_RULES, leaf_modules))
+    return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules)
 
 
 _STOCK_CONV = {c: (c.forward, c._conv_forward) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 
 
 def _without_arithmetic(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """Zeros of the output's shape for a stock convolution or Linear, or None to run the module.
+    """Zeros of the output's shape for a stock convolution, Linear or attention, or None to run the
+    module.
 
-    The analysis needs shapes, not values, and these layers are nearly all of a CNN's arithmetic
+    The analysis needs shapes, not values, and these layers are nearly all of a network's arithmetic
     (ResNet-50 at 224: 0.05 s of convolutions). Anything unusual (a subclass with its own forward,
-    keyword arguments, a size mismatch the real layer should report) runs for real.
+    masks, a size mismatch the real layer should report) runs for real.
     """
+    if type(module) is nn.MultiheadAttention:
+        return _attention_without_arithmetic(module, args, kwargs)
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return None
     x, kind = args[0], type(module)
@@ -461,12 +493,10 @@ def _without_arithmetic(module: nn.Module, args: tuple, kwargs: dict) -> torch.T
     spatial = []
     for i in range(nd):
         size = x.shape[x.dim() - nd + i]
-        if isinstance(module.padding, str):
-            pad = (module.dilation[i] * (module.kernel_size[i] - 1)) // 2 if module.padding == "same" else 0
-            out = size if module.padding == "same" else None
+        if module.padding == "same":
+            out = size
         else:
-            pad, out = module.padding[i], None
-        if out is None:
+            pad = 0 if module.padding == "valid" else module.padding[i]
             span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
             out = (size + 2 * pad - span) // module.stride[i] + 1
         if out <= 0:
@@ -475,55 +505,69 @@ def _without_arithmetic(module: nn.Module, args: tuple, kwargs: dict) -> torch.T
     return x.new_zeros(*x.shape[: x.dim() - nd - 1], module.out_channels, *spatial)
 
 
-def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta: bool) -> Analysis:
+_ATTENTION_ARGS = (
+    "query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal",
+)  # fmt: skip
+
+
+def _attention_without_arithmetic(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple | None:
+    """(output, weights) of a stock nn.MultiheadAttention as zeros of their shapes (no masks)."""
+    if len(args) > len(_ATTENTION_ARGS) or set(kwargs) - set(_ATTENTION_ARGS):
+        return None
+    given = {**dict(zip(_ATTENTION_ARGS, args)), **kwargs}
+    q, k, v = given.get("query"), given.get("key"), given.get("value")
+    if given.get("key_padding_mask") is not None or given.get("attn_mask") is not None:
+        return None
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() not in (2, 3):
+        return None
+    if not (q.dim() == k.dim() == v.dim()) or (q.shape[-1], k.shape[-1], v.shape[-1]) != (
+        m.embed_dim,
+        m.kdim,
+        m.vdim,
+    ):
+        return None
+    if (
+        q.dtype != m.out_proj.weight.dtype
+        or q.device != m.out_proj.weight.device
+        or k.shape[:-1] != v.shape[:-1]
+    ):
+        return None
+    batched = q.dim() == 3
+    first = m.batch_first and batched
+    length, source = q.shape[1 if first else 0], k.shape[1 if first else 0]
+    if batched and q.shape[0 if first else 1] != k.shape[0 if first else 1]:
+        return None
+    out = q.new_zeros(*q.shape[:-1], m.embed_dim)
+    if not given.get("need_weights", True):
+        return out, None
+    heads = () if given.get("average_attn_weights", True) else (m.num_heads,)
+    batch = (q.shape[0 if first else 1],) if batched else ()
+    return out, q.new_zeros(*batch, *heads, length, source)
+
+
+def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules) -> Analysis:
     from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, rule_for_unknown
 
     result = Analysis(model=model, gm=gm, residual=residual)
     ids = result.ids
-    batch1 = _example_batch1(example_inputs)
-    if meta:
-        batch1 = tuple(_map(x, lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v) for x in batch1)
-    inputs = iter(batch1)
-
-    def on_device(v: Any) -> Any:
-        return v.to("meta") if meta and isinstance(v, torch.Tensor) else v
-
-    meta_state: dict[int, list[tuple[nn.Module, dict, dict]]] = {}
+    inputs = iter(_example_batch1(example_inputs))
 
     def call(module: nn.Module, args, kwargs):
-        if not meta:
-            shaped = _without_arithmetic(module, args, kwargs)
-            return shaped if shaped is not None else module(*args, **kwargs)
-        # swap in meta copies of the parameters for the call (cheaper than torch.func.functional_call)
-        swaps = meta_state.get(id(module))
-        if swaps is None:
-            swaps = [
-                (
-                    m,
-                    {
-                        k: None if v is None else nn.Parameter(v.to("meta"), v.requires_grad)
-                        for k, v in m._parameters.items()
-                    },
-                    {k: None if v is None else v.to("meta") for k, v in m._buffers.items()},
-                )
-                for m in module.modules()
-            ]
-            meta_state[id(module)] = swaps
-        saved = [(m, m._parameters, m._buffers) for m, _, _ in swaps]
-        try:
-            for m, params, buffers in swaps:
-                m._parameters, m._buffers = params, buffers
-            return module(*args, **kwargs)
-        finally:
-            for m, params, buffers in saved:
-                m._parameters, m._buffers = params, buffers
+        shaped = _without_arithmetic(module, args, kwargs)
+        return shaped if shaped is not None else module(*args, **kwargs)
 
     vals: dict[str, Any] = {}
     idmap: dict[str, Any] = {}
     modules = dict(gm.named_modules())
 
-    was_training = model.training
-    gm.eval()
+    # eval mode for the run; afterwards each module gets its own mode back (a BatchNorm the user
+    # froze in eval inside a training model stays frozen)
+    every = {id(m): m for m in model.modules()}
+    if isinstance(gm, nn.Module):
+        every.update((id(m), m) for m in gm.modules())
+    modes = [(m, m.training) for m in every.values()]
+    for m in every.values():
+        m.training = False
     try:
         with torch.no_grad():
             for node in gm.graph.nodes:
@@ -553,7 +597,7 @@ def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta: 
                 arg_ids = _load(node.args, idmap)
                 kwarg_ids = _load(node.kwargs, idmap)
                 if node.op == "get_attr":
-                    val = on_device(_fetch_attr(gm, node.target))
+                    val = _fetch_attr(gm, node.target)
                     vals[node.name] = val
                     if isinstance(val, torch.Tensor):
                         result.param_nodes[node.name] = node.target
@@ -611,7 +655,8 @@ def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules, meta: 
                 idmap[node.name] = out
                 _check_shapes(node, val, out)
     finally:
-        gm.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     result.node_ids = idmap
     result.node_vals = {k: v for k, v in vals.items() if not isinstance(v, torch.Tensor)}
     return result
@@ -809,19 +854,23 @@ def build_groups(
     flat_group = torch.where(flat >= 0, group_of[flat.clamp(min=0)], -1)
     flat_unit = torch.where(flat_group >= 0, unit_of[flat.clamp(min=0)], -1)
     touched = flat_group >= 0
-    member_group = (
-        unique_pairs(owner[touched], flat_group[touched])[0]
-        if bool(touched.any())
-        else torch.zeros(2, 0, dtype=torch.long)
-    )
+    lowest = torch.full((len(members),), n_classes, dtype=torch.long)
+    lowest.scatter_reduce_(0, owner[touched], flat_group[touched], reduce="amin")
+    highest = torch.full((len(members),), -1, dtype=torch.long)
+    highest.scatter_reduce_(0, owner[touched], flat_group[touched], reduce="amax")
     members_of: list[list[Member]] = [[] for _ in ordered]
-    for mi, gi in member_group.t().tolist():
+    for mi, (lo, hi) in enumerate(zip(lowest.tolist(), highest.tolist())):
+        if hi < 0:
+            continue  # no position in any group
         m = members[mi]
-        g = flat_group[starts[mi] : starts[mi + 1]]
         unit = flat_unit[starts[mi] : starts[mi + 1]]
-        if not bool((g == gi).all()):
-            unit = torch.where(g == gi, unit, -1)
-        members_of[gi].append(Member(m.module, m.param, m.dim, unit.view(m.unit.shape), m.role))
+        if lo == hi:  # the usual case: one group (positions elsewhere are -1 already)
+            members_of[lo].append(Member(m.module, m.param, m.dim, unit.view(m.unit.shape), m.role))
+            continue
+        g = flat_group[starts[mi] : starts[mi + 1]]
+        for gi in torch.unique(g[g >= 0]).tolist():
+            part = torch.where(g == gi, unit, -1).view(m.unit.shape)
+            members_of[gi].append(Member(m.module, m.param, m.dim, part, m.role))
 
     groups: list[ChannelGroup] = []
     for gi, classes in enumerate(ordered):
@@ -833,7 +882,8 @@ def build_groups(
             if target is not None and m.module not in target:
                 target.append(m.module)
         frozen = is_frozen[classes]
-        reasons = {i: frozen_class[int(classes[i])] for i in torch.nonzero(frozen).view(-1).tolist()}
+        frozen_units = torch.nonzero(frozen).view(-1)
+        reasons = dict(zip(frozen_units.tolist(), (frozen_class[c] for c in classes[frozen_units].tolist())))
         excluded = None
         not_selected = [p for p in prods if not selected(p, modules[p])]
         if not_selected:

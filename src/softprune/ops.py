@@ -30,6 +30,7 @@ from .graph import (
     _collect_tensors,
     _map,
     _squeeze_broadcast,
+    distinct_rows,
     unique_pairs,
 )
 
@@ -78,6 +79,11 @@ def _combine_dense(ctx: Context, a: torch.Tensor, b: torch.Tensor, vec: Callable
     shape = a.shape
     if a.numel() == 0:
         return torch.empty(shape, dtype=torch.long)
+    fewer = distinct_rows(a, b)
+    if fewer is not None:  # combine the distinct rows only
+        distinct, which = fewer
+        width = shape[-1]
+        return _combine_dense(ctx, distinct[:, :width], distinct[:, width:], vec)[which].view(shape)
     pairs, inverse = unique_pairs(a.reshape(-1), b.reshape(-1))
     results, loop = vec(ctx, pairs[0], pairs[1])
     # what is left needs a new sum id per pair (independent residual adds)
