@@ -677,7 +677,9 @@ class _Compactor:
 
 
 def _replaced_soon(model: nn.Module, analysis: Analysis, alive: torch.Tensor) -> list[str]:
-    """Leaf modules that lose units, own their tensors alone, and appear once in ``model``."""
+    """Modules about to be replaced by smaller ones: the trace's leaves (or modules without children)
+    that lose units, own their tensors and submodules alone, and appear once in ``model``. An
+    attention block counts as one (its in_proj_weight is most of a ViT's weights)."""
     sliced = [m for m in analysis.members if m.dim is not None]
     if not sliced:
         return []
@@ -686,7 +688,12 @@ def _replaced_soon(model: nn.Module, analysis: Analysis, alive: torch.Tensor) ->
         torch.arange(len(sliced)), torch.tensor([m.unit.numel() for m in sliced], dtype=torch.long)
     )
     loses = torch.zeros(len(sliced), dtype=torch.long).index_add_(0, owner, (~alive[units]).long()) > 0
-    losing = {m.module for m, lost in zip(sliced, loses.tolist()) if lost}
+    losing: set[str] = set()  # modules that lose units, and every module holding one
+    for m, lost in zip(sliced, loses.tolist()):
+        if lost:
+            parts = m.module.split(".")
+            losing.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    leaves = set(analysis.module_of_node.values())
     seen_modules: dict[int, int] = {}
     seen_tensors: dict[int, int] = {}
     named: dict[str, nn.Module] = {}
@@ -697,16 +704,24 @@ def _replaced_soon(model: nn.Module, analysis: Analysis, alive: torch.Tensor) ->
             for t in table.values():
                 if t is not None:
                     seen_tensors[id(t)] = seen_tensors.get(id(t), 0) + 1
-    names = []
+    names: list[str] = []
+    taken: set[str] = set()
     for name, module in named.items():
-        has_children = any(c is not None for c in module._modules.values())
-        if name not in losing or has_children or seen_modules[id(module)] > 1:
+        if name not in losing or not name:
             continue
-        tensors = [
-            t for table in (module._parameters, module._buffers) for t in table.values() if t is not None
-        ]
-        if all(seen_tensors.get(id(t), 0) == 1 for t in tensors):
+        has_children = any(c is not None for c in module._modules.values())
+        if has_children and name not in leaves:
+            continue
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in taken for i in range(1, len(parts))):
+            continue  # inside a module already deferred
+        subtree = list(module.modules())
+        if any(seen_modules[id(s)] > 1 for s in subtree):
+            continue
+        tensors = [t for s in subtree for table in (s._parameters, s._buffers) for t in table.values()]
+        if all(seen_tensors.get(id(t), 0) == 1 for t in tensors if t is not None):
             names.append(name)
+            taken.add(name)
     return names
 
 

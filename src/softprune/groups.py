@@ -47,8 +47,15 @@ class Member:
         return f"{self.module}.{self.param}" if self.module else self.param
 
     def tensor(self, model: nn.Module) -> torch.Tensor:
-        owner = model.get_submodule(self.module) if self.module else model
-        return getattr(owner, self.param)
+        owner = model
+        if self.module:  # the _modules walk of get_submodule without its checks: masks call this a lot
+            for part in self.module.split("."):
+                owner = owner._modules.get(part)
+                if owner is None:
+                    owner = model.get_submodule(self.module)  # raises the usual error
+                    break
+        found = owner._parameters.get(self.param)
+        return found if found is not None else getattr(owner, self.param)
 
     def factor(self, per_unit: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """A multiplier broadcastable to the parameter: per_unit[u] at u's positions, 1 elsewhere."""

@@ -15,6 +15,7 @@ LayerNorm, Embedding and PReLU. Register one for a custom module with :func:`reg
 from __future__ import annotations
 
 import copy
+import copyreg
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -42,12 +43,15 @@ _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch
 
 
 def _customizes_copy(cls: type) -> bool:
+    """Does deepcopy do more for this class than "new object, deep copy of __getstate__(),
+    __setstate__"? (Both of those are called as the class defines them.)"""
     return (
         getattr(cls, "__deepcopy__", None) is not None
-        or cls.__getstate__ is not nn.Module.__getstate__
-        or cls.__setstate__ is not nn.Module.__setstate__
         or cls.__reduce_ex__ is not object.__reduce_ex__
         or cls.__reduce__ is not object.__reduce__
+        or getattr(cls, "__getnewargs_ex__", None) is not None
+        or getattr(cls, "__getnewargs__", None) is not None
+        or cls in copyreg.dispatch_table
     )
 
 
@@ -66,9 +70,11 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
     cls = type(module)
     if _customizes_copy(cls):
         return copy.deepcopy(module, memo)
+    state = module.__getstate__()
+    if type(state) is not dict:
+        return copy.deepcopy(module, memo)
     new = cls.__new__(cls)
     memo[id(module)] = new
-    state = module.__getstate__()
     for key, value in state.items():
         kind = type(value)
         if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):
@@ -124,6 +130,14 @@ def _take(t: torch.Tensor | None, dim: int, index: torch.Tensor | None) -> torch
     return t.detach().index_select(dim, index.to(t.device))
 
 
+def _take_2d(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """A new tensor of the kept rows (dim 0) and columns (dim 1), copying the weights once."""
+    if rows is None:
+        return _take(t, 1, cols)
+    kept = _take(t, 0, rows)
+    return kept if cols is None else kept.index_select(1, cols.to(t.device))
+
+
 def _zero_to_const(x: torch.Tensor) -> torch.Tensor:
     """After an affine normalization an always-zero channel is a constant; other ids pass (as views)."""
     if not bool((_squeeze_broadcast(x) == ZERO).any()):
@@ -173,7 +187,7 @@ class ConvHandler(Handler):
 
     def compact(self, m: nn.Module, keep: Keep) -> nn.Module:
         k_out, k_in = keep("weight", 0), keep("weight", 1)
-        weight = _take(_take(m.weight, 0, k_out), 1, k_in)
+        weight = _take_2d(m.weight, k_out, k_in)
         bias = _take(m.bias, 0, k_out)
         g, cin_g, cout_g = m.groups, m.in_channels // m.groups, m.out_channels // m.groups
         out_channels = weight.shape[0]
@@ -206,7 +220,7 @@ class LinearHandler(Handler):
 
     def compact(self, m: nn.Linear, keep: Keep) -> nn.Module:
         k_out, k_in = keep("weight", 0), keep("weight", 1)
-        weight = _take(_take(m.weight, 0, k_out), 1, k_in)
+        weight = _take_2d(m.weight, k_out, k_in)
         return resized(
             m,
             {"weight": weight, "bias": _take(m.bias, 0, k_out)},
@@ -403,10 +417,10 @@ class PrunedAttentionHandler(Handler):
         with torch.no_grad():
             for p in ("q_proj", "k_proj", "v_proj"):
                 old, fresh = getattr(m, p), getattr(new, p)
-                fresh.weight.copy_(_take(_take(old.weight, 0, row_index), 1, cols[p]))
+                fresh.weight.copy_(_take_2d(old.weight, row_index, cols[p]))
                 if old.bias is not None:
                     fresh.bias.copy_(_take(old.bias, 0, row_index))
-            new.out_proj.weight.copy_(_take(_take(m.out_proj.weight, 1, row_index), 0, out_rows))
+            new.out_proj.weight.copy_(_take_2d(m.out_proj.weight, out_rows, row_index))
             new.out_proj.bias.copy_(_take(m.out_proj.bias, 0, out_rows))
         return new.to(m.out_proj.weight.device, m.out_proj.weight.dtype)
 

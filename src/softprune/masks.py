@@ -55,16 +55,26 @@ def apply(group: ChannelGroup, mask: GroupMask, model: nn.Module, alpha: float, 
     """Multiply soft units' slices by alpha (per role) and zero hard units' slices."""
     check_choice("mask_scope", scope, SCOPES)
     hard_roles = _hard_roles(scope)
+    any_soft, any_hard = bool(mask.soft.any()), bool(mask.hard.any())
     for member in group.members:
         if member.role is Role.CONSUMER:
             continue  # dead input columns are zeroed model-wide: Pruner._dead_inputs
-        factor = torch.ones(group.size)
         k = _soft_exponent(member.role, scope)
-        if k is not None:
-            factor[mask.soft] = alpha**k
-        if member.role in hard_roles:
+        soft = alpha**k if k is not None and any_soft else 1.0
+        hard = any_hard and member.role in hard_roles
+        if soft in (0.0, 1.0):  # zeros only (hard pruning, SFP): fill the slices, multiply nothing
+            zero = mask.hard if hard else None
+            if soft == 0.0:
+                zero = mask.soft if zero is None else zero | mask.soft
+            if zero is not None:
+                _zero(member, model, zero)
+            continue
+        factor = torch.ones(group.size)
+        factor[mask.soft] = soft
+        if hard:
             factor[mask.hard] = 0.0
-        _scale(member, model, factor)
+        tensor = member.tensor(model)
+        tensor.mul_(member.factor(factor.to(tensor.dtype).to(tensor.device), tensor.shape))
 
 
 @torch.no_grad()
@@ -72,25 +82,16 @@ def zero_units(group: ChannelGroup, units: torch.Tensor, model: nn.Module) -> No
     """Zero every non-consumer slice of ``units`` (bool [size]): the channel outputs exactly zero."""
     if not bool(units.any()):
         return
-    factor = torch.ones(group.size)
-    factor[units] = 0.0
     for member in group.members:
         if member.role is not Role.CONSUMER:
-            _scale(member, model, factor)
+            _zero(member, model, units)
 
 
-def _scale(member: Member, model: nn.Module, factor: torch.Tensor) -> None:
-    """Multiply the member's slices by their unit's factor. Zeros and ones only (hard pruning, SFP)
-    fill the zeroed slices instead of multiplying the whole tensor."""
-    if bool((factor == 1).all()):
-        return
-    tensor = member.tensor(model)
-    if bool(((factor == 0) | (factor == 1)).all()):
-        hit = _hard_positions(member, factor == 0)
-        if hit is not None:
-            _fill(tensor, member.dim, hit.to(tensor.device))
-        return
-    tensor.mul_(member.factor(factor.to(tensor.dtype).to(tensor.device), tensor.shape))
+def _zero(member: Member, model: nn.Module, units: torch.Tensor) -> None:
+    hit = _hard_positions(member, units)
+    if hit is not None:
+        tensor = member.tensor(model)
+        _fill(tensor, member.dim, hit.to(tensor.device))
 
 
 class HardKeeper:
@@ -154,9 +155,8 @@ class HardKeeper:
 def _hard_positions(member: Member, hard: torch.Tensor) -> torch.Tensor | None:
     unit = member.unit
     flags = torch.cat([hard, hard.new_zeros(1)])[unit]  # -1 -> False
-    if not bool(flags.any()):
-        return None
-    return torch.nonzero(flags.reshape(-1) if member.dim is None else flags).view(-1)
+    hit = torch.nonzero(flags.reshape(-1) if member.dim is None else flags).view(-1)
+    return hit if hit.numel() else None
 
 
 def _fill(tensor: torch.Tensor, dim: int | None, index: torch.Tensor) -> None:
