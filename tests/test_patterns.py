@@ -368,6 +368,8 @@ def test_custom_module_through_a_handler_or_ignore():
         (nn.Conv1d(2, 5, 7, stride=3, padding=2), (1, 2, 30)),
         (nn.Conv3d(2, 3, (1, 3, 2), stride=(1, 2, 2)), (1, 2, 4, 9, 8)),
         (nn.Linear(6, 3), (1, 5, 6)),
+        (nn.BatchNorm2d(4).eval(), (2, 4, 5, 5)),
+        (nn.BatchNorm1d(4).eval(), (3, 4, 7)),
     ],
 )
 def test_analysis_output_shapes_without_arithmetic_match_the_layers(layer, shape):
@@ -390,6 +392,8 @@ def test_analysis_runs_layers_it_cannot_size_for_real():
     assert _without_arithmetic(nn.Conv2d(5, 4, 3), (x,), {}) is None  # wrong width: the layer reports it
     assert _without_arithmetic(nn.Conv2d(3, 4, 9), (x,), {}) is None  # larger kernel than input
     assert _without_arithmetic(nn.Conv2d(3, 4, 3).double(), (x,), {}) is None  # dtype mismatch
+    assert _without_arithmetic(nn.BatchNorm2d(3).train(), (x,), {}) is None  # batch statistics: run it
+    assert _without_arithmetic(nn.BatchNorm2d(5).eval(), (x,), {}) is None  # wrong width
 
 
 @pytest.mark.parametrize(

@@ -444,7 +444,7 @@ class _Compactor:
                 new = handler.compact(module, keep)
                 if new is not module:
                     self.swapped[name] = new
-                    self.root.set_submodule(name, new)
+                    _set_submodule(self.root, name, new)
                     for param, dim in members:  # what survived of each parameter, for optimizer state
                         index = keep(param, dim)
                         if index is not None:
@@ -648,7 +648,7 @@ class _Compactor:
             parts = name.split(".")
             replaced = any(".".join(parts[:i]) in self.swapped for i in range(1, len(parts) + 1))
             if not replaced:  # neither it nor a module holding it (an attention block) was replaced
-                self.root.set_submodule(name, copy_module(self.model.get_submodule(name)))
+                _set_submodule(self.root, name, copy_module(self.model.get_submodule(name)))
 
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -674,6 +674,20 @@ class _Compactor:
                 else:
                     self.same(node)
         self.finish()
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """root.set_submodule(name, module) for a name that exists, without its per-level checks."""
+    parent = root
+    *path, last = name.split(".")
+    for part in path:
+        parent = parent._modules.get(part)
+        if parent is None:
+            break
+    if parent is not None and last in parent._modules:
+        parent._modules[last] = module
+    else:
+        root.set_submodule(name, module)
 
 
 def _replaced_soon(model: nn.Module, analysis: Analysis, alive: torch.Tensor) -> list[str]:
@@ -755,9 +769,9 @@ def compact_model(
     alive = analysis.ids.alive(pruned_classes)
     worker = _Compactor(analysis, alive, model)
     worker.run()
-    worker.graph.lint()
     small = worker.root
-    if worker.structural:
+    if worker.structural:  # otherwise the graph is not used: the result is the user's class
+        worker.graph.lint()
         graph_module = torch.fx.GraphModule(worker.root, worker.graph, class_name=type(model).__name__)
         for name, child in worker.root.named_children():
             graph_module._modules[name] = child

@@ -272,6 +272,8 @@ class Context:
             self.freeze(
                 base[derived], f"reaches {self.where()} through an operation that is not zero at zero"
             )
+        if base.shape[1] == 1:
+            return base[:, 0]  # one id per position already (a broadcast channel vector): nothing to join
         first = base.max(dim=1).values  # a real id of the row when it has one (zero and constant are 0, 1)
         differs = (base != first[:, None]) & (base != ZERO)
         rows = differs.any(dim=1)
@@ -293,6 +295,8 @@ class Context:
         """
         moved = _squeeze_broadcast(ids).movedim(dim, 0)
         moved = moved.reshape(moved.shape[0], -1)
+        if moved.shape[1] == 1:
+            return moved[:, 0]  # one id per channel already: nothing to join
         first = moved.max(dim=1).values  # a real id of the row when it has one
         differs = (moved != first[:, None]) & (moved != ZERO)
         rows = differs.any(dim=1)
@@ -462,6 +466,7 @@ def analyze(
     return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules)
 
 
+_STOCK_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _STOCK_CONV = {c: (c.forward, c._conv_forward) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 
 
@@ -478,6 +483,10 @@ def _without_arithmetic(module: nn.Module, args: tuple, kwargs: dict) -> torch.T
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return None
     x, kind = args[0], type(module)
+    if kind in _STOCK_BATCHNORM and kind.forward is nn.BatchNorm2d.forward:
+        # eval mode with running statistics: an affine map per channel, the shape unchanged
+        usable = not module.training and module.running_mean is not None and x.dim() > 1
+        return x.new_zeros(x.shape) if usable and x.shape[1] == module.num_features else None
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or x.dtype != weight.dtype or x.device != weight.device:
         return None
@@ -567,7 +576,7 @@ def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules) -> Ana
         every.update((id(m), m) for m in gm.modules())
     modes = [(m, m.training) for m in every.values()]
     for m in every.values():
-        m.training = False
+        m.__dict__["training"] = False  # what Module.train(False) sets, without its per-module cost
     try:
         with torch.no_grad():
             for node in gm.graph.nodes:
@@ -656,7 +665,7 @@ def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules) -> Ana
                 _check_shapes(node, val, out)
     finally:
         for m, mode in modes:
-            m.training = mode
+            m.__dict__["training"] = mode
     result.node_ids = idmap
     result.node_vals = {k: v for k, v in vals.items() if not isinstance(v, torch.Tensor)}
     return result
