@@ -240,6 +240,7 @@ class Context:
         self.node = node
         self.module_name = module_name
         self.out: Any = None  # the node's real output
+        self._based: tuple[torch.Tensor, torch.Tensor] | None = None  # last ids given to member(), based
 
     @property
     def residual(self) -> str:
@@ -329,7 +330,9 @@ class Context:
         if seen is not None:
             self.union(seen.unit, self.ids.base(ids))
             return
-        member = Member(module, param, dim, self.ids.base(ids), role)
+        if self._based is None or self._based[0] is not ids:  # a BatchNorm declares 4 slices of one ids
+            self._based = (ids, self.ids.base(ids))
+        member = Member(module, param, dim, self._based[1], role)
         self.analysis.member_index[key] = member
         self.analysis.members.append(member)
 

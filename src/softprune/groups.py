@@ -41,6 +41,14 @@ class Member:
     dim: int | None
     unit: torch.Tensor
     role: Role
+    _in_order: bool | None = field(default=None, init=False, repr=False, compare=False)
+
+    def in_order(self, size: int) -> bool:
+        """Is position i unit i, for all ``size`` units of the group (a plain layer's filters, a
+        BatchNorm's channels)? Masks then slice with the units' own indices."""
+        if self._in_order is None:
+            self._in_order = self.dim is not None and torch.equal(self.unit, torch.arange(self.unit.numel()))
+        return self._in_order and self.unit.numel() == size
 
     @property
     def qualname(self) -> str:
@@ -117,7 +125,7 @@ class ChannelGroup:
             out[u_sorted, col] = flat[keep][order]
             return out
         moved = weight.movedim(member.dim, 0).reshape(weight.shape[member.dim], -1)
-        if member.unit.numel() == self.size and torch.equal(member.unit, torch.arange(self.size)):
+        if member.in_order(self.size):
             return moved  # row u is unit u already (a plain layer's filters): no copy
         keep = member.unit >= 0
         counts = torch.bincount(member.unit[keep], minlength=self.size)

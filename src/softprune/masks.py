@@ -56,6 +56,7 @@ def apply(group: ChannelGroup, mask: GroupMask, model: nn.Module, alpha: float, 
     check_choice("mask_scope", scope, SCOPES)
     hard_roles = _hard_roles(scope)
     any_soft, any_hard = bool(mask.soft.any()), bool(mask.hard.any())
+    hits: dict[tuple[bool, bool], _Hits] = {}  # (hard, soft) -> the positions of those units
     for member in group.members:
         if member.role is Role.CONSUMER:
             continue  # dead input columns are zeroed model-wide: Pruner._dead_inputs
@@ -63,11 +64,14 @@ def apply(group: ChannelGroup, mask: GroupMask, model: nn.Module, alpha: float, 
         soft = alpha**k if k is not None and any_soft else 1.0
         hard = any_hard and member.role in hard_roles
         if soft in (0.0, 1.0):  # zeros only (hard pruning, SFP): fill the slices, multiply nothing
-            zero = mask.hard if hard else None
-            if soft == 0.0:
-                zero = mask.soft if zero is None else zero | mask.soft
-            if zero is not None:
-                _zero(member, model, zero)
+            key = (hard, soft == 0.0)
+            if any(key) and key not in hits:
+                zero = mask.hard if hard else None
+                if soft == 0.0:
+                    zero = mask.soft if zero is None else zero | mask.soft
+                hits[key] = _Hits(zero)
+            if any(key):
+                _zero(member, model, hits[key])
             continue
         factor = torch.ones(group.size)
         factor[mask.soft] = soft
@@ -82,13 +86,14 @@ def zero_units(group: ChannelGroup, units: torch.Tensor, model: nn.Module) -> No
     """Zero every non-consumer slice of ``units`` (bool [size]): the channel outputs exactly zero."""
     if not bool(units.any()):
         return
+    hits = _Hits(units)
     for member in group.members:
         if member.role is not Role.CONSUMER:
-            _zero(member, model, units)
+            _zero(member, model, hits)
 
 
-def _zero(member: Member, model: nn.Module, units: torch.Tensor) -> None:
-    hit = _hard_positions(member, units)
+def _zero(member: Member, model: nn.Module, hits: _Hits) -> None:
+    hit = hits.of(member)
     if hit is not None:
         tensor = member.tensor(model)
         _fill(tensor, member.dim, hit.to(tensor.device))
@@ -122,11 +127,12 @@ class HardKeeper:
         for group, mask in zip(groups, masks):
             if not bool(mask.hard.any()):
                 continue
+            hits = _Hits(mask.hard)
             for member in group.members:
                 if member.role not in roles:
                     continue
                 tensor = member.tensor(self.model)
-                hit = _hard_positions(member, mask.hard)
+                hit = hits.of(member)
                 if hit is not None:
                     slices.append((tensor, member.dim, hit.to(tensor.device)))
         self._slices = slices
@@ -152,11 +158,26 @@ class HardKeeper:
         self.attach(None)
 
 
-def _hard_positions(member: Member, hard: torch.Tensor) -> torch.Tensor | None:
-    unit = member.unit
-    flags = torch.cat([hard, hard.new_zeros(1)])[unit]  # -1 -> False
-    hit = torch.nonzero(flags.reshape(-1) if member.dim is None else flags).view(-1)
-    return hit if hit.numel() else None
+class _Hits:
+    """Where flagged units (bool [size]) sit in each member of a group. Members laid out unit by
+    unit (filters, BatchNorm channels: most of them) share one lookup."""
+
+    def __init__(self, flags: torch.Tensor) -> None:
+        self.flags = flags
+        self._in_order: torch.Tensor | None = None
+        self._padded: torch.Tensor | None = None
+
+    def of(self, member: Member) -> torch.Tensor | None:
+        if member.in_order(self.flags.numel()):
+            if self._in_order is None:
+                self._in_order = torch.nonzero(self.flags).view(-1)
+            hit = self._in_order
+        else:
+            if self._padded is None:
+                self._padded = torch.cat([self.flags, self.flags.new_zeros(1)])  # unit -1 -> False
+            flags = self._padded[member.unit]
+            hit = torch.nonzero(flags.reshape(-1) if member.dim is None else flags).view(-1)
+        return hit if hit.numel() else None
 
 
 def _fill(tensor: torch.Tensor, dim: int | None, index: torch.Tensor) -> None:
