@@ -208,6 +208,12 @@ class PrunedMultiheadAttention(nn.Module):
 def layout_of(ids: torch.Tensor, alive: torch.Tensor) -> Layout:
     """The kept indices of each dimension of a tensor whose channel ids are ``ids``."""
     live = alive[_squeeze_broadcast(ids)]  # a broadcast dimension keeps everything or nothing
+    spread = [d for d in range(live.dim()) if live.shape[d] > 1]
+    if len(spread) == 1:  # one channel dimension (a convolution's output): its own kept positions
+        keep = live.reshape(-1)
+        if bool(keep.all()) or not bool(keep.any()):
+            return (None,) * ids.dim()
+        return tuple(torch.nonzero(keep).view(-1) if d == spread[0] else None for d in range(ids.dim()))
     if not bool(live.any()):
         return (None,) * ids.dim()
     out = []

@@ -27,10 +27,11 @@ _UNIT, _SUM, _DERIVED = 0, 1, 2
 
 def _squeeze_broadcast(ids: torch.Tensor) -> torch.Tensor:
     """Drop the repeats of broadcast dimensions (stride 0): the same ids, without materializing them."""
-    for d in range(ids.dim()):
-        if ids.stride(d) == 0 and ids.shape[d] > 1:
-            ids = ids.narrow(d, 0, 1)
-    return ids
+    shape, strides = ids.shape, ids.stride()
+    if all(st != 0 or n <= 1 for n, st in zip(shape, strides)):
+        return ids
+    small = [1 if st == 0 else n for n, st in zip(shape, strides)]
+    return ids.as_strided(small, strides, ids.storage_offset())
 
 
 def unique_pairs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
