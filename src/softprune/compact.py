@@ -299,6 +299,7 @@ class _Compactor:
         self.env: dict[str, torch.fx.Node] = {}
         self.cval: dict[str, Any] = {}  # compact ids (tensors) or compact values (sizes, ints)
         self.layout: dict[str, Any] = {}
+        self._expected: dict[int, tuple[torch.Tensor, Layout, torch.Tensor]] = {}  # by ids object
         self.full_env: dict[str, torch.fx.Node] = {}
         self.structural = False  # any node added or changed beyond module swaps and slices
         self.swapped: dict[str, nn.Module] = {}
@@ -334,9 +335,14 @@ class _Compactor:
     def expected(self, node: torch.fx.Node) -> tuple[Any, Any]:
         """(layout, compact ids) of a node from its full ids."""
         ids = self.ids_of(node)
-        layout = _map(ids, lambda t: layout_of(t, self.alive) if isinstance(t, torch.Tensor) else None)
         if isinstance(ids, torch.Tensor):
-            return layout, apply_layout(ids, layout)
+            # element-wise rules pass their input's ids on (conv -> BatchNorm -> ReLU: one tensor)
+            seen = self._expected.get(id(ids))
+            if seen is None or seen[0] is not ids:
+                layout = layout_of(ids, self.alive)
+                seen = self._expected[id(ids)] = (ids, layout, apply_layout(ids, layout))
+            return seen[1], seen[2]
+        layout = _map(ids, lambda t: layout_of(t, self.alive) if isinstance(t, torch.Tensor) else None)
         return layout, _shrink(ids, layout)
 
     def to_full(self, old: torch.fx.Node) -> torch.fx.Node:
