@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cost import count_flops
 from .errors import SoftpruneError, check_choice
 from .graph import Analysis
 
@@ -144,20 +145,9 @@ class CostModel:
     """
 
     def __init__(self, model: nn.Module, analysis: Analysis, example_inputs: tuple) -> None:
-        from torch.utils.flop_counter import FlopCounterMode
-
         self.analysis = analysis
         batch = example_inputs[0].shape[0] if isinstance(example_inputs[0], torch.Tensor) else 1
-        was_training = model.training
-        model.eval()
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                model(*example_inputs)
-        finally:
-            model.train(was_training)
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+        counter = count_flops(model, example_inputs)
         root = type(model).__name__
         totals = {
             ("" if name == root else name[len(root) + 1 :]): sum(ops.values())

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SoftpruneError
-from .graph import Analysis, _collect_tensors, _fetch_attr, _map, _squeeze_broadcast
+from .graph import Analysis, _collect_tensors, _fetch_attr, _map, _squeeze_broadcast, flat_units
 from .handlers import HANDLERS, copy_module
 from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 
@@ -292,9 +292,8 @@ class _Compactor:
         self.members_of: dict[str, list] = {}
         for m in analysis.members:
             if m.dim is not None:
-                parts = m.module.split(".")
-                for i in range(len(parts), 0, -1):
-                    self.members_of.setdefault(".".join(parts[:i]), []).append(m)
+                for name in _with_ancestors(m.module):
+                    self.members_of.setdefault(name, []).append(m)
         self.graph = torch.fx.Graph()
         self.env: dict[str, torch.fx.Node] = {}
         self.cval: dict[str, Any] = {}  # compact ids (tensors) or compact values (sizes, ints)
@@ -657,8 +656,7 @@ class _Compactor:
     def finish(self) -> None:
         """Give every module that kept its tensors shared with the user's model its own copy."""
         for name in self.deferred:
-            parts = name.split(".")
-            replaced = any(".".join(parts[:i]) in self.swapped for i in range(1, len(parts) + 1))
+            replaced = any(a in self.swapped for a in _with_ancestors(name))
             if not replaced:  # neither it nor a module holding it (an attention block) was replaced
                 _set_submodule(self.root, name, copy_module(self.model.get_submodule(name)))
 
@@ -688,6 +686,12 @@ class _Compactor:
         self.finish()
 
 
+def _with_ancestors(name: str) -> list[str]:
+    """ "a.b.c" -> ["a", "a.b", "a.b.c"]: a module's qualified name and those of the modules holding it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     """root.set_submodule(name, module) for a name that exists, without its per-level checks."""
     parent = root
@@ -709,16 +713,12 @@ def _replaced_soon(model: nn.Module, analysis: Analysis, alive: torch.Tensor) ->
     sliced = [m for m in analysis.members if m.dim is not None]
     if not sliced:
         return []
-    units = torch.cat([m.unit.reshape(-1) for m in sliced])
-    owner = torch.repeat_interleave(
-        torch.arange(len(sliced)), torch.tensor([m.unit.numel() for m in sliced], dtype=torch.long)
-    )
+    units, owner, _ = flat_units(sliced)
     loses = torch.zeros(len(sliced), dtype=torch.long).index_add_(0, owner, (~alive[units]).long()) > 0
     losing: set[str] = set()  # modules that lose units, and every module holding one
     for m, lost in zip(sliced, loses.tolist()):
         if lost:
-            parts = m.module.split(".")
-            losing.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            losing.update(_with_ancestors(m.module))
     leaves = set(analysis.module_of_node.values())
     seen_modules: dict[int, int] = {}
     seen_tensors: dict[int, int] = {}
@@ -738,8 +738,7 @@ def _replaced_soon(model: nn.Module, analysis: Analysis, alive: torch.Tensor) ->
         has_children = any(c is not None for c in module._modules.values())
         if has_children and name not in leaves:
             continue
-        parts = name.split(".")
-        if any(".".join(parts[:i]) in taken for i in range(1, len(parts))):
+        if any(a in taken for a in _with_ancestors(name)[:-1]):
             continue  # inside a module already deferred
         subtree = list(module.modules())
         if any(seen_modules[id(s)] > 1 for s in subtree):

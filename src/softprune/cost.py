@@ -50,11 +50,8 @@ def _as_tuple(example_inputs: Any) -> tuple:
 
 
 @torch.no_grad()
-def measure_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
-    """{"macs": all multiply-accumulates, "conv_macs": convolutions only} for one forward pass,
-    divided by the batch size of the first input (MACs per sample)."""
-    inputs = _as_tuple(example_inputs)
-    batch = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0 else 1
+def count_flops(model: nn.Module, inputs: tuple) -> FlopCounterMode:
+    """torch.utils.flop_counter's counts (total, per module, per op) of one forward pass in eval mode."""
     was_training = model.training
     model.eval()
     # nn.MultiheadAttention's fused inference kernel has no FLOP formula: count its unfused ops
@@ -66,6 +63,15 @@ def measure_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     finally:
         model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter
+
+
+def measure_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """{"macs": all multiply-accumulates, "conv_macs": convolutions only} for one forward pass,
+    divided by the batch size of the first input (MACs per sample)."""
+    inputs = _as_tuple(example_inputs)
+    batch = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0 else 1
+    counter = count_flops(model, inputs)
     total = counter.get_total_flops()
     conv = sum(
         flops

@@ -64,6 +64,20 @@ def distinct_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] |
     return distinct, which
 
 
+def flat_units(members: list[Member]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Every member's unit entries in one flat tensor, the member each entry belongs to, and where
+    each member's entries start (one more than the members: the end)."""
+    sizes = [m.unit.numel() for m in members]
+    starts = [0]
+    for s in sizes:
+        starts.append(starts[-1] + s)
+    if not members:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), starts
+    flat = torch.cat([m.unit.reshape(-1) for m in members])
+    owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(sizes, dtype=torch.long))
+    return flat, owner, starts
+
+
 class IdTable:
     """Channel ids, their joins (union-find edges), sums and derived ids, and frozen reasons."""
 
@@ -375,14 +389,6 @@ class Traced:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
-
-
-def trace(
-    model: nn.Module, handlers=None, module_rules=None, leaf_modules: Iterable[str] = ()
-) -> torch.fx.GraphModule:
-    """A GraphModule of ``model`` whose leaves are the modules softprune has handlers or rules for."""
-    graph = _trace_graph(model, handlers, module_rules, leaf_modules)
-    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
 def _trace_graph(
@@ -788,33 +794,23 @@ def build_groups(
     # Every member's positions in one flat tensor (a class per position, -1 where not a channel), so
     # the per-class work below is tensor work: a ResNet-50 has ~40k classes and ~1k members.
     members = analysis.members
-    sizes = [m.unit.numel() for m in members]
-    flat_ids = (
-        torch.cat([m.unit.reshape(-1) for m in members]) if members else torch.zeros(0, dtype=torch.long)
-    )
+    flat_ids, owner, starts = flat_units(members)
     flat = torch.where(flat_ids > CONST, label[flat_ids], -1)
-    owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(sizes, dtype=torch.long))
-    starts = [0]
-    for s in sizes:
-        starts.append(starts[-1] + s)
 
     # producers: modules with FILTER members; the classes each one owns
     order_of_module = {name: i for i, name in enumerate(modules)}
-    producer_names: list[str] = []
     producer_index: dict[str, int] = {}
     module_of_member = torch.full((len(members),), -1, dtype=torch.long)
     position_key = torch.zeros(len(members), dtype=torch.long)
     with_dim = torch.zeros(len(members), dtype=torch.bool)
     for i, m in enumerate(members):
         if m.role is Role.FILTER:
-            module_of_member[i] = producer_index.setdefault(m.module, len(producer_names))
-            if len(producer_index) > len(producer_names):
-                producer_names.append(m.module)
+            module_of_member[i] = producer_index.setdefault(m.module, len(producer_index))
             position_key[i] = order_of_module.get(m.module, 1 << 19)
             with_dim[i] = m.dim is not None
     produced = (flat >= 0) & (module_of_member[owner] >= 0)
     pairs = unique_pairs(flat[produced], module_of_member[owner[produced]])[0]  # (class, producer)
-    none = len(producer_names)
+    none = len(producer_index)
     first_producer = torch.full((n_classes,), none, dtype=torch.long)
     first_producer.scatter_reduce_(0, pairs[0], pairs[1], reduce="amin")
     # groups: classes connected through shared producers (components over the few producer modules)
@@ -838,9 +834,7 @@ def build_groups(
     big = 1 << 40
     position = torch.full((n_classes,), big * (1 << 20), dtype=torch.long)
     keyed = produced & with_dim[owner]
-    index_in_member = torch.arange(flat.numel()) - torch.tensor(
-        starts[:-1], dtype=torch.long
-    ).repeat_interleave(torch.tensor(sizes, dtype=torch.long))
+    index_in_member = torch.arange(flat.numel()) - torch.tensor(starts[:-1], dtype=torch.long)[owner]
     position.scatter_reduce_(
         0, flat[keyed], position_key[owner[keyed]] * big + index_in_member[keyed], reduce="amin"
     )
