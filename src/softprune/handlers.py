@@ -328,6 +328,27 @@ class PReLUHandler(Handler):
         return resized(m, {"weight": _take(m.weight, 0, k)}, num_parameters=int(k.numel()))
 
 
+def _attention_inputs(ctx: Context, query, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One id per channel of the query, key and value (self-attention passes one tensor three times)."""
+    q_in = ctx.positions(query, -1)
+    k_in = q_in if key is query else ctx.positions(key, -1)
+    v_in = q_in if value is query else k_in if value is key else ctx.positions(value, -1)
+    return q_in, k_in, v_in
+
+
+def _attention_output(ctx: Context, rows: torch.Tensor, out_proj: nn.Linear) -> tuple:
+    """out_proj reads the heads' rows and produces the output channels; ids of (output, weights)."""
+    name = f"{ctx.module_name}.out_proj"
+    ctx.member("weight", 1, rows, Role.CONSUMER, module=name)
+    out = ctx.fresh(out_proj.out_features)
+    ctx.member("weight", 0, out, Role.FILTER, module=name)
+    if out_proj.bias is not None:
+        ctx.member("bias", 0, out, Role.ADDITIVE, module=name)
+    result = ctx.out
+    weights = None if result[1] is None else torch.full(result[1].shape, CONST)
+    return ctx.broadcast(out, result[0].shape, -1), weights
+
+
 class MultiheadAttentionHandler(Handler):
     """nn.MultiheadAttention: a consumer of the query/key/value channels, a producer of out_proj's
     outputs, and one unit per head (its q, k and v rows and its out_proj columns), so heads are
@@ -336,12 +357,9 @@ class MultiheadAttentionHandler(Handler):
 
     def propagate(self, m: nn.MultiheadAttention, ctx: Context, query, key, value, *rest, **kw):
         E, H = m.embed_dim, m.num_heads
-        D = E // H
-        q_in = ctx.positions(query, -1)  # self-attention passes one tensor three times
-        k_in = q_in if key is query else ctx.positions(key, -1)
-        v_in = q_in if value is query else k_in if value is key else ctx.positions(value, -1)
+        q_in, k_in, v_in = _attention_inputs(ctx, query, key, value)
         heads = ctx.fresh(H)
-        rows = heads.repeat_interleave(D)
+        rows = heads.repeat_interleave(E // H)
         if m.bias_k is not None or m.add_zero_attn:
             ctx.freeze(heads, f"attention '{ctx.module_name}' uses bias_k/bias_v or add_zero_attn")
         if m._qkv_same_embed_dim:
@@ -355,16 +373,7 @@ class MultiheadAttentionHandler(Handler):
                 ctx.member(name, 0, rows, Role.FILTER)
         if m.in_proj_bias is not None:
             ctx.member("in_proj_bias", 0, torch.cat([rows, rows, rows]), Role.ADDITIVE)
-        out_proj = f"{ctx.module_name}.out_proj"
-        ctx.member("weight", 1, rows, Role.CONSUMER, module=out_proj)
-        out = ctx.fresh(E)
-        ctx.member("weight", 0, out, Role.FILTER, module=out_proj)
-        if m.out_proj.bias is not None:
-            ctx.member("bias", 0, out, Role.ADDITIVE, module=out_proj)
-        result = ctx.out
-        out_ids = ctx.broadcast(out, result[0].shape, -1)
-        weights = None if result[1] is None else torch.full(result[1].shape, CONST)
-        return (out_ids, weights)
+        return _attention_output(ctx, rows, m.out_proj)
 
     def compact(self, m: nn.MultiheadAttention, keep: Keep) -> nn.Module:
         from .compact import PrunedMultiheadAttention
@@ -377,25 +386,15 @@ class PrunedAttentionHandler(Handler):
     again): heads are units, as for nn.MultiheadAttention, over separate q/k/v projections."""
 
     def propagate(self, m, ctx: Context, query, key, value, *rest, **kw):
-        H, D = m.num_heads, m.head_dim
-        q_in = ctx.positions(query, -1)
-        k_in = q_in if key is query else ctx.positions(key, -1)
-        v_in = q_in if value is query else k_in if value is key else ctx.positions(value, -1)
-        heads = ctx.fresh(H)
-        rows = heads.repeat_interleave(D)
+        q_in, k_in, v_in = _attention_inputs(ctx, query, key, value)
+        rows = ctx.fresh(m.num_heads).repeat_interleave(m.head_dim)
         name = ctx.module_name
         for proj, ids in (("q_proj", q_in), ("k_proj", k_in), ("v_proj", v_in)):
             ctx.member("weight", 1, ids, Role.CONSUMER, module=f"{name}.{proj}")
             ctx.member("weight", 0, rows, Role.FILTER, module=f"{name}.{proj}")
             if getattr(m, proj).bias is not None:
                 ctx.member("bias", 0, rows, Role.ADDITIVE, module=f"{name}.{proj}")
-        ctx.member("weight", 1, rows, Role.CONSUMER, module=f"{name}.out_proj")
-        out = ctx.fresh(m.out_dim)
-        ctx.member("weight", 0, out, Role.FILTER, module=f"{name}.out_proj")
-        ctx.member("bias", 0, out, Role.ADDITIVE, module=f"{name}.out_proj")
-        result = ctx.out
-        weights = None if result[1] is None else torch.full(result[1].shape, CONST)
-        return (ctx.broadcast(out, result[0].shape, -1), weights)
+        return _attention_output(ctx, rows, m.out_proj)
 
     def compact(self, m, keep: Keep) -> nn.Module:
         from .compact import PrunedMultiheadAttention
