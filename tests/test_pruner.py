@@ -367,11 +367,20 @@ def test_selection_respects_every_producers_quota_like_the_rule_says():
         assert got == _quota_oracle(owners, is_producer, gone, order, hard, frozen, rate, n_sel)
 
 
-def test_analysis_gives_every_module_its_own_training_mode_back():
+def test_analysis_calibration_and_checks_give_every_module_its_own_training_mode_back():
+    from softprune.cost import measure_macs
     from softprune.models import resnet20
 
     model = resnet20().train()
     model.bn1.eval()  # a user's frozen BatchNorm inside a training model
-    softprune.Pruner(model, "sfp", 0.3, 1, example_inputs=torch.randn(2, 3, 32, 32))
-    assert model.training and model.layer1[0].bn1.training
-    assert not model.bn1.training
+    x = torch.randn(2, 3, 32, 32)
+    pruner = softprune.Pruner(
+        model, "sfp", 0.3, 1, example_inputs=x, criterion="hrank", calibration=[x], calibration_batches=1
+    )
+    modes = [model.training, model.layer1[0].bn1.training, model.bn1.training]
+    pruner.step()  # calibration forward passes in eval mode
+    modes += [model.training, model.layer1[0].bn1.training, model.bn1.training]
+    measure_macs(model, x)
+    pruner.compact()  # the equivalence check runs both models in eval mode
+    modes += [model.training, model.layer1[0].bn1.training, model.bn1.training]
+    assert modes == [True, True, False] * 3

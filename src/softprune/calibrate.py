@@ -15,6 +15,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .modes import training_mode
+
 
 @torch.no_grad()
 def recalibrate_batchnorm(
@@ -35,19 +37,17 @@ def recalibrate_batchnorm(
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over the calibration batches
     rng = torch.get_rng_state()
-    was_training = model.training
-    model.train()
     used = 0
     try:
-        for batch in batches:
-            if used >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device) if device is not None else x)
-            used += 1
+        with training_mode(model, training=True):
+            for batch in batches:
+                if used >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x.to(device) if device is not None else x)
+                used += 1
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        model.train(was_training)
         torch.set_rng_state(rng)
     return used

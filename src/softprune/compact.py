@@ -30,6 +30,7 @@ from torch import nn
 from .errors import SoftpruneError
 from .graph import Analysis, _collect_tensors, _fetch_attr, _map, _squeeze_broadcast, flat_units
 from .handlers import HANDLERS, copy_module
+from .modes import training_mode
 from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 
 log = logging.getLogger(__name__)
@@ -795,16 +796,9 @@ def compact_model(
 
 def max_difference(reference: nn.Module, candidate: nn.Module, example_inputs: tuple) -> tuple[float, float]:
     """(max |reference - candidate|, max |reference|) over every output tensor, in eval mode."""
-    was_ref, was_cand = reference.training, candidate.training
-    reference.eval()
-    candidate.eval()
-    try:
-        with torch.no_grad():
-            ref = _collect_tensors(reference(*example_inputs))
-            got = _collect_tensors(candidate(*example_inputs))
-    finally:
-        reference.train(was_ref)
-        candidate.train(was_cand)
+    with training_mode(reference, candidate, training=False), torch.no_grad():
+        ref = _collect_tensors(reference(*example_inputs))
+        got = _collect_tensors(candidate(*example_inputs))
     if len(ref) != len(got):
         return float("inf"), 0.0
     diff, scale = 0.0, 0.0

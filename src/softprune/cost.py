@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import SoftpruneError
+from .modes import training_mode
 
 _CONV_OPS = ("convolution", "conv2d", "conv1d", "conv3d", "_convolution")
 
@@ -52,16 +53,13 @@ def _as_tuple(example_inputs: Any) -> tuple:
 @torch.no_grad()
 def count_flops(model: nn.Module, inputs: tuple) -> FlopCounterMode:
     """torch.utils.flop_counter's counts (total, per module, per op) of one forward pass in eval mode."""
-    was_training = model.training
-    model.eval()
     # nn.MultiheadAttention's fused inference kernel has no FLOP formula: count its unfused ops
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with FlopCounterMode(display=False) as counter:
+        with training_mode(model, training=False), FlopCounterMode(display=False) as counter:
             model(*inputs)
     finally:
-        model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter
 
@@ -102,21 +100,19 @@ def latency(
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    was_training = model.training
-    model.eval()
     times = []
     try:
-        for i in range(warmup + repeats):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(*inputs)
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000.0)
+        with training_mode(model, training=False):
+            for i in range(warmup + repeats):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(*inputs)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append((time.perf_counter() - start) * 1000.0)
     finally:
-        model.train(was_training)
         torch.set_num_threads(old_threads)
     return {
         "median_ms": statistics.median(times),
@@ -221,14 +217,9 @@ def peak_memory(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     forward pass in eval mode (inference: no autograd graph is kept)."""
     inputs = _as_tuple(example_inputs)
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    was_training = model.training
-    model.eval()
-    try:
-        with _LiveBytes() as counter:
-            out = model(*inputs)
-            del out
-    finally:
-        model.train(was_training)
+    with training_mode(model, training=False), _LiveBytes() as counter:
+        out = model(*inputs)
+        del out
     return {"weights_bytes": weights, "peak_activation_bytes": counter.peak}
 
 

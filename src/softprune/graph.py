@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import SoftpruneError
 from .groups import ChannelGroup, Member, Role
+from .modes import training_mode
 
 ZERO = 0  # a constant zero (padding): joins nothing, removable
 CONST = 1  # a constant or input value: joins nothing, never removable
@@ -579,103 +580,88 @@ def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules) -> Ana
     idmap: dict[str, Any] = {}
     modules = dict(gm.named_modules())
 
-    # eval mode for the run; afterwards each module gets its own mode back (a BatchNorm the user
-    # froze in eval inside a training model stays frozen)
-    every = {id(m): m for m in model.modules()}
-    if isinstance(gm, nn.Module):
-        every.update((id(m), m) for m in gm.modules())
-    modes = [(m, m.training) for m in every.values()]
-    for m in every.values():
-        m.__dict__["training"] = False  # what Module.train(False) sets, without its per-module cost
-    try:
-        with torch.no_grad():
-            for node in gm.graph.nodes:
-                ctx = Context(result, node)
-                if node.op == "placeholder":
-                    try:
-                        val = next(inputs)
-                    except StopIteration:
-                        if node.args:  # a default value
-                            val = node.args[0]
-                        else:
-                            raise SoftpruneError(
-                                f"the model's forward takes an input '{node.target}' that example_inputs does not give"
-                            ) from None
-                    vals[node.name] = val
-                    idmap[node.name] = _map(
-                        val, lambda v: torch.full(v.shape, CONST) if isinstance(v, torch.Tensor) else None
-                    )
-                    continue
-                if node.op == "output":
-                    out_ids = _collect_tensors(_load(node.args, idmap))
-                    for t in out_ids:
-                        ids.freeze(t, "reaches the model's output")
-                    continue
-                args = _load(node.args, vals)
-                kwargs = _load(node.kwargs, vals)
-                arg_ids = _load(node.args, idmap)
-                kwarg_ids = _load(node.kwargs, idmap)
-                if node.op == "get_attr":
-                    val = _fetch_attr(gm, node.target)
-                    vals[node.name] = val
-                    if isinstance(val, torch.Tensor):
-                        result.param_nodes[node.name] = node.target
-                        idmap[node.name] = _LazyParam(node.target)
-                    else:
-                        idmap[node.name] = None
-                    continue
-                if node.op == "call_module":
-                    module = modules[node.target]
-                    val = call(module, args, kwargs)
-                    ctx.module_name = node.target
-                    ctx.out = val
-                    result.module_of_node[node.name] = node.target
-                    arg_ids = _materialize(arg_ids, result, node)
-                    kwarg_ids = _materialize(kwarg_ids, result, node)
-                    handler = handlers.get(type(module))
-                    if handler is not None:
-                        out = handler.propagate(module, ctx, *arg_ids, **kwarg_ids)
-                    elif type(module) in MODULE_RULES:
-                        out = MODULE_RULES[type(module)](ctx, module, arg_ids, kwarg_ids, args, kwargs)
-                    elif node.target in set(leaf_modules):
-                        out = _opaque(
-                            ctx, arg_ids, kwarg_ids, val, f"module '{node.target}' is listed in ignore"
-                        )
+    traced = [gm] if isinstance(gm, nn.Module) else []
+    with training_mode(model, *traced, training=False), torch.no_grad():
+        for node in gm.graph.nodes:
+            ctx = Context(result, node)
+            if node.op == "placeholder":
+                try:
+                    val = next(inputs)
+                except StopIteration:
+                    if node.args:  # a default value
+                        val = node.args[0]
                     else:
                         raise SoftpruneError(
-                            f"softprune has no handler for module '{node.target}' ({type(module).__name__}). "
-                            "Either pass ignore=['"
-                            + node.target
-                            + "'] to keep it whole, or register a handler "
-                            "with softprune.register_handler(" + type(module).__name__ + ", handler)"
-                        )
-                else:  # call_function / call_method
-                    fn = node.target
-                    if node.op == "call_method":
-                        self_val = args[0]
-                        val = getattr(self_val, fn)(*args[1:], **kwargs)
-                        rule = METHOD_RULES.get(fn) if isinstance(self_val, torch.Tensor) else None
-                    else:
-                        val = fn(*args, **kwargs)
-                        rule = FUNCTION_RULES.get(fn)
-                    ctx.out = val
-                    has_tensor = _has_tensor(args) or _has_tensor(kwargs)
-                    if not has_tensor:
-                        out = _map(
-                            val, lambda v: torch.full(v.shape, CONST) if isinstance(v, torch.Tensor) else None
-                        )
-                    else:
-                        arg_ids = _materialize(arg_ids, result, node)
-                        kwarg_ids = _materialize(kwarg_ids, result, node)
-                        if rule is None:
-                            rule = rule_for_unknown(node)
-                        out = rule(ctx, arg_ids, kwarg_ids, args, kwargs)
+                            f"the model's forward takes an input '{node.target}' that example_inputs does not give"
+                        ) from None
                 vals[node.name] = val
-                idmap[node.name] = out
-                _check_shapes(node, val, out)
-    finally:
-        for m, mode in modes:
-            m.__dict__["training"] = mode
+                idmap[node.name] = _map(
+                    val, lambda v: torch.full(v.shape, CONST) if isinstance(v, torch.Tensor) else None
+                )
+                continue
+            if node.op == "output":
+                out_ids = _collect_tensors(_load(node.args, idmap))
+                for t in out_ids:
+                    ids.freeze(t, "reaches the model's output")
+                continue
+            args = _load(node.args, vals)
+            kwargs = _load(node.kwargs, vals)
+            arg_ids = _load(node.args, idmap)
+            kwarg_ids = _load(node.kwargs, idmap)
+            if node.op == "get_attr":
+                val = _fetch_attr(gm, node.target)
+                vals[node.name] = val
+                if isinstance(val, torch.Tensor):
+                    result.param_nodes[node.name] = node.target
+                    idmap[node.name] = _LazyParam(node.target)
+                else:
+                    idmap[node.name] = None
+                continue
+            if node.op == "call_module":
+                module = modules[node.target]
+                val = call(module, args, kwargs)
+                ctx.module_name = node.target
+                ctx.out = val
+                result.module_of_node[node.name] = node.target
+                arg_ids = _materialize(arg_ids, result, node)
+                kwarg_ids = _materialize(kwarg_ids, result, node)
+                handler = handlers.get(type(module))
+                if handler is not None:
+                    out = handler.propagate(module, ctx, *arg_ids, **kwarg_ids)
+                elif type(module) in MODULE_RULES:
+                    out = MODULE_RULES[type(module)](ctx, module, arg_ids, kwarg_ids, args, kwargs)
+                elif node.target in set(leaf_modules):
+                    out = _opaque(ctx, arg_ids, kwarg_ids, val, f"module '{node.target}' is listed in ignore")
+                else:
+                    raise SoftpruneError(
+                        f"softprune has no handler for module '{node.target}' ({type(module).__name__}). "
+                        "Either pass ignore=['" + node.target + "'] to keep it whole, or register a handler "
+                        "with softprune.register_handler(" + type(module).__name__ + ", handler)"
+                    )
+            else:  # call_function / call_method
+                fn = node.target
+                if node.op == "call_method":
+                    self_val = args[0]
+                    val = getattr(self_val, fn)(*args[1:], **kwargs)
+                    rule = METHOD_RULES.get(fn) if isinstance(self_val, torch.Tensor) else None
+                else:
+                    val = fn(*args, **kwargs)
+                    rule = FUNCTION_RULES.get(fn)
+                ctx.out = val
+                has_tensor = _has_tensor(args) or _has_tensor(kwargs)
+                if not has_tensor:
+                    out = _map(
+                        val, lambda v: torch.full(v.shape, CONST) if isinstance(v, torch.Tensor) else None
+                    )
+                else:
+                    arg_ids = _materialize(arg_ids, result, node)
+                    kwarg_ids = _materialize(kwarg_ids, result, node)
+                    if rule is None:
+                        rule = rule_for_unknown(node)
+                    out = rule(ctx, arg_ids, kwarg_ids, args, kwargs)
+            vals[node.name] = val
+            idmap[node.name] = out
+            _check_shapes(node, val, out)
     result.node_ids = idmap
     result.node_vals = {k: v for k, v in vals.items() if not isinstance(v, torch.Tensor)}
     return result

@@ -33,6 +33,7 @@ from .features import FeatureTap, find_sites
 from .graph import Analysis, analyze, build_groups, selector
 from .groups import ChannelGroup, Role
 from .masks import SCOPES, GroupMask, HardKeeper, apply, zero_units
+from .modes import training_mode
 from .policy import Policy, make_policy
 from .regularizers import Regularizer, make_regularizer
 
@@ -370,31 +371,29 @@ class Pruner:
                 "pruner loss_fn= to score it on the calibration batches"
             )
         device = self._device()
-        was_training = self.model.training
-        self.model.eval()
         saved = {p: p.grad for p in self.model.parameters()}
         n = 0
         try:
-            for x, y in calibration_batches(self.calibration, self.calibration_batches):
-                x = x.to(device)
-                if gradients:
-                    if y is None:
-                        raise SoftpruneError(
-                            "calibration batches for gradient criteria need targets: (inputs, targets)"
-                        )
-                    for p in saved:
-                        p.grad = None
-                    with torch.enable_grad():
-                        loss = self.loss_fn(self.model(x), y.to(device))
-                        loss.backward()
-                else:
-                    with torch.no_grad():
-                        self.model(x)
-                n += 1
+            with training_mode(self.model, training=False):
+                for x, y in calibration_batches(self.calibration, self.calibration_batches):
+                    x = x.to(device)
+                    if gradients:
+                        if y is None:
+                            raise SoftpruneError(
+                                "calibration batches for gradient criteria need targets: (inputs, targets)"
+                            )
+                        for p in saved:
+                            p.grad = None
+                        with torch.enable_grad():
+                            loss = self.loss_fn(self.model(x), y.to(device))
+                            loss.backward()
+                    else:
+                        with torch.no_grad():
+                            self.model(x)
+                    n += 1
         finally:
             for p, g in saved.items():
                 p.grad = g
-            self.model.train(was_training)
         if n == 0:
             raise SoftpruneError("the calibration data gave no batch")
         return n
@@ -423,29 +422,27 @@ class Pruner:
         gates = [p for p in params if p.dim() < 2 and p.requires_grad]
         optimizer = torch.optim.SGD(gates, lr=lr, momentum=momentum)
         device = self._device()
-        was_training = self.model.training
-        self.model.train()
         n = 0
         try:
             for p in params:
                 if p.dim() >= 2:
                     p.requires_grad_(False)
-            for x, y in calibration_batches(batches, 1 << 62):
-                if y is None:
-                    raise SoftpruneError("tick() batches must be (inputs, targets)")
-                with torch.enable_grad():
-                    loss = loss_fn(self.model(x.to(device)), y.to(device))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                optimizer.step()
-                self.enforce()
-                n += 1
+            with training_mode(self.model, training=True):
+                for x, y in calibration_batches(batches, 1 << 62):
+                    if y is None:
+                        raise SoftpruneError("tick() batches must be (inputs, targets)")
+                    with torch.enable_grad():
+                        loss = loss_fn(self.model(x.to(device)), y.to(device))
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                    optimizer.step()
+                    self.enforce()
+                    n += 1
         finally:
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
                 if p.dim() >= 2:
                     p.grad = None
-            self.model.train(was_training)
         if _replicated():
             _broadcast_from_rank0(gates + list(self.model.buffers()))
         return n

@@ -37,6 +37,7 @@ from ..cost import compare_latency, paper_flops_cifar_resnet, profile
 from ..data import DATASETS, BatchLoader, load_dataset
 from ..errors import SoftpruneError
 from ..models import create_model
+from ..modes import training_mode
 from ..pruner import Pruner, rebind_scheduler
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_from_dict
@@ -63,16 +64,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device) -> tuple[float, float]:
     """(mean loss, accuracy in %) over the loader, in eval mode."""
-    was_training = model.training
-    model.eval()
     total, correct, loss_sum = 0, 0, 0.0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        total += y.numel()
-    model.train(was_training)
+    with training_mode(model, training=False):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = model(x)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            total += y.numel()
     return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
 
 
