@@ -540,17 +540,11 @@ def _attention_without_arithmetic(m: nn.MultiheadAttention, args: tuple, kwargs:
         return None
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() not in (2, 3):
         return None
-    if not (q.dim() == k.dim() == v.dim()) or (q.shape[-1], k.shape[-1], v.shape[-1]) != (
-        m.embed_dim,
-        m.kdim,
-        m.vdim,
-    ):
+    widths = (q.shape[-1], k.shape[-1], v.shape[-1])
+    if not (q.dim() == k.dim() == v.dim()) or widths != (m.embed_dim, m.kdim, m.vdim):
         return None
-    if (
-        q.dtype != m.out_proj.weight.dtype
-        or q.device != m.out_proj.weight.device
-        or k.shape[:-1] != v.shape[:-1]
-    ):
+    weight = m.out_proj.weight
+    if q.dtype != weight.dtype or q.device != weight.device or k.shape[:-1] != v.shape[:-1]:
         return None
     batched = q.dim() == 3
     first = m.batch_first and batched

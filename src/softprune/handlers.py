@@ -102,19 +102,17 @@ def resized(module: nn.Module, params: dict[str, torch.Tensor | None], **attrs) 
             replaced[id(old)] = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
         else:
             replaced[id(old)] = value.detach()
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = dict(replaced)  # every other tensor: a detached copy of its own
     for m in module.modules():
         for table in (m._parameters, m._buffers):
             for value in table.values():
-                if value is not None and id(value) not in memo:
-                    memo[id(value)] = replaced.get(id(value))
-                    if memo[id(value)] is None:
-                        fresh = value.detach().clone()
-                        memo[id(value)] = (
-                            nn.Parameter(fresh, requires_grad=value.requires_grad)
-                            if isinstance(value, nn.Parameter)
-                            else fresh
-                        )
+                if value is None or id(value) in memo:
+                    continue
+                fresh = value.detach().clone()
+                is_param = isinstance(value, nn.Parameter)
+                memo[id(value)] = (
+                    nn.Parameter(fresh, requires_grad=value.requires_grad) if is_param else fresh
+                )
     new = copy_module(module, memo)
     for key, value in attrs.items():
         setattr(new, key, value)
