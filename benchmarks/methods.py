@@ -1,14 +1,21 @@
 """The methods side by side on one budget: Fashion-MNIST, a CIFAR ResNet-20 with one input channel.
 
 Every method trains for the same number of epochs on the same data with the same recipe (SGD with
-Nesterov momentum, cosine learning rate, batch 128) and seeds: dense; HFP, SFP, ASFP, SRFP, ASRFP,
-GHFP and FPGM at 40% (coupled residuals, softprune's default); and Torch-Pruning's magnitude pruning
-with fine-tuning (dense training for half the budget, one-shot pruning to the MACs the 40% presets end
-at, fine-tuning for the other half). Reported: final accuracy (of the compact model), accuracy per
-epoch (GHFP's claim is faster convergence), MACs, parameters and wall time, mean and spread over
-the seeds; and the report (plots) over the first seed's runs.
+Nesterov momentum, batch 128) and seeds, and ends at the same MACs: the cut a 40%-per-layer preset
+makes of a fresh ResNet-20 (about 60%), met by a MACs budget (softprune.budgets). Rows: dense; the
+presets HFP, SFP, ASFP, SRFP, ASRFP, GHFP (and GHFP as its authors' code runs it) and FPGM under SFP
+(coupled residuals, softprune's default); on the short budget also the literature's recipes; and
+Torch-Pruning's magnitude pruning with fine-tuning (dense training for half the budget, one-shot
+pruning to the same MACs, fine-tuning for the other half).
 
-    python benchmarks/methods.py [--epochs 8] [--train-limit 10000] [--seeds 0 1] [--smoke]
+Budgets: ``short`` is 6 epochs with a cosine learning rate; ``long`` is 24 epochs with the papers'
+step schedule scaled to it (lr 0.1, x0.2 at 30%, 60% and 80% of training: 60/120/160 of 200).
+Reported: final accuracy (of the compact model), accuracy per epoch (GHFP's claim is faster
+convergence), MACs, parameters and wall time, mean and spread over the seeds; and the report (plots,
+accuracy by epoch) over the first seed's runs. ``--reuse`` keeps finished runs, so a long budget can
+be spread over several invocations.
+
+    python benchmarks/methods.py [--budget short|long] [--seeds 0 1 2] [--only sfp ghfp] [--reuse] [--smoke]
 """
 
 from __future__ import annotations
@@ -42,7 +49,18 @@ METHODS = {
     "srfp": ["prune.method=srfp"],
     "asrfp": ["prune.method=asrfp"],
     "ghfp": ["prune.method=ghfp"],
+    # GHFP as its first author's released code runs it (docs/methods.md, "GHFP")
+    "ghfp-code": [
+        "prune.method=ghfp",
+        "prune.rate_schedule=poly",
+        "prune.criterion=l2_bn",
+        "prune.initial_step=true",
+    ],  # fmt: skip
     "fpgm": ["prune.method=sfp", "prune.criterion=fpgm"],
+}
+BUDGETS = {
+    "short": {"epochs": 6, "schedule": "cosine"},
+    "long": {"epochs": 24, "schedule": "multistep", "milestones": (0.3, 0.6, 0.8), "gamma": 0.2},
 }
 # The literature's methods, each from its recipe in configs/methods/ (their schedules are fractions
 # of training, so they stretch to this budget) with a MACs budget set to the cut the 40% presets
@@ -52,12 +70,29 @@ RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
 SMOKE_METHODS = ["dense", "sfp", "ghfp", "hrank"]
 
 
+def schedule(args) -> dict:
+    """The training section's learning-rate schedule for the budget."""
+    budget = BUDGETS[args.budget]
+    if budget["schedule"] == "cosine":
+        return {"schedule": "cosine"}
+    milestones = sorted({max(1, round(f * args.epochs)) for f in budget["milestones"]})
+    return {"schedule": "multistep", "milestones": milestones, "gamma": budget["gamma"]}
+
+
+def lr_at(args, epoch: int) -> float:
+    """The learning rate of ``epoch`` under the budget's schedule (for the Torch-Pruning loop)."""
+    plan = schedule(args)
+    if plan["schedule"] == "cosine":
+        return 0.05 * (1 + math.cos(math.pi * epoch / args.epochs))
+    return 0.1 * plan["gamma"] ** sum(epoch >= m for m in plan["milestones"])
+
+
 def base_config(args) -> dict:
     recipe = resources.files("softprune") / "configs" / "fashion_mnist_ghfp.yaml"
     with resources.as_file(recipe) as path:
         base = read_yaml(path)
     base["data"].update(train_limit=args.train_limit, test_limit=args.test_limit)
-    base["train"].update(epochs=args.epochs)
+    base["train"].update(epochs=args.epochs, **schedule(args))
     base["prune"].update(rate=0.4, residual="coupled")
     base["report"] = {"latency_batch": 64, "latency_repeats": 5}
     return base
@@ -71,11 +106,10 @@ def recipe_config(label: str, args) -> dict:
 
 
 def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Path:
-    if label in METHODS:
-        base, overrides = base_config(args), METHODS[label]
-    else:
-        base = recipe_config(label, args)
-        overrides = ["prune.budget=macs", f"prune.rate={macs_cut}"]
+    base = base_config(args) if label in METHODS else recipe_config(label, args)
+    overrides = list(METHODS.get(label, []))
+    if label != "dense":
+        overrides += ["prune.budget=macs", f"prune.rate={macs_cut}"]
     config = config_from_dict(base, [f"name={label}-s{seed}", f"output={out}", f"seed={seed}", *overrides])
     done = config.run_dir / "summary.json"
     if args.reuse and done.is_file() and load_config(config.run_dir / "config.yaml") == config:
@@ -96,6 +130,11 @@ def run_torch_pruning(seed: int, args, out: Path, target_macs: int) -> Path | No
         )
         return None
     run_dir = out / f"torch-pruning-s{seed}"
+    settings = {"epochs": args.epochs, "train_limit": args.train_limit, "test_limit": args.test_limit,
+                "schedule": schedule(args), "target_macs": target_macs}  # fmt: skip
+    done = run_dir / "summary.json"
+    if args.reuse and done.is_file() and json.loads(done.read_text()).get("settings") == settings:
+        return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -111,8 +150,8 @@ def run_torch_pruning(seed: int, args, out: Path, target_macs: int) -> Path | No
 
     def optimizer_for(m, epoch):
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        for group in opt.param_groups:  # the cosine schedule over the whole budget, from this epoch on
-            group["lr"] = 0.05 * (1 + math.cos(math.pi * epoch / args.epochs))
+        for group in opt.param_groups:  # the budget's schedule over the whole run, from this epoch on
+            group["lr"] = lr_at(args, epoch)
         return opt
 
     opt = optimizer_for(model, 0)
@@ -128,7 +167,7 @@ def run_torch_pruning(seed: int, args, out: Path, target_macs: int) -> Path | No
             recalibrate_batchnorm(model, loader, 20)
             opt = optimizer_for(model, epoch)
         for group in opt.param_groups:
-            group["lr"] = 0.05 * (1 + math.cos(math.pi * epoch / args.epochs))
+            group["lr"] = lr_at(args, epoch)
         t0 = time.time()
         model.train()
         loader.set_epoch(epoch)
@@ -156,6 +195,7 @@ def run_torch_pruning(seed: int, args, out: Path, target_macs: int) -> Path | No
         "name": run_dir.name, "model": "resnet20", "data": "fashion_mnist", "method": "torch-pruning",
         "rate": ratio, "epochs": args.epochs, "seconds": round(time.time() - start, 1), "dense": dense_cost,
         "compact": {**final, "test_acc": rows[-1]["test_acc"]}, "test_acc_masked": rows[-1]["test_acc"],
+        "settings": settings,
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return run_dir
@@ -223,10 +263,11 @@ def summarize(runs: dict[str, list[Path]]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="short")
+    parser.add_argument("--epochs", type=int, help="override the budget's epochs")
     parser.add_argument("--train-limit", type=int, default=10000)
     parser.add_argument("--test-limit", type=int, default=5000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--runs", default="../runs/bench-methods", help="where the run folders go (not committed)"
     )
@@ -240,12 +281,13 @@ def main() -> None:
         "--reuse", action="store_true", help="keep softprune runs that already finished (same settings)"
     )
     args = parser.parse_args()
+    args.epochs = args.epochs or BUDGETS[args.budget]["epochs"]
     if args.smoke:
         args.epochs, args.train_limit, args.test_limit, args.seeds = 2, 256, 128, [0]
-    labels = SMOKE_METHODS if args.smoke else [*METHODS, *RECIPES]
+    labels = SMOKE_METHODS if args.smoke else [*METHODS, *(RECIPES if args.budget == "short" else [])]
     if args.only:
         labels = [label for label in labels if label in args.only]
-    runs_root, out = Path(args.runs), Path(args.out)
+    runs_root, out = Path(args.runs) / args.budget, Path(args.out)
     torch.manual_seed(0)  # which stream channels a 40% preset removes, so its MACs, depend on weights
     dense = softprune.create_model("resnet20", in_channels=1, input_size=28)
     dense_macs = softprune.profile(dense, torch.randn(1, 1, 28, 28))["macs"]
@@ -266,11 +308,15 @@ def main() -> None:
             runs["torch-pruning"].append(tp_dir)
     runs = {k: v for k, v in runs.items() if v}
     rows = summarize(runs)
-    name = "methods_smoke" if args.smoke else "methods"
+    name = (
+        "methods_smoke" if args.smoke else ("methods" if args.budget == "short" else f"methods_{args.budget}")
+    )
     payload = {
         "machine": machine(),
         "budget": {
+            "name": args.budget,
             "epochs": args.epochs,
+            **schedule(args),
             "train_images": args.train_limit,
             "test_images": args.test_limit,
             "seeds": args.seeds,
@@ -287,8 +333,9 @@ def main() -> None:
         title=f"Methods on Fashion-MNIST (seed {args.seeds[0]})",
     )
     lines = [
-        f"## Methods on Fashion-MNIST, ResNet-20 (1 input channel), {args.epochs} epochs on {args.train_limit} images, "
-        f"test on {args.test_limit}, seeds {', '.join(map(str, args.seeds))}",
+        f"## Methods on Fashion-MNIST, ResNet-20 (1 input channel), {args.epochs} epochs ({schedule(args)['schedule']} "
+        f"learning rate) on {args.train_limit} images, test on {args.test_limit}, seeds {', '.join(map(str, args.seeds))}, "
+        f"every pruned row at {100 * macs_cut:.1f}% fewer MACs",
         "",
         "| method | final test accuracy (compact) | per seed | accuracy by epoch (mean) | MACs | params | wall time |",
         "|---|---|---|---|---|---|---|",

@@ -381,3 +381,17 @@ def test_loader_rejects_bad_arguments(kwargs, pattern):
     options = {"batch_size": 2, "shuffle": False, "augment": False} | kwargs
     with pytest.raises(SoftpruneError, match=pattern):
         BatchLoader(indexed_dataset(5), **options)
+
+
+def test_cutout_zeroes_one_square_per_image_and_is_reproducible():
+    from softprune.data import cutout_batch, seeded_generator
+
+    images = torch.ones(64, 2, 28, 28)
+    out = cutout_batch(images.clone(), seeded_generator(0, 1), 12)
+    holes = out[:, 0] == 0
+    assert torch.equal(holes, out[:, 1] == 0)  # the same square in every channel
+    area = holes.flatten(1).sum(1)
+    assert int(area.max()) == 144 and int(area.min()) >= 36  # 12x12, clipped at the border to 6x6 at least
+    rows, cols = holes.any(2), holes.any(1)
+    assert torch.equal(holes, rows[:, :, None] & cols[:, None, :])  # a rectangle
+    assert torch.equal(out, cutout_batch(images.clone(), seeded_generator(0, 1), 12))

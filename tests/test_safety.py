@@ -232,3 +232,18 @@ def test_zip_but_not_a_checkpoint(tmp_path):
     with pytest.raises(SoftpruneError, match="c.pt"):
         load_checkpoint(path)
     assert yaml  # (imported for the YAML property test)
+
+
+def test_initial_step_and_finetuning_tail(tmp_path, data_root):
+    """prune.initial_step: a step before the first epoch (GHFP's code); prune.finetune_epochs: the last
+    epochs train with every selected unit hard and no pruning step."""
+    extra = ("train.epochs=3", "prune.method=sfp", "prune.initial_step=true", "prune.finetune_epochs=1")
+    assert main(_tiny(data_root, tmp_path, "tail", *extra)) == 0
+    rows = [json.loads(line) for line in (tmp_path / "tail" / "metrics.jsonl").read_text().splitlines()]
+    state = load_checkpoint(tmp_path / "tail" / "checkpoint.pt")["pruner"]
+    assert state["total_steps"] == 3 and len(state["history"]) == 3  # before epoch 1, after epochs 1 and 2
+    assert [r["step"] for r in rows] == [2, 3, 3]
+    assert rows[0]["soft"] > 0 and rows[0]["hard"] == 0  # SFP: soft while it prunes
+    # the last step (after epoch 2) makes every selected unit hard: epoch 3 fine-tunes the pruned model
+    assert rows[1]["soft"] == rows[2]["soft"] == 0 and rows[1]["hard"] == rows[2]["hard"] == rows[0]["soft"]
+    assert json.loads((tmp_path / "tail" / "summary.json").read_text())["compact"]["macs"] == rows[2]["macs"]

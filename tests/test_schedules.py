@@ -6,7 +6,14 @@ import pytest
 
 from softprune.errors import SoftpruneError
 from softprune.policy import METHODS, make_policy
-from softprune.schedules import AsymptoticRate, Constant, CubicRamp, ExponentialDecay, schedule_from_dict
+from softprune.schedules import (
+    AsymptoticRate,
+    Constant,
+    CubicRamp,
+    ExponentialDecay,
+    PolyRate,
+    schedule_from_dict,
+)
 
 T = 200
 POINTS = [0, T // 8, T // 2, T - 1]
@@ -54,6 +61,25 @@ def test_ghfp_cubic_hardness():
     assert values[0] == pytest.approx(3 / T - 3 / T**2 + 1 / T**3)
     assert values[3] == 1.0
     assert all(a < b for a, b in zip(values, values[1:]))
+
+
+def test_the_ghfp_codes_schedules_at_0_t8_t2_095t_and_the_end():
+    """GHFP's released code (its soft-to-hard mode): P_t = P [1 - (1 - (t+1)/T)^3], held at P from
+    0.95 T; lambda_t = 1 - (1 - (t+1)/T)^3; alpha_t = alpha0 exp(-beta t), sigma 1e-5, 0 from 0.9 T."""
+    p, points = 0.4, [0, T // 8, T // 2, int(0.95 * T) - 1, int(0.95 * T), T - 1]
+    cube = [1 - (1 - (t + 1) / T) ** 3 for t in points]
+    rate = [PolyRate(p)(t, T) for t in points]
+    assert rate[:4] == pytest.approx([p * c for c in cube[:4]], abs=1e-15)
+    assert rate[0] == pytest.approx(p * (3 / T - 3 / T**2 + 1 / T**3))
+    assert rate[1] == pytest.approx(p * (1 - (1 - 26 / 200) ** 3))  # 0.137 at T/8
+    assert rate[2] == pytest.approx(p * (1 - (1 - 101 / 200) ** 3))  # 0.352 at T/2
+    assert rate[3] < p and rate[4] == p and rate[5] == p  # held at P from 0.95 T
+    assert [CubicRamp()(t, T) for t in points] == pytest.approx(cube, abs=1e-15)
+    beta = -math.log(1e-5 / (1 + 0.01 * 1e-5)) / T
+    decay = [ExponentialDecay()(t, T) for t in points]
+    assert decay[:3] == pytest.approx([math.exp(-beta * t) for t in points[:3]], rel=1e-12)
+    assert decay[3:] == [0.0, 0.0, 0.0]  # 0.9 T and later
+    assert make_policy("ghfp", p, rate_schedule="poly").rate(T // 2, T) == rate[2]
 
 
 @pytest.mark.parametrize("t,T_", [(-1, 10), (10, 10)])

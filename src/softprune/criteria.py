@@ -18,6 +18,7 @@ gradient, accumulated over the training batches between steps, or over calibrati
 |------------|----------------------------------------|-------------|-----------------------------------------------------|
 | l1         | Li et al., ICLR 2017 (PFEC)            | weights     | sum of absolute filter weights                      |
 | l2         | He et al., IJCAI 2018 (SFP)            | weights     | Euclidean norm of the filter weights                |
+| l2_bn      | GHFP's code (Cai et al.)               | weights     | norm of the filter scaled by its BatchNorm's gamma  |
 | fpgm       | He et al., CVPR 2019 (FPGM)            | weights     | sum of distances to the other filters               |
 | fpgm_mix   | He et al., CVPR 2019 (FPGM code)       | weights     | a share of the selection by L2, the rest by FPGM    |
 | bn_scale   | Liu et al., ICCV 2017 (Slimming)       | weights     | abs of the BatchNorm scale gamma                    |
@@ -246,6 +247,32 @@ class BNScale(Criterion):
             return values.masked_fill(~present, -math.inf).amax(0)
         total = (values * present).sum(0)
         return total if self.aggregate == "sum" else total / present.sum(0).clamp(min=1)
+
+
+class L2BN(Criterion):
+    """GHFP's released code scores a filter by the L2 norm of the filter scaled by the BatchNorm that
+    follows it, ||gamma_i * F_i|| = |gamma_i| * ||F_i||: a conv-BN pair is scale-free in F, so the
+    filter's norm alone says little about what the channel contributes. Units without a BatchNorm
+    after their filter are scored by ||F_i|| alone."""
+
+    name = "l2_bn"
+
+    def scores(self, group, model):
+        norms = L2(self.aggregate).scores(group, model)
+        gammas = [
+            m
+            for m in group.members_with(Role.SCALE)
+            if m.param == "weight"
+            and isinstance(model.get_submodule(m.module), nn.modules.batchnorm._BatchNorm)
+        ]
+        if not gammas:
+            return norms
+        scale = torch.zeros(group.size)
+        count = torch.zeros(group.size)
+        for m in gammas:
+            scale += group.unit_matrix(model, m).float().abs()[:, 0] * _present(group, m)
+            count += _present(group, m)
+        return norms * torch.where(count > 0, scale / count.clamp(min=1), torch.ones(group.size))
 
 
 class Random(Criterion):
@@ -573,7 +600,7 @@ def agglomerate(dist: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor,
 
 
 CRITERIA: dict[str, type[Criterion]] = {
-    c.name: c for c in (L1, L2, FPGM, FPGMMix, BNScale, LRF, Random, HRank, EZCrop, Similarity, Taylor)
+    c.name: c for c in (L1, L2, L2BN, FPGM, FPGMMix, BNScale, LRF, Random, HRank, EZCrop, Similarity, Taylor)
 }
 
 

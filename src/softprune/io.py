@@ -26,9 +26,14 @@ FORMAT = "softprune-1"
 PLAN_KEY = "softprune"
 
 
-def make_plan(pruner: Any, model_spec: dict | None = None, removed_only: bool = False) -> dict:
+def make_plan(
+    pruner: Any, model_spec: dict | None = None, removed_only: bool = False, removed: list | None = None
+) -> dict:
     """The architecture change made by ``pruner.compact()``, as plain data; with ``removed_only``, the
-    change already made to ``pruner.model`` by compact_hard() (units removed during training)."""
+    change already made to ``pruner.model`` by compact_hard() (units removed during training);
+    ``removed`` (bool per unit and group) when compact() removes other units than the pruned ones
+    (the filter scope's carriers stay)."""
+    removed = removed if removed is not None else [m.pruned for m in pruner.masks]
     return {
         "format": FORMAT,
         "residual": pruner.residual,
@@ -43,12 +48,10 @@ def make_plan(pruner: Any, model_spec: dict | None = None, removed_only: bool = 
             {
                 "name": g.name,
                 "size": size,
-                "pruned": sorted(
-                    set(gone.tolist()) | (set() if removed_only else set(origin[m.pruned].tolist()))
-                ),
+                "pruned": sorted(set(gone.tolist()) | (set() if removed_only else set(origin[r].tolist()))),
             }
-            for g, m, size, origin, gone in zip(
-                pruner.prunable, pruner.masks, pruner._original, pruner._origin, pruner._gone
+            for g, r, size, origin, gone in zip(
+                pruner.prunable, removed, pruner._original, pruner._origin, pruner._gone
             )
         ],
         "model": model_spec or pruner.model_spec,

@@ -92,6 +92,14 @@ def zero_units(group: ChannelGroup, units: torch.Tensor, model: nn.Module) -> No
             _zero(member, model, hits)
 
 
+def zero_units_of(tensor: torch.Tensor, member: Member, units: torch.Tensor) -> None:
+    """Zero ``units``' (bool [size]) positions of ``member`` in ``tensor``, a tensor shaped like the
+    member's parameter (its optimizer state, say)."""
+    hit = _Hits(units).of(member)
+    if hit is not None:
+        _fill(tensor, member.dim, hit.to(tensor.device))
+
+
 def _zero(member: Member, model: nn.Module, hits: _Hits) -> None:
     hit = hits.of(member)
     if hit is not None:

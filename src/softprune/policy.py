@@ -27,6 +27,7 @@ from .schedules import (
     CubicRamp,
     ExponentialDecay,
     LinearRamp,
+    PolyRate,
     Schedule,
     Step,
     schedule_from_dict,
@@ -99,6 +100,7 @@ _NAMED = {
     "rate_schedule": {
         "constant": lambda p: Constant(p),
         "asymptotic": lambda p: AsymptoticRate(p),
+        "poly": lambda p: PolyRate(p),
         "step": lambda p: Step(p),
         "linear": lambda p: LinearRamp(p),
     },
@@ -135,7 +137,7 @@ def make_policy(
 ) -> Policy:
     """A preset by name with any knob overridden.
 
-    ``rate_schedule``: "constant", "asymptotic", "step", "linear", or a mapping such as
+    ``rate_schedule``: "constant", "asymptotic", "poly", "step", "linear", or a mapping such as
     {"kind": "asymptotic", "D": 0.25} or {"kind": "step", "at": 0.5}
     (the rate value always comes from ``rate``). ``decay``: a number (constant alpha), "zero",
     "one" (soft filters left as they are, for regularizers that shrink them), "exponential" or a mapping

@@ -27,15 +27,16 @@ from torch import nn
 from .budgets import Budget, CostModel, make_budget, normalized, rounded_count, smallest_meeting
 from .compact import compact_model, max_difference
 from .compensate import SOURCES, Compensator
-from .criteria import Criterion, make_criterion
+from .criteria import L2, Criterion, make_criterion
 from .errors import SoftpruneError, check_choice
 from .features import FeatureTap, find_sites
 from .graph import Analysis, analyze, build_groups, selector
 from .groups import ChannelGroup, Role
-from .masks import SCOPES, GroupMask, HardKeeper, apply, zero_units
+from .masks import SCOPES, GroupMask, HardKeeper, apply, zero_units, zero_units_of
 from .modes import training_mode
 from .policy import Policy, make_policy
 from .regularizers import Regularizer, make_regularizer
+from .soft import SoftMasks, lifted
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class StepReport:
     kept: int
     soft: int
     hard: int
+    revived: int = 0  # units soft after the previous step and kept by this one (they came back)
+    revived_norm_ratio: float | None = None  # largest norm of a revived filter / median kept filter
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -310,6 +313,8 @@ class Pruner:
         self.history: list[StepReport] = []
         self._optimizer_steps = 0
         self._keeper = HardKeeper(model, mask_scope)
+        self._soft: SoftMasks | None = None  # forward masks of soft units (channel scope)
+        self.alpha = 1.0  # the soft factor of the latest step
         self._interval_handle = None
         self._regularizer_handle = None
         self._tap: FeatureTap | None = None
@@ -472,6 +477,7 @@ class Pruner:
         elif self.criterion.needs == "gradients" and not self.criterion.observed():
             self._run_calibration(gradients=True)
         old_hard = [m.hard.clone() for m in self.masks]
+        old_soft = [m.soft.clone() for m in self.masks]
         for i, (picked, n_hard) in enumerate(self._plan(rate, hardness)):
             mask, n = self.masks[i], self.prunable[i].size
             selected = torch.zeros(n, dtype=torch.bool)
@@ -484,18 +490,75 @@ class Pruner:
                 self.first[i] = selected.clone()
         self._agree()
         self._compensate(old_hard)
-        for group, mask in zip(self.prunable, self.masks):
-            apply(group, mask, self.model, alpha, self.mask_scope)
+        self.alpha = alpha
+        self._mask_soft(alpha)
         self._keeper.update(self.prunable, self.masks, self._dead_inputs())
         self._keeper.enforce()
         if self.criterion.needs == "gradients":
             self.criterion.start(self.prunable)  # the next step scores the batches from here on
         self.t += 1
-        report = StepReport(t, rate, alpha, hardness, *self.counts())
+        report = StepReport(t, rate, alpha, hardness, *self.counts(), *self._revived(old_soft))
         self.history.append(report)
         log.debug("pruning step %d: P=%.4f alpha=%.4g lambda=%.4f kept=%d soft=%d hard=%d", t, rate, alpha,
                   hardness, report.kept, report.soft, report.hard)  # fmt: skip
         return report
+
+    def _mask_soft(self, alpha: float) -> None:
+        """Hard units are zeroed; soft ones are masked in the forward pass (channel scope, see
+        softprune.soft) or, in the papers' filter scope and for groups the forward masks cannot
+        reach, through their parameters."""
+        self._plan_soft()
+        fallback = self._soft.fallback if self._soft is not None else set()
+        for i, (group, mask) in enumerate(zip(self.prunable, self.masks)):
+            in_params = self.mask_scope == "filter" or i in fallback
+            apply(group, mask, self.model, alpha if in_params else 1.0, self.mask_scope)
+            if in_params and self.mask_scope == "channel" and bool(mask.soft.any()):
+                self._clear_state(group, mask.soft)
+        if self._soft is not None:
+            self._soft.update([m.soft for m in self.masks], alpha)
+
+    def _plan_soft(self) -> None:
+        """Where soft units are masked in the forward pass: planned (and checked) the first time
+        this model has soft units to mask, in the channel scope."""
+        wanted = (
+            self.mask_scope == "channel" and self.alpha < 1.0 and any(bool(m.soft.any()) for m in self.masks)
+        )
+        if wanted and self._soft is None:
+            self._soft = SoftMasks(self.model, self.analysis, self.prunable)
+            self._soft.check(self.example_inputs)
+
+    @torch.no_grad()
+    def _clear_state(self, group: ChannelGroup, units: torch.Tensor) -> None:
+        """Zero the optimizer state (momentum, Adam moments) of these units' slices, so that a
+        parameter-masked soft unit is not pushed back at full strength by stale momentum."""
+        state = self.optimizer.state if self.optimizer is not None else {}
+        for member in group.members:
+            if member.role is Role.CONSUMER:
+                continue
+            tensor = member.tensor(self.model)
+            for value in state.get(tensor, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                    zero_units_of(value, member, units)
+
+    @torch.no_grad()
+    def _revived(self, old_soft: list[torch.Tensor]) -> tuple[int, float | None]:
+        """How many soft units came back at this step, and the largest norm of their filters
+        relative to the median kept filter of their group."""
+        count, ratio = 0, None
+        for group, mask, before in zip(self.prunable, self.masks, old_soft):
+            back = before & ~mask.pruned
+            if not bool(back.any()):
+                continue
+            count += int(back.sum())
+            kept = ~mask.pruned & ~back
+            if not bool(kept.any()) or not group.members_with(Role.FILTER):
+                continue
+            norms = L2().scores(group, self.model)
+            median = float(norms[kept].median())
+            if median > 0:
+                r = float(norms[back].max()) / median
+                ratio = r if ratio is None else max(ratio, r)
+        return count, ratio
 
     # -- selection --------------------------------------------------------------------------------
     def _layer_count(self, i: int, rate: float, hardness: float) -> tuple[int, int]:
@@ -777,7 +840,8 @@ class Pruner:
         from .cost import profile
         from .graph import _example_batch1
 
-        small = compact_model(self.model, self.analysis, self.pruned_classes())
+        with lifted(self._soft):  # a copy must not carry the hooks (they fit the full widths)
+            small = compact_model(self.model, self.analysis, self.pruned_classes())
         return profile(small, _example_batch1(self.example_inputs))
 
     def summary(self) -> list[dict]:
@@ -801,11 +865,20 @@ class Pruner:
         from here on (``rebind_scheduler`` moves an LR scheduler). Rates and counts keep referring to
         the original widths. Parameters of rebuilt attention blocks start with fresh optimizer state.
         """
+        if self.mask_scope == "filter":
+            raise SoftpruneError(
+                "compact_hard() (prune.compact_during_training) needs mask_scope='channel': in the 'filter' "
+                "scope a pruned filter still outputs its BatchNorm's shift, which differs between training "
+                "and evaluation, so removing it during training would change what the model computes"
+            )
         hard_classes = self.pruned_classes(include_soft=False)
         if not bool(hard_classes.any()):
             return self.model
         old_model, old_masks, old_groups = self.model, self.masks, self.prunable
         old_constraints, old_first = self._constraints, self.first
+        if self._soft is not None:  # soft units are alive in both models; the new one gets new masks
+            self._soft.remove()
+            self._soft = None
         slices: dict = {}
         small = compact_model(old_model, self.analysis, hard_classes, slices)
         if verify:
@@ -854,6 +927,9 @@ class Pruner:
         self._original, self._origin, self._gone, self._row_gone = original, origin, gone, row_gone
         self.compactions.append(record)
         self._keeper = HardKeeper(small, self.mask_scope)
+        self._plan_soft()
+        if self._soft is not None:
+            self._soft.update([m.soft for m in self.masks], self.alpha)
         self._cost_model = None
         self._watch()
         self.attach(optimizer)
@@ -862,33 +938,58 @@ class Pruner:
     # -- the end ----------------------------------------------------------------------------------
     @torch.no_grad()
     def finalize(self) -> None:
-        """Make every selected unit hard and exactly zero (what the last step of training does)."""
+        """Make every selected unit hard and exactly zero (what the last step of training does).
+
+        In the "filter" scope only the filters are zeroed, as the papers' code does: the channels
+        then output their BatchNorm's constant, which compact() folds into the next layers."""
         old_hard = [m.hard.clone() for m in self.masks]
         for mask in self.masks:
             mask.hard = mask.pruned.clone()
         self._compensate(old_hard)
+        if self._soft is not None:
+            self._soft.remove()
         for group, mask in zip(self.prunable, self.masks):
             mask.hard = mask.pruned.clone()
             mask.soft = torch.zeros_like(mask.soft)
-            zero_units(group, mask.hard, self.model)
-        self._keeper.scope = "channel"
-        self._keeper.update(self.prunable, self.masks)
+            if self.mask_scope == "filter":
+                apply(group, mask, self.model, 0.0, "filter")
+            else:
+                zero_units(group, mask.hard, self.model)
+        self._keeper.update(self.prunable, self.masks, self._dead_inputs())
 
     def compact(self, verify: bool = True, tolerance: float = 1e-5) -> nn.Module:
         """A physically smaller model computing what the masked model computes.
 
-        Selected units become hard and exactly zero first (``finalize``). The compact model is checked
-        against the masked one on the example inputs in eval mode: a max difference above
-        ``tolerance`` times the output's scale raises instead of returning a wrong model.
+        Selected units become hard first (``finalize``). The compact model is checked against the
+        masked one on the example inputs in eval mode: a max difference above ``tolerance`` times the
+        output's scale raises instead of returning a wrong model. In the "filter" scope the pruned
+        channels' BatchNorm constants are folded into the next layers first (softprune.fold), keeping
+        one pruned channel per group where a convolution reads them; ``last_verification["carriers"]``
+        names them.
         """
         from .io import make_plan
 
         self.finalize()
-        small = compact_model(self.model, self.analysis, self.pruned_classes())
-        small.softprune_plan = make_plan(self)
+        carriers: dict[int, int] = {}
+        if self.mask_scope == "filter":
+            from .fold import fold_constants
+
+            carriers = fold_constants(
+                self.model, self.analysis, self.prunable, [m.hard for m in self.masks], self.example_inputs
+            )
+        removed = []
+        for i, mask in enumerate(self.masks):
+            units = mask.hard.clone()
+            if i in carriers:
+                units[carriers[i]] = False
+            removed.append(units)
+        small = compact_model(self.model, self.analysis, self._classes(removed))
+        small.softprune_plan = make_plan(self, removed=removed)
         if verify:
             diff, scale = max_difference(self.model, small, self.example_inputs)
             self.last_verification = {"max_abs_diff": diff, "output_scale": scale}
+            if carriers:
+                self.last_verification["carriers"] = {self.prunable[i].name: u for i, u in carriers.items()}
             if not diff <= tolerance * max(scale, 1e-12):
                 raise SoftpruneError(
                     f"the compact model differs from the masked one by {diff:.3g} (output scale {scale:.3g}); "
@@ -917,6 +1018,7 @@ class Pruner:
                 for g, m, f in zip(self.prunable, self.masks, self.first)
             ],
             "history": [r.as_dict() for r in self.history],
+            "alpha": self.alpha,
             "compactions": self.compactions,
             "budget": self.budget.to_dict(),
             "criterion_state": self.criterion.state_dict(),
@@ -963,6 +1065,12 @@ class Pruner:
             self.masks[i].soft = s["soft"].clone().bool()
             self.first[i] = None if s.get("first") is None else s["first"].clone().bool()
         self.history = [StepReport(**r) for r in state.get("history", [])]
+        self.alpha = float(state.get("alpha", self.history[-1].alpha if self.history else 1.0))
+        if self._soft is not None:
+            self._soft.remove()
+        self._plan_soft()
+        if self._soft is not None:
+            self._soft.update([m.soft for m in self.masks], self.alpha)
         self.criterion.load_state_dict(state.get("criterion_state") or {})
         saved_reg = state.get("regularizer")
         if self.regularizer is not None and saved_reg:

@@ -73,6 +73,24 @@ class AsymptoticRate(Schedule):
 
 
 @dataclass(frozen=True)
+class PolyRate(Schedule):
+    """GHFP's released code (the first author's PGMPF repository, pruning_resnet_soft_hard.py, its
+    default "poly" ramp): P_t = P * [1 - (1 - (t+1)/T)^power], power = 3, held at P from
+    t >= hold * T (0.95 T). The rate rises fast at first and flattens towards P."""
+
+    value: float
+    power: float = 3.0
+    hold: float = 0.95
+    kind: ClassVar[str] = "poly"
+
+    def __call__(self, t: int, T: int) -> float:
+        _check_steps(t, T)
+        if t >= self.hold * T:
+            return float(self.value)
+        return float(self.value * (1.0 - (1.0 - (t + 1) / T) ** self.power))
+
+
+@dataclass(frozen=True)
 class ExponentialDecay(Schedule):
     """SRFP (Cai et al., ICPR 2020): alpha_t = alpha0 * exp(-beta t),
     beta = -ln(sigma / (alpha0 + 0.01 sigma)) / T, and alpha_t = 0 from t >= cutoff * T.
@@ -139,7 +157,8 @@ class LinearRamp(Schedule):
 
 
 SCHEDULES: dict[str, type[Schedule]] = {
-    cls.kind: cls for cls in (Constant, AsymptoticRate, ExponentialDecay, CubicRamp, Step, LinearRamp)
+    cls.kind: cls
+    for cls in (Constant, AsymptoticRate, PolyRate, ExponentialDecay, CubicRamp, Step, LinearRamp)
 }
 
 

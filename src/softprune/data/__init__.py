@@ -252,6 +252,20 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, padding: int
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def cutout_batch(images: torch.Tensor, generator: torch.Generator, length: int) -> torch.Tensor:
+    """Cutout (DeVries and Taylor, 2017): per image, a ``length`` x ``length`` square centred at a
+    random pixel (clipped at the border) is set to 0, after normalization, in place."""
+    batch, _, height, width = images.shape
+    cy = torch.randint(0, height, (batch,), generator=generator)
+    cx = torch.randint(0, width, (batch,), generator=generator)
+    rows = torch.arange(height)[None, :]
+    cols = torch.arange(width)[None, :]
+    inside_y = (rows >= (cy - length // 2)[:, None]) & (rows < (cy - length // 2 + length)[:, None])
+    inside_x = (cols >= (cx - length // 2)[:, None]) & (cols < (cx - length // 2 + length)[:, None])
+    hole = (inside_y[:, :, None] & inside_x[:, None, :]).to(images.device)
+    return images.masked_fill_(hole[:, None], 0.0)
+
+
 class BatchLoader:
     """Batches of (normalized float32 images, int64 labels) for one rank, reproducible from (seed, epoch).
 
@@ -273,6 +287,7 @@ class BatchLoader:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
         padding: int = 4,
+        cutout: int = 0,
     ) -> None:
         for what, value, low in (
             ("batch_size", batch_size, 1),
@@ -287,6 +302,8 @@ class BatchLoader:
             )
         if padding < 0:
             raise SoftpruneError(f"padding must be >= 0, got {padding}")
+        if isinstance(cutout, bool) or not isinstance(cutout, int) or cutout < 0:
+            raise SoftpruneError(f"cutout must be an integer >= 0 (pixels), got {cutout!r}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -297,6 +314,7 @@ class BatchLoader:
         self.drop_last = drop_last
         self.device = torch.device(device)
         self.padding = padding
+        self.cutout = cutout
         self.epoch = 0
         n = len(dataset)
         self.samples_per_rank = n // world_size if drop_last else math.ceil(n / world_size)
@@ -364,4 +382,9 @@ class BatchLoader:
             if self.augment:
                 generator = seeded_generator(self.seed, epoch, self.rank, batch)
                 images = augment_batch(images, generator, self.padding)
-            yield images.float().mul_(self._scale).sub_(self._shift), labels
+            images = images.float().mul_(self._scale).sub_(self._shift)
+            if self.cutout:
+                images = cutout_batch(
+                    images, seeded_generator(self.seed, epoch, self.rank, batch, 1), self.cutout
+                )
+            yield images, labels

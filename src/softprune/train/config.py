@@ -27,6 +27,7 @@ class DataConfig:
     train_limit: int | None = None  # keep the first N training samples (quick runs, tests)
     test_limit: int | None = None
     augment: bool | None = None  # None: the data set's default (the papers' crop+flip for CIFAR)
+    cutout: int = 0  # side of a square zeroed at a random place of each training image (0: off)
     download: bool = False
 
 
@@ -67,6 +68,9 @@ class PruneConfig:
     mask_scope: Literal["channel", "filter"] = "channel"
     every_epochs: int = 1  # a pruning step every k epochs ...
     every_iterations: int | None = None  # ... or every k optimizer steps
+    initial_step: bool = False  # one more pruning step before the first epoch (GHFP's code does this)
+    # the last k epochs train the pruned model with every selected unit hard: no pruning steps in them
+    finetune_epochs: int = 0
     rate_schedule: str | dict[str, Any] | None = None
     decay: float | str | dict[str, Any] | None = None
     hardness: float | str | dict[str, Any] | None = None
@@ -255,6 +259,13 @@ def _validate(config: RunConfig) -> None:
             "prune.compact_during_training works with pruning steps at epoch ends (prune.every_epochs), "
             "not with prune.every_iterations"
         )
+    if p.finetune_epochs < 0 or (p.method != "dense" and p.finetune_epochs >= t.epochs):
+        raise SoftpruneError(
+            f"config key 'prune.finetune_epochs' must lie in 0..train.epochs-1 ({t.epochs - 1}), got "
+            f"{p.finetune_epochs!r}: the epochs before it are where pruning steps happen"
+        )
+    if d.cutout < 0:
+        raise SoftpruneError(f"config key 'data.cutout' must be >= 0 (pixels; 0 is off), got {d.cutout!r}")
     if p.recalibrate_bn < 0:
         raise SoftpruneError(f"config key 'prune.recalibrate_bn' must be >= 0, got {p.recalibrate_bn!r}")
     for key in ("calibration_batches", "tick_batches"):
@@ -290,9 +301,16 @@ def _validate(config: RunConfig) -> None:
     positive("checkpoint.every_iterations", config.checkpoint.every_iterations, allow_none=True)
     positive("report.latency_batch", config.report.latency_batch)
     positive("report.latency_repeats", config.report.latency_repeats)
-    if p.method != "dense" and p.every_iterations is None and t.epochs // p.every_epochs < 1:
+    pruning_epochs = t.epochs - p.finetune_epochs
+    if (
+        p.method != "dense"
+        and p.every_iterations is None
+        and pruning_epochs // p.every_epochs < 1
+        and not p.initial_step
+    ):
         raise SoftpruneError(
-            f"prune.every_epochs={p.every_epochs} leaves no pruning step in train.epochs={t.epochs} epochs"
+            f"prune.every_epochs={p.every_epochs} leaves no pruning step in the {pruning_epochs} epochs "
+            "before fine-tuning (train.epochs - prune.finetune_epochs)"
         )
     if not config.name or "/" in config.name or config.name in (".", ".."):
         raise SoftpruneError(f"config key 'name' must be a plain folder name, got {config.name!r}")

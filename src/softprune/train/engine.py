@@ -129,7 +129,7 @@ class Run:
         augment = spec.augment if config.data.augment is None else config.data.augment
         self.train_loader = BatchLoader(
             self.train_set, t.batch_size // self.world, shuffle=True, augment=augment, seed=config.seed,
-            rank=self.rank, world_size=self.world,
+            rank=self.rank, world_size=self.world, cutout=config.data.cutout,
         )  # fmt: skip
         self.test_loader = BatchLoader(self.test_set, t.eval_batch_size, shuffle=False, augment=False)
         channels, size = self.train_set.images.shape[1], self.train_set.images.shape[-1]
@@ -153,15 +153,17 @@ class Run:
         self.pruner: Pruner | None = None
         if p.method != "dense":
             per_epoch = len(self.train_loader)
+            pruning_epochs = t.epochs - p.finetune_epochs  # the rest fine-tune with every unit hard
             if p.every_iterations is not None:
-                steps = (t.epochs * per_epoch) // p.every_iterations
-                if steps < 1:
+                steps = (pruning_epochs * per_epoch) // p.every_iterations
+                if steps < 1 and not p.initial_step:
                     raise SoftpruneError(
                         f"prune.every_iterations={p.every_iterations} leaves no pruning step in "
-                        f"{t.epochs * per_epoch} iterations"
+                        f"{pruning_epochs * per_epoch} iterations"
                     )
             else:
-                steps = t.epochs // p.every_epochs
+                steps = pruning_epochs // p.every_epochs
+            steps += int(p.initial_step)
             self.pruner = Pruner(
                 self.net,
                 method=p.method,
@@ -374,6 +376,9 @@ class Run:
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if self.pruner is not None and cfg.prune.initial_step and self.pruner.t == 0:
+            self.tick()
+            self.pruner.step()  # before the first epoch, on the model as it starts
         while self.epoch < cfg.train.epochs:
             start = time.time()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -396,6 +401,8 @@ class Run:
                     self.pruner.step()
                     if p.compact_during_training:
                         self.compact_hard()
+                if p.finetune_epochs and self.pruner.t >= self.pruner.total_steps:
+                    self.pruner.finalize()  # the fine-tuning tail: every selected unit hard from here on
                 self.recalibrate()
                 last = self.pruner.history[-1] if self.pruner.history else None
                 kept, soft, hard = self.pruner.counts()
@@ -408,6 +415,8 @@ class Run:
                     kept=kept,
                     soft=soft,
                     hard=hard,
+                    revived=last.revived if last else 0,
+                    revived_norm_ratio=last.revived_norm_ratio if last else None,
                     params=cost["params"],
                     macs=cost["macs"],
                 )
@@ -466,6 +475,8 @@ class Run:
             return {}
         cfg = self.config
         self.net = self.net.to(memory_format=torch.contiguous_format)
+        if self.pruner is not None:
+            self.pruner.finalize()  # soft units become hard, so the saved full-size model is the masked one
         removed = self.pruner is not None and bool(self.pruner.compactions)
         plan = sp_io.make_plan(self.pruner, removed_only=True) if removed else None
         sp_io.save(self.net, self.dir / "model.safetensors", plan=plan)

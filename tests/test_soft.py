@@ -1,0 +1,246 @@
+"""Soft units: masked in the forward pass, trained straight through, able to come back, never kicked."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import softprune
+from softprune.data import BatchLoader, load_dataset
+from softprune.errors import SoftpruneError
+from softprune.groups import Role
+from softprune.masks import zero_units, zero_units_of
+
+
+def _resnet(residual, method="sfp", seed=0, **kw):
+    torch.manual_seed(seed)
+    model = softprune.create_model("resnet20", in_channels=1, input_size=28)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    pruner = softprune.Pruner(model, method, 0.4, 6, optimizer=opt, residual=residual, **kw)
+    return model, opt, pruner
+
+
+def _loader(data_root, n=1024, batch=64):
+    train = load_dataset("fashion_mnist", data_root, "train", limit=n)
+    return BatchLoader(train, batch, shuffle=True, augment=False, seed=0)
+
+
+def _train(model, opt, loader, steps):
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            done += 1
+            if done == steps:
+                return
+
+
+def _zeroed(model, pruner):
+    """A copy of the model with every soft unit zeroed whole: the network without them."""
+    other = copy.deepcopy(model)
+    for group, mask in zip(pruner.prunable, pruner.masks):
+        zero_units(group, mask.soft, other)
+    return other
+
+
+def _soft_slices(model, pruner):
+    """name -> bool mask of the parameter positions that belong to soft units (not consumer columns)."""
+    out = {}
+    params = dict(model.named_parameters())
+    for group, mask in zip(pruner.prunable, pruner.masks):
+        for member in group.members:
+            if member.role is Role.CONSUMER or member.qualname not in params:
+                continue
+            flags = out.setdefault(
+                member.qualname, torch.zeros_like(params[member.qualname], dtype=torch.bool)
+            )
+            ones = torch.ones_like(params[member.qualname])
+            zero_units_of(ones, member, mask.soft)
+            flags |= ones == 0
+    return out
+
+
+@pytest.mark.parametrize("residual", ["coupled", "independent"])
+def test_soft_units_are_masked_in_the_forward_and_trained_straight_through(residual, data_root):
+    model, opt, pruner = _resnet(residual)
+    loader = _loader(data_root)
+    _train(model, opt, loader, 5)
+    pruner.step()
+    assert pruner._soft is not None and not pruner._soft.fallback
+    x, y = next(iter(loader))
+    reference = _zeroed(model, pruner)
+    model.train(), reference.train()
+    out, ref_out = model(x), reference(x)
+    assert torch.allclose(out, ref_out, atol=1e-5)  # the soft channels contribute exactly nothing
+    opt.zero_grad()
+    reference.zero_grad()
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(ref_out, y).backward()
+    soft = _soft_slices(model, pruner)
+    ref_params = dict(reference.named_parameters())
+    moving = total = 0
+    for name, p in model.named_parameters():
+        flags = soft.get(name, torch.zeros_like(p, dtype=torch.bool))
+        # kept parameters get the gradient of the network without the soft units, exactly
+        assert torch.allclose(p.grad[~flags], ref_params[name].grad[~flags], atol=1e-6, rtol=1e-4), name
+    for group, mask in zip(pruner.prunable, pruner.masks):
+        for member in group.members_with(Role.FILTER):
+            grad = group.unit_matrix(model, _with_grad(member)).norm(dim=1)
+            present = torch.zeros(group.size, dtype=torch.bool)
+            present[member.unit[member.unit >= 0]] = True  # a stage-1 layer writes 16 of the stream's 64
+            moving += int((grad[mask.soft & present] > 0).sum())
+            total += int((mask.soft & present).sum())
+    assert total > 0 and moving >= 0.9 * total  # the soft filters themselves keep learning
+
+
+def _with_grad(member):
+    """The member's gradient in place of its weights (unit_matrix reads ``param``)."""
+    fake = copy.copy(member)
+    fake.tensor = lambda model: member.tensor(model).grad  # type: ignore[method-assign]
+    return fake
+
+
+@pytest.mark.parametrize("residual", ["coupled", "independent"])
+def test_soft_filters_do_not_regrow_out_of_bounds_at_a_high_learning_rate(residual, data_root):
+    model, opt, pruner = _resnet(residual)
+    loader = _loader(data_root)
+    _train(model, opt, loader, 16)
+    pruner.step()
+    _train(model, opt, loader, 30)  # lr 0.1, momentum 0.9
+    worst = 0.0
+    for group, mask in zip(pruner.prunable, pruner.masks):
+        norms = softprune.criteria.L2().scores(group, model)
+        kept = norms[~mask.pruned]
+        worst = max(worst, float(norms[mask.soft].max() / kept.median()))
+    assert 0.0 < worst <= 3.0  # before forward masks: up to 90x
+    report = pruner.step()
+    assert report.revived > 0  # the selection moved: some soft units came back ...
+    assert report.revived_norm_ratio is not None and report.revived_norm_ratio <= 3.0  # ... at a sane size
+
+
+def test_a_soft_unit_comes_back_when_its_score_recovers():
+    model, opt, pruner = _resnet("coupled")
+    pruner.step()
+    group, mask = pruner.prunable[1], pruner.masks[1]
+    unit = int(torch.nonzero(mask.soft)[0])
+    filters = group.members_with(Role.FILTER)
+    x = torch.randn(4, 1, 28, 28)
+    model.eval()
+    before = model(x)
+    with torch.no_grad():
+        for member in filters:
+            w = member.tensor(model)
+            w[unit] *= 10.0  # its filter grew while it was soft: now the largest of its layer
+    assert torch.allclose(model(x), before)  # still soft: still masked
+    report = pruner.step()
+    assert not bool(pruner.masks[1].pruned[unit])
+    assert report.revived >= 1 and report.revived_norm_ratio > 3.0
+    with torch.no_grad():
+        for member in filters:
+            member.tensor(model)[unit] /= 10.0
+    assert not torch.allclose(model(x), before)  # it is read again
+
+
+def test_srfp_multiplies_soft_channels_by_alpha_t_where_they_are_read():
+    torch.manual_seed(0)
+    model = softprune.create_model("resnet20")
+    pruner = softprune.Pruner(model, method="srfp", rate=0.4, total_steps=10, residual="coupled")
+    pruner.step()  # alpha_0 = 1: nothing is masked yet
+    assert pruner._soft is None or not pruner._soft.active
+    pruner.step()
+    alpha = pruner.history[-1].alpha
+    assert 0 < alpha < 1
+    seen = {}
+    consumer = model.layer3[1].conv1
+    consumer.register_forward_pre_hook(lambda m, a: seen.setdefault("raw", a[0].detach()), prepend=True)
+    consumer.register_forward_pre_hook(lambda m, a: seen.setdefault("masked", a[0].detach()))
+    model.eval()
+    model(torch.randn(2, 3, 32, 32))
+    group = pruner.prunable[0]  # the stream group: conv1 and every block's conv2 write it
+    assert group.producers[0] == "conv1"
+    (member,) = [m for m in group.members_with(Role.CONSUMER) if m.module == "layer3.1.conv1"]
+    soft = pruner.masks[0].soft[member.unit]  # per input channel of layer3.1.conv1
+    assert bool(soft.any()) and bool((~soft).any())
+    assert torch.allclose(seen["masked"][:, soft], alpha * seen["raw"][:, soft])
+    assert torch.equal(seen["masked"][:, ~soft], seen["raw"][:, ~soft])
+
+
+def test_the_same_selection_soft_or_hard_computes_the_same_model():
+    """SFP's first step and HFP's first step choose the same units; one masks them in the forward,
+    the other zeroes them: the networks are the same function."""
+    outs = []
+    x = torch.randn(4, 1, 28, 28)
+    for method in ("sfp", "hfp"):
+        model, _, pruner = _resnet("coupled", method=method)
+        pruner.step()
+        model.eval()
+        outs.append(model(x))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+class _FunctionalSum(nn.Module):
+    """An "independent" residual add fed by a function call, where no module output can be masked."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x))) + x
+        return self.fc(x.mean((2, 3)))
+
+
+def test_groups_the_forward_masks_cannot_reach_are_masked_through_their_parameters():
+    torch.manual_seed(0)
+    model = _FunctionalSum()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    pruner = softprune.Pruner(
+        model, "sfp", 0.5, 4, optimizer=opt, residual="independent", example_inputs=x[:1]
+    )
+    pruner.step()
+    fallback = pruner._soft.fallback
+    assert fallback  # the sums are fed by F.relu
+    for g in fallback:
+        group, mask = pruner.prunable[g], pruner.masks[g]
+        for member in group.members_with(Role.FILTER):
+            rows = group.unit_matrix(model, member)
+            assert torch.count_nonzero(rows[mask.soft]) == 0  # zeroed, as the papers' code does
+            buf = opt.state[member.tensor(model)]["momentum_buffer"]
+            zeroed = torch.ones_like(buf)
+            zero_units_of(zeroed, member, mask.soft)
+            assert torch.count_nonzero(buf[zeroed == 0]) == 0  # and no stale momentum to kick them back
+
+
+def test_soft_masks_survive_resume():
+    model, opt, pruner = _resnet("coupled")
+    pruner.step()
+    state = pruner.state_dict()
+    weights = copy.deepcopy(model.state_dict())
+    model2, opt2, pruner2 = _resnet("coupled", seed=1)
+    model2.load_state_dict(weights)
+    pruner2.load_state_dict(state)
+    x = torch.randn(3, 1, 28, 28)
+    model.eval(), model2.eval()
+    assert torch.equal(model(x), model2(x))
+    assert torch.allclose(model2(x), _zeroed(model, pruner).eval()(x), atol=1e-5)
+
+
+def test_compact_during_training_needs_the_channel_scope():
+    model, opt, pruner = _resnet("coupled", method="hfp", mask_scope="filter")
+    pruner.step()
+    with pytest.raises(SoftpruneError, match="mask_scope='channel'"):
+        pruner.compact_hard()
