@@ -102,7 +102,7 @@ def test_methods_smoke(tmp_path):
     )
     assert set(rows) == expected
     for method, row in rows.items():
-        summary = json.loads((tmp_path / "runs" / f"{method}-s0" / "summary.json").read_text())
+        summary = json.loads((tmp_path / "runs" / "short" / f"{method}-s0" / "summary.json").read_text())
         final = summary.get("compact", {}).get("test_acc", summary.get("test_acc_masked"))
         assert row["finals"] == [final] and len(row["acc_per_epoch_mean"]) == 2
     assert rows["sfp"]["macs"] == rows["ghfp"]["macs"] < rows["dense"]["macs"]
@@ -112,3 +112,17 @@ def test_methods_smoke(tmp_path):
         assert rows["torch-pruning"]["macs"] == pytest.approx(rows["ghfp"]["macs"], rel=0.1)
     report = tmp_path / "methods_smoke"
     assert (report / "report.md").is_file() and (report / "pareto.png").is_file()
+
+
+def test_soft_dynamics_smoke(tmp_path):
+    _run("soft_dynamics.py", tmp_path)
+    data = json.loads((tmp_path / "soft_dynamics_smoke.json").read_text())
+    rows = {r["way"]: r for r in data["rows"]}
+    assert set(rows) == {"parameters", "forward, leaking", "forward"}
+    assert rows["parameters"]["moving_share"] == 0.0  # zeroed soft filters behind a ReLU get no gradient
+    assert rows["forward"]["moving_share"] >= 0.9
+    # the kept filters get what they get in the network without the soft units; leaking, far more
+    assert rows["forward"]["kept_grad_max"] == pytest.approx(rows["parameters"]["kept_grad_max"], rel=1e-3)
+    assert rows["forward, leaking"]["kept_grad_max"] > 2 * rows["forward"]["kept_grad_max"]
+    md = (tmp_path / "soft_dynamics_smoke.md").read_text()
+    assert "| forward |" in md and data["machine"]["torch"] in md

@@ -68,11 +68,22 @@ def _assert_same(a, b):
             assert torch.equal(sa["weights"][k], sb["weights"][k]), k
 
 
-def test_ghfp_with_zero_hardness_is_sfp_step_by_step():
-    _, _, _, ghfp = _train_with("ghfp", hardness=0.0)
-    _, _, _, sfp = _train_with("sfp")
+@pytest.mark.parametrize(
+    "ghfp_knobs,sfp_knobs",
+    [
+        # the preset (authors' code): SFP with GHFP's rate ramp and criterion
+        ({}, {"rate_schedule": "poly", "criterion": "l2_bn"}),
+        # the paper's GHFP: plain SFP
+        ({"rate_schedule": "constant", "criterion": "l2"}, {}),
+    ],
+    ids=["code", "paper"],
+)
+def test_ghfp_with_zero_hardness_is_sfp_step_by_step(ghfp_knobs, sfp_knobs):
+    _, ghfp_pruner, _, ghfp = _train_with("ghfp", hardness=0.0, **ghfp_knobs)
+    _, _, _, sfp = _train_with("sfp", **sfp_knobs)
     _assert_same(ghfp, sfp)
-    assert all(s["report"].hard == 0 for s in sfp)
+    assert all(s["report"].hard == 0 for s in sfp) and sum(s["report"].soft for s in sfp) > 0
+    assert ghfp_pruner.criterion.name == sfp_knobs.get("criterion", "l2")
 
 
 def test_srfp_with_alpha0_zero_is_sfp():
@@ -95,8 +106,9 @@ def test_ghfp_counts_follow_floor_n_p_lambda_and_hard_never_comes_back():
     T = 6
     for t, snap in enumerate(snaps):
         lam = 1 - (1 - (t + 1) / T) ** 3
-        hard = sum(math.floor(g.size * 0.4 * lam + 1e-9) for g in pruner.prunable)
-        selected = sum(math.floor(g.size * 0.4 + 1e-9) for g in pruner.prunable)
+        rate = 0.4 if t >= 0.95 * T else 0.4 * lam  # the authors' code ramps the rate as it hardens
+        hard = sum(math.floor(g.size * rate * lam + 1e-9) for g in pruner.prunable)
+        selected = sum(math.floor(g.size * rate + 1e-9) for g in pruner.prunable)
         assert snap["report"].hard == hard
         assert snap["report"].hard + snap["report"].soft == selected
         if t:

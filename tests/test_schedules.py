@@ -116,7 +116,7 @@ def test_bad_schedule_dicts_are_clear_errors():
         ("asfp", "asymptotic", 0.0, 0.0, False),
         ("srfp", "constant", "exponential", 0.0, False),
         ("asrfp", "asymptotic", "exponential", 0.0, False),
-        ("ghfp", "constant", 0.0, "cubic", False),
+        ("ghfp", "poly", 0.0, "cubic", False),
     ],
 )
 def test_presets_bundle_the_papers_knobs(method, rate_kind, decay_kind, hardness, keep_first):

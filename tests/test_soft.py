@@ -214,6 +214,7 @@ def test_groups_the_forward_masks_cannot_reach_are_masked_through_their_paramete
     pruner.step()
     fallback = pruner._soft.fallback
     assert fallback  # the sums are fed by F.relu
+    assert pruner.soft_fallback == [pruner.prunable[g].name for g in sorted(fallback)]
     for g in fallback:
         group, mask = pruner.prunable[g], pruner.masks[g]
         for member in group.members_with(Role.FILTER):

@@ -34,7 +34,7 @@ from .graph import Analysis, analyze, build_groups, selector
 from .groups import ChannelGroup, Role
 from .masks import SCOPES, GroupMask, HardKeeper, apply, zero_units, zero_units_of
 from .modes import training_mode
-from .policy import Policy, make_policy
+from .policy import Policy, default_criterion, make_policy
 from .regularizers import Regularizer, make_regularizer
 from .soft import SoftMasks, lifted
 
@@ -176,7 +176,7 @@ class Pruner:
         rate: the fraction of each group's filters to prune, in [0, 1).
         total_steps: T, the number of pruning steps (epochs, by default).
         optimizer: hooked so that hard filters stay exactly zero after every step.
-        criterion: l2 (default), l1, fpgm, fpgm_mix, bn_scale, lrf, random (weights); hrank, ezcrop,
+        criterion: None (the preset's: l2, or l2_bn for ghfp), l2, l2_bn, l1, fpgm, fpgm_mix, bn_scale, lrf, random (weights); hrank, ezcrop,
             similarity (feature maps: pass calibration=); taylor (gradients); or a Criterion instance.
         criterion_options: e.g. {"aggregate": "sum"}, {"norm_fraction": 0.25}, {"alpha": 0.25}.
         example_inputs: what the forward takes, for tracing (softprune's models have a default).
@@ -210,7 +210,7 @@ class Pruner:
         total_steps: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        criterion: str | Criterion = "l2",
+        criterion: str | Criterion | None = None,
         criterion_options: dict | None = None,
         example_inputs: Any = None,
         residual: str = "coupled",
@@ -248,6 +248,8 @@ class Pruner:
         self.policy: Policy = make_policy(
             method, rate, rate_schedule=rate_schedule, decay=decay, hardness=hardness, keep_first=keep_first
         )
+        if criterion is None:
+            criterion = default_criterion(method)
         self.criterion = make_criterion(criterion, **(criterion_options or {}))
         self.budget = make_budget(budget)
         if (
@@ -825,6 +827,14 @@ class Pruner:
         return torch.tensor(picked, dtype=torch.long)
 
     # -- reporting ------------------------------------------------------------------------------
+    @property
+    def soft_fallback(self) -> list[str]:
+        """The groups whose soft units are masked in their parameters, not in the forward pass
+        (softprune.soft could not place forward masks for them); empty before the first soft step."""
+        if self._soft is None:
+            return []
+        return [self.prunable[g].name for g in sorted(self._soft.fallback)]
+
     def counts(self) -> tuple[int, int, int]:
         """(kept, soft, hard) units over all prunable groups."""
         soft = sum(int(m.soft.sum()) for m in self.masks)

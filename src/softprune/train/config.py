@@ -60,7 +60,7 @@ class TrainConfig:
 class PruneConfig:
     method: Literal["dense", "hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp"] = "ghfp"
     rate: float = 0.4
-    criterion: str = "l2"
+    criterion: str | None = None  # None: the preset's (l2; l2_bn for ghfp)
     criterion_options: dict[str, Any] = field(default_factory=dict)
     residual: Literal["independent", "coupled"] = "coupled"
     layers: list[str] | None = None
@@ -68,7 +68,8 @@ class PruneConfig:
     mask_scope: Literal["channel", "filter"] = "channel"
     every_epochs: int = 1  # a pruning step every k epochs ...
     every_iterations: int | None = None  # ... or every k optimizer steps
-    initial_step: bool = False  # one more pruning step before the first epoch (GHFP's code does this)
+    # one more pruning step before the first epoch; None: the preset's (GHFP's code does this)
+    initial_step: bool | None = None
     # the last k epochs train the pruned model with every selected unit hard: no pruning steps in them
     finetune_epochs: int = 0
     rate_schedule: str | dict[str, Any] | None = None
@@ -391,12 +392,23 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return data
 
 
+def _resolve_presets(p: PruneConfig) -> None:
+    """Fill the settings left to the preset, so that the saved config says what ran."""
+    from ..policy import INITIAL_STEP, default_criterion
+
+    if p.criterion is None:
+        p.criterion = default_criterion(p.method)
+    if p.initial_step is None:
+        p.initial_step = p.method in INITIAL_STEP
+
+
 def config_from_dict(data: Any, overrides: list[str] = ()) -> RunConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SoftpruneError(f"the config must be a mapping of sections, got {type(data).__name__}")
     config = _build(RunConfig, merge(data, list(overrides)), "")
+    _resolve_presets(config.prune)
     _validate(config)
     return config
 
