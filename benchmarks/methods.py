@@ -58,6 +58,8 @@ METHODS = {
         "prune.initial_step=false",
     ],  # fmt: skip
     "fpgm": ["prune.method=sfp", "prune.criterion=fpgm"],
+    # SFP with its first step after the first epoch, not before training as its code does
+    "sfp-late": ["prune.method=sfp", "prune.initial_step=false"],
 }
 BUDGETS = {
     "short": {"epochs": 6, "schedule": "cosine"},

@@ -101,9 +101,12 @@ def _preset(name: str, rate: float) -> Policy:
 
 METHODS = ("hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp")
 # The criterion a preset scores filters by when none is given, and the presets whose authors' code
-# runs one pruning step before the first epoch.
+# runs one pruning step before the first epoch (SFP's pruning_cifar10_resnet.py masks the freshly
+# initialized network before its training loop; the SRFP/GHFP author's code does the same). HFP
+# prunes once after training has started and keeps that set: pruning at initialization would make
+# it a small network trained from scratch.
 _CRITERION = {"ghfp": "l2_bn"}
-INITIAL_STEP = frozenset({"ghfp"})
+INITIAL_STEP = frozenset({"sfp", "asfp", "srfp", "asrfp", "ghfp"})
 
 
 def default_criterion(method: str) -> str:
