@@ -58,8 +58,12 @@ METHODS = {
         "prune.initial_step=false",
     ],  # fmt: skip
     "fpgm": ["prune.method=sfp", "prune.criterion=fpgm"],
-    # SFP with its first step after the first epoch, not before training as its code does
-    "sfp-late": ["prune.method=sfp", "prune.initial_step=false"],
+    # SFP with a step before training, as its code does (the preset's first step is after epoch 1)
+    "sfp-code": ["prune.method=sfp", "prune.initial_step=true"],
+    # GHFP without the step before training
+    "ghfp-late": ["prune.method=ghfp", "prune.initial_step=false"],
+    # SFP with a hard tail: the last epoch trains the final selection hard, with no pruning step
+    "sfp-tail": ["prune.method=sfp", "prune.finetune_epochs=1"],
 }
 BUDGETS = {
     "short": {"epochs": 6, "schedule": "cosine"},
