@@ -107,6 +107,7 @@ METHODS = ("hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp")
 _CRITERION = {"ghfp": "l2_bn"}
 INITIAL_STEP = frozenset({"ghfp"})
 
+
 def default_criterion(method: str) -> str:
     """The criterion ``method`` uses when none is given: l2, except GHFP's l2_bn."""
     return _CRITERION.get(method, "l2")
