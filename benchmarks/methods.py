@@ -13,9 +13,11 @@ step schedule scaled to it (lr 0.1, x0.2 at 30%, 60% and 80% of training: 60/120
 Reported: final accuracy (of the compact model), accuracy per epoch (GHFP's claim is faster
 convergence), MACs, parameters and wall time, mean and spread over the seeds; and the report (plots,
 accuracy by epoch) over the first seed's runs. ``--reuse`` keeps finished runs, so a long budget can
-be spread over several invocations.
+be spread over several invocations. ``--preset-budget layer`` runs the presets at 40% of every layer
+instead (the papers' budget; their MACs then differ a little), into methods_layer.json.
 
-    python benchmarks/methods.py [--budget short|long] [--seeds 0 1 2] [--only sfp ghfp] [--reuse] [--smoke]
+    python benchmarks/methods.py [--budget short|long] [--seeds 0 1 2] [--only sfp ghfp] [--reuse]
+                                 [--preset-budget macs|layer] [--smoke]
 """
 
 from __future__ import annotations
@@ -115,9 +117,12 @@ def recipe_config(label: str, args) -> dict:
 def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Path:
     base = base_config(args) if label in METHODS else recipe_config(label, args)
     overrides = list(METHODS.get(label, []))
-    if label != "dense":
+    name = f"{label}-s{seed}"
+    if label in METHODS and label != "dense" and args.preset_budget == "layer":
+        name = f"{label}-layer-s{seed}"  # 40% of every layer (base_config), wherever the MACs land
+    elif label != "dense":
         overrides += ["prune.budget=macs", f"prune.rate={macs_cut}"]
-    config = config_from_dict(base, [f"name={label}-s{seed}", f"output={out}", f"seed={seed}", *overrides])
+    config = config_from_dict(base, [f"name={name}", f"output={out}", f"seed={seed}", *overrides])
     done = config.run_dir / "summary.json"
     if args.reuse and done.is_file() and load_config(config.run_dir / "config.yaml") == config:
         return config.run_dir  # finished by an earlier invocation with the same settings
@@ -285,6 +290,13 @@ def main() -> None:
         "--macs-cut", type=float, help="the recipes' MACs target (default: where a fresh 40%% preset ends)"
     )
     parser.add_argument(
+        "--preset-budget",
+        choices=("macs", "layer"),
+        default="macs",
+        help="the presets at the recipes' MACs cut (default), or at 40%% of every layer as the papers "
+        "(results in methods[_long]_layer.json)",
+    )
+    parser.add_argument(
         "--reuse", action="store_true", help="keep softprune runs that already finished (same settings)"
     )
     args = parser.parse_args()
@@ -318,6 +330,8 @@ def main() -> None:
     name = (
         "methods_smoke" if args.smoke else ("methods" if args.budget == "short" else f"methods_{args.budget}")
     )
+    if args.preset_budget == "layer" and not args.smoke:
+        name += "_layer"
     payload = {
         "machine": machine(),
         "budget": {
@@ -328,6 +342,7 @@ def main() -> None:
             "test_images": args.test_limit,
             "seeds": args.seeds,
             "recipes_macs_cut": macs_cut,
+            "presets": "40% of every layer" if args.preset_budget == "layer" else "the recipes' MACs cut",
         },
         "rows": rows,
     }
