@@ -51,8 +51,8 @@ METHODS = {
     "srfp": ["prune.method=srfp"],
     "asrfp": ["prune.method=asrfp"],
     "ghfp": ["prune.method=ghfp"],
-    # GHFP as the paper describes it: a constant rate, plain L2, no step before training (the preset
-    # follows the authors' code instead; docs/methods.md, "GHFP")
+    # GHFP as the paper describes it: a constant rate and plain L2 (the preset follows the authors'
+    # code instead; docs/methods.md, "GHFP")
     "ghfp-paper": [
         "prune.method=ghfp",
         "prune.rate_schedule=constant",
@@ -62,10 +62,8 @@ METHODS = {
     "fpgm": ["prune.method=sfp", "prune.criterion=fpgm"],
     # SFP with a step before training, as its code does (the preset's first step is after epoch 1)
     "sfp-code": ["prune.method=sfp", "prune.initial_step=true"],
-    # GHFP without the step before training
-    "ghfp-late": ["prune.method=ghfp", "prune.initial_step=false"],
-    # SFP with a hard tail: the last epoch trains the final selection hard, with no pruning step
-    "sfp-tail": ["prune.method=sfp", "prune.finetune_epochs=1"],
+    # GHFP with the step before training, as its code does
+    "ghfp-init": ["prune.method=ghfp", "prune.initial_step=true"],
 }
 BUDGETS = {
     "short": {"epochs": 6, "schedule": "cosine"},

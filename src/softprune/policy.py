@@ -15,11 +15,11 @@ A preset is a named bundle of the three schedules; every knob can be overridden.
 | asrfp  | asymptotic  | exponential   | 0                 | re-chosen every step |
 | ghfp   | poly ramp   | 0             | cubic ramp 0 -> 1 | soft part re-chosen  |
 
-GHFP follows its first author's released code (docs/methods.md, "GHFP"): the rate ramps up (PolyRate),
-filters are scored by the BN-scaled norm (criterion l2_bn) and one pruning step runs before training.
-On the methods benchmark this bundle beat the paper's constant rate with plain L2
-(benchmarks/results/methods.json, rows ghfp and ghfp-paper); rate_schedule="constant",
-criterion="l2" and no initial step give the paper's version back.
+GHFP follows its first author's released code (docs/methods.md, "GHFP"): the rate ramps up (PolyRate)
+and filters are scored by the BN-scaled norm (criterion l2_bn). The code's pruning step before
+training is left out: on the methods benchmark it cost 1.5 points (benchmarks/results/methods.json,
+rows ghfp, ghfp-init and ghfp-paper). rate_schedule="constant" and criterion="l2" give the paper's
+version back.
 """
 
 from __future__ import annotations
@@ -100,12 +100,8 @@ def _preset(name: str, rate: float) -> Policy:
 
 
 METHODS = ("hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp")
-# The criterion a preset scores filters by when none is given, and the presets that take one pruning
-# step before the first epoch. SFP's released code (pruning_cifar10_resnet.py) and the SRFP/GHFP
-# author's code both mask the freshly initialized network before training; on the methods benchmark
-# that step cost SFP and ASFP 1-2 points, so only GHFP takes it by default (docs/methods.md).
+# The criterion a preset scores filters by when none is given.
 _CRITERION = {"ghfp": "l2_bn"}
-INITIAL_STEP = frozenset({"ghfp"})
 
 
 def default_criterion(method: str) -> str:

@@ -68,8 +68,9 @@ class PruneConfig:
     mask_scope: Literal["channel", "filter"] = "channel"
     every_epochs: int = 1  # a pruning step every k epochs ...
     every_iterations: int | None = None  # ... or every k optimizer steps
-    # one more pruning step before the first epoch; None: the preset's (GHFP's code does this)
-    initial_step: bool | None = None
+    # one more pruning step before the first epoch, as SFP's and GHFP's released code do; off by
+    # default: on the methods benchmark it cost GHFP 1.5 points and did not help SFP (docs/methods.md)
+    initial_step: bool = False
     # the last k epochs train the pruned model with every selected unit hard: no pruning steps in them
     finetune_epochs: int = 0
     rate_schedule: str | dict[str, Any] | None = None
@@ -394,12 +395,10 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
 
 def _resolve_presets(p: PruneConfig) -> None:
     """Fill the settings left to the preset, so that the saved config says what ran."""
-    from ..policy import INITIAL_STEP, default_criterion
+    from ..policy import default_criterion
 
     if p.criterion is None:
         p.criterion = default_criterion(p.method)
-    if p.initial_step is None:
-        p.initial_step = p.method in INITIAL_STEP
 
 
 def config_from_dict(data: Any, overrides: list[str] = ()) -> RunConfig:
