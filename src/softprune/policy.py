@@ -17,7 +17,7 @@ A preset is a named bundle of the three schedules; every knob can be overridden.
 
 GHFP follows its first author's released code (docs/methods.md, "GHFP"): the rate ramps up (PolyRate)
 and filters are scored by the BN-scaled norm (criterion l2_bn). The code's pruning step before
-training is left out: on the methods benchmark it cost 1.5 points (benchmarks/results/methods.json,
+training is left out: on the methods benchmark it cost 0.7 points (benchmarks/results/methods.json,
 rows ghfp, ghfp-init and ghfp-paper). rate_schedule="constant" and criterion="l2" give the paper's
 version back.
 """

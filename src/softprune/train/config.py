@@ -69,7 +69,7 @@ class PruneConfig:
     every_epochs: int = 1  # a pruning step every k epochs ...
     every_iterations: int | None = None  # ... or every k optimizer steps
     # one more pruning step before the first epoch, as SFP's and GHFP's released code do; off by
-    # default: on the methods benchmark it cost GHFP 1.5 points and did not help SFP (docs/methods.md)
+    # default: on the methods benchmark it cost GHFP 0.7 points (3 seeds) and did not help SFP (docs/methods.md)
     initial_step: bool = False
     # the last k epochs train the pruned model with every selected unit hard: no pruning steps in them
     finetune_epochs: int = 0
