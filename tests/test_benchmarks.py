@@ -105,7 +105,9 @@ def test_methods_smoke(tmp_path):
         summary = json.loads((tmp_path / "runs" / "short" / f"{method}-s0" / "summary.json").read_text())
         final = summary.get("compact", {}).get("test_acc", summary.get("test_acc_masked"))
         assert row["finals"] == [final] and len(row["acc_per_epoch_mean"]) == 2
-    assert rows["sfp"]["macs"] == rows["ghfp"]["macs"] < rows["dense"]["macs"]
+    # the presets meet the same MACs budget (within the budget's 1%), well under dense
+    assert rows["sfp"]["macs"] == pytest.approx(rows["ghfp"]["macs"], rel=0.01)
+    assert rows["ghfp"]["macs"] < 0.5 * rows["dense"]["macs"]
     # a recipe row runs under a MACs budget set to the presets' cut: within 1% of their MACs
     assert rows["hrank"]["macs"] == pytest.approx(rows["ghfp"]["macs"], rel=0.01)
     if "torch-pruning" in rows:  # pruned to the MACs of the 40% presets, within 10%

@@ -46,8 +46,9 @@ def test_metrics_log_one_line_per_epoch_with_the_schedules(trained):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     T = 3
     for t, r in enumerate(rows):
-        assert r["rate"] == 0.4 and r["alpha"] == 0.0
-        assert r["hardness"] == pytest.approx(1 - (1 - (t + 1) / T) ** 3)
+        ramp = 1 - (1 - (t + 1) / T) ** 3  # GHFP's code: the rate and the hardness ramp alike
+        assert r["rate"] == pytest.approx(0.4 if t >= 0.95 * T else 0.4 * ramp) and r["alpha"] == 0.0
+        assert r["hardness"] == pytest.approx(ramp)
         assert r["kept"] + r["soft"] + r["hard"] == rows[0]["kept"] + rows[0]["soft"] + rows[0]["hard"]
         assert 0.0 <= r["test_acc"] <= 100.0 and r["macs"] > 0
     assert rows[-1]["soft"] == 0 and rows[-1]["hard"] > rows[0]["hard"]
