@@ -176,8 +176,9 @@ class Pruner:
         rate: the fraction of each group's filters to prune, in [0, 1).
         total_steps: T, the number of pruning steps (epochs, by default).
         optimizer: hooked so that hard filters stay exactly zero after every step.
-        criterion: None (the preset's: l2, or l2_bn for ghfp), l2, l2_bn, l1, fpgm, fpgm_mix, bn_scale, lrf, random (weights); hrank, ezcrop,
-            similarity (feature maps: pass calibration=); taylor (gradients); or a Criterion instance.
+        criterion: None (the preset's: l2, or l2_bn for ghfp), l2, l2_bn, l1, fpgm, fpgm_mix,
+            bn_scale, lrf, random (weights); hrank, ezcrop, similarity (feature maps: pass
+            calibration=); taylor (gradients); or a Criterion instance.
         criterion_options: e.g. {"aggregate": "sum"}, {"norm_fraction": 0.25}, {"alpha": 0.25}.
         example_inputs: what the forward takes, for tracing (softprune's models have a default).
         residual: "coupled" (default: one mask across a residual stream, so the stream narrows too; the

@@ -69,7 +69,7 @@ class PruneConfig:
     every_epochs: int = 1  # a pruning step every k epochs ...
     every_iterations: int | None = None  # ... or every k optimizer steps
     # one more pruning step before the first epoch, as SFP's and GHFP's released code do; off by
-    # default: on the methods benchmark it cost GHFP 0.7 points (3 seeds) and did not help SFP (docs/methods.md)
+    # default: on the methods benchmark it cost GHFP 0.7 points and did not help SFP (docs/methods.md)
     initial_step: bool = False
     # the last k epochs train the pruned model with every selected unit hard: no pruning steps in them
     finetune_epochs: int = 0
@@ -393,21 +393,16 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return data
 
 
-def _resolve_presets(p: PruneConfig) -> None:
-    """Fill the settings left to the preset, so that the saved config says what ran."""
-    from ..policy import default_criterion
-
-    if p.criterion is None:
-        p.criterion = default_criterion(p.method)
-
-
 def config_from_dict(data: Any, overrides: list[str] = ()) -> RunConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SoftpruneError(f"the config must be a mapping of sections, got {type(data).__name__}")
     config = _build(RunConfig, merge(data, list(overrides)), "")
-    _resolve_presets(config.prune)
+    if config.prune.criterion is None:  # the preset's, written out so that the saved config says what ran
+        from ..policy import default_criterion
+
+        config.prune.criterion = default_criterion(config.prune.method)
     _validate(config)
     return config
 
