@@ -3,8 +3,9 @@
 Every method trains for the same number of epochs on the same data with the same recipe (SGD with
 Nesterov momentum, batch 128) and seeds, and ends at the same MACs: the cut a 40%-per-layer preset
 makes of a fresh ResNet-20 (about 60%), met by a MACs budget (softprune.budgets). Rows: dense; the
-presets HFP, SFP, ASFP, SRFP, ASRFP, GHFP (as its authors' code runs it, and as its paper describes it) and FPGM under SFP
-(coupled residuals, softprune's default); on the short budget also the literature's recipes; and
+presets HFP, SFP, ASFP, SRFP, ASRFP, GHFP (as its authors' code runs it, and as its paper describes
+it) and FPGM under SFP (coupled residuals, softprune's default); SFP and GHFP with their code's step
+before training; on the short budget also the literature's recipes; and
 Torch-Pruning's magnitude pruning with fine-tuning (dense training for half the budget, one-shot
 pruning to the same MACs, fine-tuning for the other half).
 
@@ -57,7 +58,6 @@ METHODS = {
         "prune.method=ghfp",
         "prune.rate_schedule=constant",
         "prune.criterion=l2",
-        "prune.initial_step=false",
     ],  # fmt: skip
     "fpgm": ["prune.method=sfp", "prune.criterion=fpgm"],
     # SFP with a step before training, as its code does (the preset's first step is after epoch 1)
@@ -116,10 +116,11 @@ def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Pa
     base = base_config(args) if label in METHODS else recipe_config(label, args)
     overrides = list(METHODS.get(label, []))
     name = f"{label}-s{seed}"
-    if label in METHODS and label != "dense" and args.preset_budget == "layer":
-        name = f"{label}-layer-s{seed}"  # 40% of every layer (base_config), wherever the MACs land
-    elif label != "dense":
-        overrides += ["prune.budget=macs", f"prune.rate={macs_cut}"]
+    if label != "dense":
+        if label in METHODS and args.preset_budget == "layer":
+            name = f"{label}-layer-s{seed}"  # 40% of every layer (base_config), wherever the MACs land
+        else:
+            overrides += ["prune.budget=macs", f"prune.rate={macs_cut}"]
     config = config_from_dict(base, [f"name={name}", f"output={out}", f"seed={seed}", *overrides])
     done = config.run_dir / "summary.json"
     if args.reuse and done.is_file() and load_config(config.run_dir / "config.yaml") == config:

@@ -46,7 +46,7 @@ def test_overrides_parse_yaml_values_and_nest():
         ({"train": {"milestones": [60, "x"]}}, "'train.milestones' has value"),
         ({"train": {"milestones": [120, 60]}}, "must be increasing"),
         ({"train": 5}, "section 'train' must be a mapping"),
-        ({"prune": {"every_epochs": 300, "initial_step": False}}, "leaves no pruning step"),
+        ({"prune": {"every_epochs": 300}}, "leaves no pruning step"),
         ({"name": "a/b"}, "must be a plain folder name"),
         ({"train": {"device": "tpu"}}, "expected auto, cpu, cuda or cuda:N"),
         ({"prune": {"recalibrate_bn": -1}}, "must be >= 0"),
