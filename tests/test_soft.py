@@ -169,6 +169,37 @@ def test_srfp_multiplies_soft_channels_by_alpha_t_where_they_are_read():
     assert torch.equal(seen["masked"][:, ~soft], seen["raw"][:, ~soft])
 
 
+@pytest.mark.parametrize("residual", ["coupled", "independent"])
+def test_kept_parameters_get_the_gradient_of_what_the_network_computes_at_any_alpha(residual, monkeypatch):
+    """SRFP's soft channels carry alpha_t of their value forward, so the layers before them must get
+    alpha_t of their gradient: exactly the gradient of the masked network's output."""
+    torch.manual_seed(0)
+    model = softprune.create_model("resnet20", in_channels=1, input_size=28)
+    pruner = softprune.Pruner(model, "srfp", 0.4, 10, residual=residual)
+    pruner.step()
+    pruner.step()
+    alpha = pruner.history[-1].alpha
+    assert 0.1 < alpha < 0.9
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    model.train()
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    # the reference: the same forward, differentiated as it is (no straight-through, no gradient stop)
+    masks = pruner._soft
+    masks.remove()
+    monkeypatch.setattr(softprune.soft, "straight_through", lambda v, m: v * m.to(v.dtype))
+    masks._rows = {}
+    masks._install()
+    reference = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    soft = _soft_slices(model, pruner)
+    checked = 0
+    for name, p, g, ref in zip(names, params, grads, reference):
+        kept = ~soft.get(name, torch.zeros_like(p, dtype=torch.bool))
+        assert torch.allclose(g[kept], ref[kept], atol=1e-6, rtol=1e-4), name
+        checked += int((ref[kept] != 0).sum())
+    assert checked > 0.5 * sum(p.numel() for p in params)
+
+
 def test_the_same_selection_soft_or_hard_computes_the_same_model():
     """SFP's first step and HFP's first step choose the same units; one masks them in the forward,
     the other zeroes them: the networks are the same function."""

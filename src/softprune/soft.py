@@ -120,6 +120,7 @@ class SoftMasks:
         self._masks: dict[int, torch.Tensor] = {}  # point index -> multiplier
         self.producers: list[Producer] = []
         self._rows: dict[int, torch.Tensor] = {}  # producer index -> soft output rows
+        self._alpha = 0.0  # what soft channels are multiplied by where they are read
         self._plan(analysis)
         self._plan_producers()
 
@@ -285,6 +286,7 @@ class SoftMasks:
         """Mask ``soft`` units (bool [size] per group) by ``alpha`` from now on; none: no hooks."""
         self.remove()
         self._masks = {}
+        self._alpha = alpha
         if alpha >= 1.0:
             return
         for k, point in enumerate(self.points):
@@ -332,10 +334,14 @@ class SoftMasks:
                 self._handles.append(module.register_forward_hook(self._output_hook(name, outputs)))
         for k, rows in self._rows.items():
             module = self.model.get_submodule(self.producers[k].module)
-            self._handles.append(module.register_forward_hook(self._producer_hook(rows)))
+            self._handles.append(module.register_forward_hook(self._producer_hook(rows, self._alpha)))
 
     @staticmethod
-    def _producer_hook(rows: torch.Tensor):
+    def _producer_hook(rows: torch.Tensor, alpha: float):
+        # The forward pass carries alpha of a soft channel, the straight-through backward all of its
+        # gradient: the soft rows' input share is 1 - alpha too much (all of it for SFP's alpha = 0).
+        excess = 1.0 - alpha
+
         def hook(module, args, output):
             x = args[0] if args else None
             if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
@@ -367,7 +373,7 @@ class SoftMasks:
                         module.weight.detach().index_select(0, index.to(module.weight.device)).to(g.dtype)
                     )
                     share = _input_gradient(module, shape, weight, g.index_select(dim, index))
-                return grad - share.to(grad.dtype)
+                return grad - excess * share.to(grad.dtype)
 
             output.register_hook(keep_output_grad)
             x.register_hook(correct_input_grad)
