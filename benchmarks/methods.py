@@ -24,6 +24,7 @@ instead (the papers' budget; their MACs then differ a little), into methods_laye
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -59,6 +60,8 @@ METHODS = {
         "prune.rate_schedule=constant",
         "prune.criterion=l2",
     ],  # fmt: skip
+    # GHFP's rate and hardness ramps with the plain L2 norm (the preset scores by gamma * W)
+    "ghfp-l2": ["prune.method=ghfp", "prune.criterion=l2"],
     "fpgm": ["prune.method=sfp", "prune.criterion=fpgm"],
     # SFP with a step before training, as its code does (the preset's first step is after epoch 1)
     "sfp-code": ["prune.method=sfp", "prune.initial_step=true"],
@@ -122,13 +125,45 @@ def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Pa
         else:
             overrides += ["prune.budget=macs", f"prune.rate={macs_cut}"]
     config = config_from_dict(base, [f"name={name}", f"output={out}", f"seed={seed}", *overrides])
-    done = config.run_dir / "summary.json"
-    if args.reuse and done.is_file() and load_config(config.run_dir / "config.yaml") == config:
-        return config.run_dir  # finished by an earlier invocation with the same settings
+    if args.reuse:
+        restore(config.run_dir, args)
+        done = config.run_dir / "summary.json"
+        if done.is_file() and same_settings(load_config(config.run_dir / "config.yaml"), config):
+            return config.run_dir  # finished by an earlier invocation with the same settings
     if config.run_dir.exists():
         shutil.rmtree(config.run_dir)
     train(config, progress=False)
+    record(config.run_dir, args)
     return config.run_dir
+
+
+def same_settings(a, b) -> bool:
+    """Two runs' configs agree on everything that changes the result (not on where the run was)."""
+    return dataclasses.replace(a, output=b.output) == b
+
+
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+
+
+def record(run_dir: Path, args) -> None:
+    """Keep a finished run's small files (about 10 KB) in the committed results, so that ``--reuse``
+    in a later checkout, without the run folders, goes on where the last one stopped."""
+    kept = Path(args.record) / run_dir.parent.name / run_dir.name
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, kept / name)
+
+
+def restore(run_dir: Path, args) -> None:
+    """A run recorded by an earlier checkout comes back as a run folder when this one has none."""
+    kept = Path(args.record) / run_dir.parent.name / run_dir.name
+    if (run_dir / "summary.json").is_file() or not (kept / "summary.json").is_file():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (kept / name).is_file():
+            shutil.copyfile(kept / name, run_dir / name)
 
 
 def run_torch_pruning(seed: int, args, out: Path, target_macs: int) -> Path | None:
@@ -144,8 +179,10 @@ def run_torch_pruning(seed: int, args, out: Path, target_macs: int) -> Path | No
     settings = {"epochs": args.epochs, "train_limit": args.train_limit, "test_limit": args.test_limit,
                 "schedule": schedule(args), "target_macs": target_macs}  # fmt: skip
     done = run_dir / "summary.json"
-    if args.reuse and done.is_file() and json.loads(done.read_text()).get("settings") == settings:
-        return run_dir
+    if args.reuse:
+        restore(run_dir, args)
+        if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
+            return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -209,6 +246,7 @@ def run_torch_pruning(seed: int, args, out: Path, target_macs: int) -> Path | No
         "settings": settings,
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    record(run_dir, args)
     return run_dir
 
 
@@ -283,6 +321,11 @@ def main() -> None:
         "--runs", default="../runs/bench-methods", help="where the run folders go (not committed)"
     )
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    parser.add_argument(
+        "--record",
+        help="where each finished run's config, metrics and summary are kept for --reuse (default: "
+        "methods_runs/ in the results folder, committed)",
+    )
     parser.add_argument("--smoke", action="store_true", help="2 epochs on 256 images, 4 methods, one seed")
     parser.add_argument("--only", nargs="+", help="run only these methods (and Torch-Pruning)")
     parser.add_argument(
@@ -302,10 +345,11 @@ def main() -> None:
     args.epochs = args.epochs or BUDGETS[args.budget]["epochs"]
     if args.smoke:
         args.epochs, args.train_limit, args.test_limit, args.seeds = 2, 256, 128, [0]
+    args.record = args.record or str(Path(args.out) / "methods_runs")
     labels = SMOKE_METHODS if args.smoke else [*METHODS, *(RECIPES if args.budget == "short" else [])]
     if args.only:
         labels = [label for label in labels if label in args.only]
-    runs_root, out = Path(args.runs) / args.budget, Path(args.out)
+    runs_root, out = Path(args.runs) / ("smoke" if args.smoke else args.budget), Path(args.out)
     torch.manual_seed(0)  # which stream channels a 40% preset removes, so its MACs, depend on weights
     dense = softprune.create_model("resnet20", in_channels=1, input_size=28)
     dense_macs = softprune.profile(dense, torch.randn(1, 1, 28, 28))["macs"]

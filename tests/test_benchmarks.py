@@ -102,12 +102,18 @@ def test_methods_smoke(tmp_path):
     )
     assert set(rows) == expected
     for method, row in rows.items():
-        summary = json.loads((tmp_path / "runs" / "short" / f"{method}-s0" / "summary.json").read_text())
+        summary = json.loads((tmp_path / "runs" / "smoke" / f"{method}-s0" / "summary.json").read_text())
         final = summary.get("compact", {}).get("test_acc", summary.get("test_acc_masked"))
         assert row["finals"] == [final] and len(row["acc_per_epoch_mean"]) == 2
     # the presets meet the same MACs budget (within the budget's 1%), well under dense
     assert rows["sfp"]["macs"] == pytest.approx(rows["ghfp"]["macs"], rel=0.01)
     assert rows["ghfp"]["macs"] < 0.5 * rows["dense"]["macs"]
+    # every finished run is recorded in the results, and a checkout without the run folders reuses it
+    assert {d.name for d in (tmp_path / "methods_runs" / "smoke").iterdir()} == {f"{m}-s0" for m in rows}
+    first = (tmp_path / "methods_smoke.json").read_text()
+    _script("methods.py", "--smoke", "--reuse", "--out", str(tmp_path), "--runs", str(tmp_path / "fresh"))
+    again = json.loads((tmp_path / "methods_smoke.json").read_text())
+    assert again["rows"] == json.loads(first)["rows"]
     # a recipe row runs under a MACs budget set to the presets' cut: within 1% of their MACs
     assert rows["hrank"]["macs"] == pytest.approx(rows["ghfp"]["macs"], rel=0.01)
     if "torch-pruning" in rows:  # pruned to the MACs of the 40% presets, within 10%
