@@ -18,7 +18,8 @@ import softprune
 from softprune.cli import main
 from softprune.errors import SoftpruneError
 from softprune.train.checkpoint import load_checkpoint, save_checkpoint
-from softprune.train.config import RunConfig, config_from_dict, load_config
+from softprune.train.config import PruneConfig, RunConfig, config_from_dict, load_config
+from softprune.train.engine import pruning_interval
 
 RECIPE = Path(softprune.__file__).parent / "configs" / "fashion_mnist_ghfp.yaml"
 
@@ -237,7 +238,8 @@ def test_zip_but_not_a_checkpoint(tmp_path):
 def test_initial_step_and_finetuning_tail(tmp_path, data_root):
     """prune.initial_step: a step before the first epoch (GHFP's code); prune.finetune_epochs: the last
     epochs train with every selected unit hard and no pruning step."""
-    extra = ("train.epochs=3", "prune.method=sfp", "prune.initial_step=true", "prune.finetune_epochs=1")
+    extra = ("train.epochs=3", "prune.method=sfp", "prune.initial_step=true", "prune.finetune_epochs=1",
+             "prune.min_steps=1")  # fmt: skip
     assert main(_tiny(data_root, tmp_path, "tail", *extra)) == 0
     rows = [json.loads(line) for line in (tmp_path / "tail" / "metrics.jsonl").read_text().splitlines()]
     state = load_checkpoint(tmp_path / "tail" / "checkpoint.pt")["pruner"]
@@ -247,3 +249,31 @@ def test_initial_step_and_finetuning_tail(tmp_path, data_root):
     # the last step (after epoch 2) makes every selected unit hard: epoch 3 fine-tunes the pruned model
     assert rows[1]["soft"] == rows[2]["soft"] == 0 and rows[1]["hard"] == rows[2]["hard"] == rows[0]["soft"]
     assert json.loads((tmp_path / "tail" / "summary.json").read_text())["compact"]["macs"] == rows[2]["macs"]
+
+
+def test_a_short_run_spreads_its_pruning_steps_over_the_iterations(tmp_path, data_root):
+    """prune.min_steps: 2 epochs of 4 iterations give 2 epoch-end steps; min_steps=3 asks for more, so a
+    step comes every 8 // 3 = 2 optimizer steps: 4 steps, 2 in each epoch."""
+    assert main(_tiny(data_root, tmp_path, "spread", "prune.method=ghfp", "prune.min_steps=3")) == 0
+    rows = [json.loads(line) for line in (tmp_path / "spread" / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "spread" / "summary.json").read_text())
+    assert [r["step"] for r in rows] == [2, 4]
+    assert summary["pruning_steps"] == 4 and summary["pruning_interval"] == 2
+    assert rows[-1]["hardness"] == 1.0  # GHFP's ramp ends hard at the last of the 4 steps
+
+
+@pytest.mark.parametrize(
+    "settings, epochs, per_epoch, expected",
+    [
+        ({}, 6, 79, 19),  # the methods benchmark: 474 iterations // 24 steps
+        ({}, 24, 79, None),  # enough epochs: one step at the end of each
+        ({"min_steps": 1}, 6, 79, None),  # the papers' protocol
+        ({"every_iterations": 50}, 6, 79, 50),  # an explicit interval wins
+        ({"every_epochs": 2}, 6, 79, None),  # an explicit epoch interval too
+        ({}, 2, 4, 1),  # fewer iterations than min_steps: a step after each one
+        ({"method": "hfp"}, 6, 79, None),  # HFP's one decision stays after the first epoch
+        ({"method": "sfp"}, 6, 79, None),  # a constant rate: more steps would only prune earlier
+    ],
+)
+def test_pruning_interval(settings, epochs, per_epoch, expected):
+    assert pruning_interval(PruneConfig(**settings), epochs, per_epoch) == expected

@@ -40,7 +40,7 @@ from ..models import create_model
 from ..modes import training_mode
 from ..pruner import Pruner, rebind_scheduler
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import RunConfig, config_from_dict
+from .config import PruneConfig, RunConfig, config_from_dict, default_min_steps
 
 Echo = Callable[[str], None]
 
@@ -154,8 +154,9 @@ class Run:
         if p.method != "dense":
             per_epoch = len(self.train_loader)
             pruning_epochs = t.epochs - p.finetune_epochs  # the rest fine-tune with every unit hard
-            if p.every_iterations is not None:
-                steps = (pruning_epochs * per_epoch) // p.every_iterations
+            self.interval = pruning_interval(p, pruning_epochs, per_epoch)
+            if self.interval is not None:
+                steps = (pruning_epochs * per_epoch) // self.interval
                 if steps < 1 and not p.initial_step:
                     raise SoftpruneError(
                         f"prune.every_iterations={p.every_iterations} leaves no pruning step in "
@@ -176,7 +177,7 @@ class Run:
                 residual=p.residual,
                 layers=p.layers,
                 ignore=p.ignore,
-                interval=p.every_iterations,
+                interval=self.interval,
                 mask_scope=p.mask_scope,
                 rate_schedule=p.rate_schedule,
                 decay=p.decay,
@@ -393,7 +394,7 @@ class Run:
             if self.pruner is not None:
                 p = cfg.prune
                 if (
-                    p.every_iterations is None
+                    self.interval is None
                     and (self.epoch + 1) % p.every_epochs == 0
                     and self.pruner.t < self.pruner.total_steps
                 ):
@@ -493,6 +494,9 @@ class Run:
                 for key in ("criterion", "residual", "budget", "regularizer", "compensate")
             },
             "epochs": cfg.train.epochs,
+            # how many pruning steps, and how many optimizer steps apart (None: at epoch ends)
+            "pruning_steps": self.pruner.total_steps if self.pruner is not None else None,
+            "pruning_interval": self.interval if self.pruner is not None else None,
             "processes": self.world,
             "replicas": self.replicas,
             "seconds": round(time.time() - self.started, 1),
@@ -530,6 +534,21 @@ class Run:
             summary["layers"] = layer_widths(self.net, small)
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def pruning_interval(p: PruneConfig, pruning_epochs: int, per_epoch: int) -> int | None:
+    """Optimizer steps between pruning steps, or None for steps at epoch ends.
+
+    prune.every_iterations when set; otherwise one step per epoch, unless that gives fewer than
+    prune.min_steps steps: then the steps are spread evenly over the run's iterations (at least one
+    iteration apart)."""
+    if p.every_iterations is not None:
+        return p.every_iterations
+    epoch_end = p.every_epochs > 1 or p.tick_batches > 0 or p.compact_during_training
+    min_steps = default_min_steps(p.method) if p.min_steps is None else p.min_steps
+    if epoch_end or pruning_epochs >= min_steps:
+        return None
+    return max(1, (pruning_epochs * per_epoch) // min_steps)
 
 
 def layer_widths(dense: nn.Module, small: nn.Module) -> list[dict[str, Any]]:
