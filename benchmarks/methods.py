@@ -59,13 +59,21 @@ METHODS = {
         "prune.method=ghfp",
         "prune.rate_schedule=constant",
         "prune.criterion=l2",
+        "prune.min_steps=1",
     ],  # fmt: skip
-    # GHFP's rate and hardness ramps with the plain L2 norm (the preset scores by gamma * W)
-    "ghfp-l2": ["prune.method=ghfp", "prune.criterion=l2"],
     "fpgm": ["prune.method=sfp", "prune.criterion=fpgm"],
-    # SFP with a step before training, as its code does (the preset's first step is after epoch 1)
+    # GHFP with one pruning step per epoch, as its code (the preset spreads 24 steps over a short run)
+    "ghfp-epoch-steps": ["prune.method=ghfp", "prune.min_steps=1"],
+}
+# Ablations, run only when named in --only: each changes one knob of a preset ({third}: a third of
+# the budget's epochs).
+ABLATIONS = {
+    "ghfp-tail": ["prune.method=ghfp", "prune.finetune_epochs={third}"],  # ramps end at 2/3
+    "ghfp-comp": ["prune.method=ghfp", "prune.compensate=activations"],
+    "ghfp-l2": ["prune.method=ghfp", "prune.criterion=l2"],  # the code's ramps, the plain L2 norm
+    "sfp-steps": ["prune.method=sfp", "prune.min_steps=24"],  # 24 steps spread over a short run
+    # the step before training that SFP's and GHFP's code take
     "sfp-code": ["prune.method=sfp", "prune.initial_step=true"],
-    # GHFP with the step before training, as its code does
     "ghfp-init": ["prune.method=ghfp", "prune.initial_step=true"],
 }
 BUDGETS = {
@@ -116,11 +124,12 @@ def recipe_config(label: str, args) -> dict:
 
 
 def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Path:
-    base = base_config(args) if label in METHODS else recipe_config(label, args)
-    overrides = list(METHODS.get(label, []))
+    preset = label in METHODS or label in ABLATIONS
+    base = base_config(args) if preset else recipe_config(label, args)
+    overrides = [o.format(third=args.epochs // 3) for o in METHODS.get(label) or ABLATIONS.get(label, [])]
     name = f"{label}-s{seed}"
     if label != "dense":
-        if label in METHODS and args.preset_budget == "layer":
+        if preset and args.preset_budget == "layer":
             name = f"{label}-layer-s{seed}"  # 40% of every layer (base_config), wherever the MACs land
         else:
             overrides += ["prune.budget=macs", f"prune.rate={macs_cut}"]
@@ -129,6 +138,7 @@ def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Pa
         restore(config.run_dir, args)
         done = config.run_dir / "summary.json"
         if done.is_file() and same_settings(load_config(config.run_dir / "config.yaml"), config):
+            record(config.run_dir, args)
             return config.run_dir  # finished by an earlier invocation with the same settings
     if config.run_dir.exists():
         shutil.rmtree(config.run_dir)
@@ -142,7 +152,9 @@ def same_settings(a, b) -> bool:
     return dataclasses.replace(a, output=b.output) == b
 
 
-RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+# machine.json: the CPU a run trained on. The same seed is bit-identical on one CPU model, not across
+# them (kernels differ), so a table whose runs came from several machines says so.
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "machine.json")
 
 
 def record(run_dir: Path, args) -> None:
@@ -150,6 +162,8 @@ def record(run_dir: Path, args) -> None:
     in a later checkout, without the run folders, goes on where the last one stopped."""
     kept = Path(args.record) / run_dir.parent.name / run_dir.name
     kept.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "machine.json").is_file():
+        (run_dir / "machine.json").write_text(json.dumps(machine(), indent=2))
     for name in RECORD_FILES:
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, kept / name)
@@ -182,6 +196,7 @@ def run_torch_pruning(seed: int, args, out: Path, target_macs: int) -> Path | No
     if args.reuse:
         restore(run_dir, args)
         if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
+            record(run_dir, args)
             return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -283,6 +298,11 @@ def _tp_ratio(tp, model, x, target_macs: int) -> float:
     return best
 
 
+def _cpu(run_dir: Path) -> str:
+    path = run_dir / "machine.json"
+    return json.loads(path.read_text())["cpu"] if path.is_file() else machine()["cpu"]
+
+
 def summarize(runs: dict[str, list[Path]]) -> list[dict]:
     rows = []
     for label, dirs in runs.items():
@@ -304,10 +324,43 @@ def summarize(runs: dict[str, list[Path]]) -> list[dict]:
                 "macs": cost["macs"],
                 "params": cost["params"],
                 "seconds_mean": statistics.mean(s["seconds"] for s in summaries),
+                "cpus": sorted({_cpu(d) for d in dirs}),
                 "rate": summaries[0].get("rate"),
             }
         )
     return rows
+
+
+# The rows of the accuracy-by-epoch plot over seeds: the issue's rows (the family, FPGM, Torch-Pruning).
+PLOTTED = ("dense", "hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp", "fpgm", "torch-pruning")
+
+
+def plot_mean_accuracy(rows: list[dict], title: str, out: Path) -> Path | None:
+    """Mean test accuracy by epoch over the seeds, one line per row of PLOTTED (GHFP's claim is that
+    it converges faster than the SFP family)."""
+    shown = [r for r in rows if r["method"] in PLOTTED]
+    if not shown:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for i, r in enumerate(shown):
+        epochs = range(1, len(r["acc_per_epoch_mean"]) + 1)
+        width = 2.4 if r["method"] in ("ghfp", "hfp") else 1.2
+        ax.plot(epochs, r["acc_per_epoch_mean"], "-" if i < 10 else "--", lw=width,
+                label=f"{r['method']} ({r['final_acc_mean']:.2f})")  # fmt: skip
+    ax.set(xlabel="epoch", ylabel="test accuracy (%), mean over seeds", title=title)
+    low = min(min(r["acc_per_epoch_mean"]) for r in shown)
+    ax.set_ylim(max(low - 2, 0), 92)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main() -> None:
@@ -348,7 +401,7 @@ def main() -> None:
     args.record = args.record or str(Path(args.out) / "methods_runs")
     labels = SMOKE_METHODS if args.smoke else [*METHODS, *(RECIPES if args.budget == "short" else [])]
     if args.only:
-        labels = [label for label in labels if label in args.only]
+        labels = [label for label in [*labels, *ABLATIONS] if label in args.only]
     runs_root, out = Path(args.runs) / ("smoke" if args.smoke else args.budget), Path(args.out)
     torch.manual_seed(0)  # which stream channels a 40% preset removes, so its MACs, depend on weights
     dense = softprune.create_model("resnet20", in_channels=1, input_size=28)
@@ -397,6 +450,10 @@ def main() -> None:
         report_dir,
         title=f"Methods on Fashion-MNIST (seed {args.seeds[0]})",
     )
+    seeds = ", ".join(map(str, args.seeds))
+    mean_plot = plot_mean_accuracy(
+        rows, f"{args.epochs} epochs, mean of seeds {seeds}", report_dir / "accuracy_by_epoch_mean.png"
+    )
     lines = [
         f"## Methods on Fashion-MNIST, ResNet-20 (1 input channel), {args.epochs} epochs ({schedule(args)['schedule']} "
         f"learning rate) on {args.train_limit} images, test on {args.test_limit}, seeds {', '.join(map(str, args.seeds))}, "
@@ -411,8 +468,16 @@ def main() -> None:
             f"| {r['method']} | **{r['final_acc_mean']:.2f}** ± {r['final_acc_std']:.2f} | {', '.join(f'{a:.2f}' for a in r['finals'])} "
             f"| {by_epoch} | {r['macs'] / 1e6:.2f}M | {r['params'] / 1e3:.1f}K | {r['seconds_mean']:.0f} s |"
         )
+    cpus = sorted({cpu for r in rows for cpu in r["cpus"]})
     lines += [
         "",
+        f"Runs trained on: {', '.join(cpus)} (one seed is bit-identical on one CPU model, not across models).",
+        "",
+        *(
+            [f"Accuracy by epoch, mean over the seeds: [{mean_plot.name}]({name}/{mean_plot.name})."]
+            if mean_plot is not None
+            else []
+        ),
         f"Plots over the runs of seed {args.seeds[0]}: [report]({name}/report.md), "
         f"with the [accuracy against MACs]({name}/pareto.png) and [accuracy per epoch]({name}/accuracy_by_epoch.png).",
     ]
