@@ -17,9 +17,9 @@ A preset is a named bundle of the three schedules; every knob can be overridden.
 
 GHFP follows its first author's released code (docs/methods.md, "GHFP"): the rate ramps up (PolyRate)
 and filters are scored by the BN-scaled norm (criterion l2_bn). The code's pruning step before
-training is left out: on the methods benchmark it cost 0.7 points (benchmarks/results/methods.json,
-rows ghfp, ghfp-init and ghfp-paper). rate_schedule="constant" and criterion="l2" give the paper's
-version back.
+training is left out: on the methods benchmark it cost 0.7 points
+(benchmarks/results/methods_2026-12-02_epyc.json, rows ghfp, ghfp-init and ghfp-paper).
+rate_schedule="constant" and criterion="l2" give the paper's version back.
 """
 
 from __future__ import annotations
