@@ -260,6 +260,11 @@ def test_a_short_run_spreads_its_pruning_steps_over_the_iterations(tmp_path, dat
     assert [r["step"] for r in rows] == [2, 4]
     assert summary["pruning_steps"] == 4 and summary["pruning_interval"] == 2
     assert rows[-1]["hardness"] == 1.0  # GHFP's ramp ends hard at the last of the 4 steps
+    # each epoch's row counts the soft units that came back at every step of that epoch
+    steps = load_checkpoint(tmp_path / "spread" / "checkpoint.pt")["pruner"]["history"]
+    assert [r["steps"] for r in rows] == [2, 2]
+    assert [r["revived"] for r in rows] == [steps[0]["revived"] + steps[1]["revived"],
+                                            steps[2]["revived"] + steps[3]["revived"]]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -406,6 +406,10 @@ class Run:
                     self.pruner.finalize()  # the fine-tuning tail: every selected unit hard from here on
                 self.recalibrate()
                 last = self.pruner.history[-1] if self.pruner.history else None
+                # every step since the last row: several per epoch when steps are spread (min_steps)
+                since = self.history[-1].get("step", 0) if self.history else 0
+                steps = self.pruner.history[since:]
+                ratios = [r.revived_norm_ratio for r in steps if r.revived_norm_ratio is not None]
                 kept, soft, hard = self.pruner.counts()
                 cost = self.pruner.profile()
                 record.update(
@@ -416,8 +420,9 @@ class Run:
                     kept=kept,
                     soft=soft,
                     hard=hard,
-                    revived=last.revived if last else 0,
-                    revived_norm_ratio=last.revived_norm_ratio if last else None,
+                    steps=len(steps),
+                    revived=sum(r.revived for r in steps),
+                    revived_norm_ratio=max(ratios) if ratios else None,
                     params=cost["params"],
                     macs=cost["macs"],
                 )
