@@ -143,6 +143,7 @@ def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Pa
     if config.run_dir.exists():
         shutil.rmtree(config.run_dir)
     train(config, progress=False)
+    (config.run_dir / "machine.json").write_text(json.dumps(machine(), indent=2))
     record(config.run_dir, args)
     return config.run_dir
 
@@ -162,8 +163,6 @@ def record(run_dir: Path, args) -> None:
     in a later checkout, without the run folders, goes on where the last one stopped."""
     kept = Path(args.record) / run_dir.parent.name / run_dir.name
     kept.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "machine.json").is_file():
-        (run_dir / "machine.json").write_text(json.dumps(machine(), indent=2))
     for name in RECORD_FILES:
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, kept / name)
@@ -261,6 +260,7 @@ def run_torch_pruning(seed: int, args, out: Path, target_macs: int) -> Path | No
         "settings": settings,
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "machine.json").write_text(json.dumps(machine(), indent=2))
     record(run_dir, args)
     return run_dir
 
@@ -300,7 +300,7 @@ def _tp_ratio(tp, model, x, target_macs: int) -> float:
 
 def _cpu(run_dir: Path) -> str:
     path = run_dir / "machine.json"
-    return json.loads(path.read_text())["cpu"] if path.is_file() else machine()["cpu"]
+    return json.loads(path.read_text())["cpu"] if path.is_file() else "an unrecorded CPU"
 
 
 def summarize(runs: dict[str, list[Path]]) -> list[dict]:
