@@ -140,9 +140,13 @@ def run_softprune(label: str, seed: int, args, out: Path, macs_cut: float) -> Pa
         if done.is_file() and same_settings(load_config(config.run_dir / "config.yaml"), config):
             record(config.run_dir, args)
             return config.run_dir  # finished by an earlier invocation with the same settings
-    if config.run_dir.exists():
-        shutil.rmtree(config.run_dir)
-    train(config, progress=False)
+    unfinished = (config.run_dir / "checkpoint.pt").is_file() and (config.run_dir / "config.yaml").is_file()
+    if args.reuse and unfinished and same_settings(load_config(config.run_dir / "config.yaml"), config):
+        train(config, resume=True, progress=False)  # stopped midway: resume is exact, so go on from there
+    else:
+        if config.run_dir.exists():
+            shutil.rmtree(config.run_dir)
+        train(config, progress=False)
     (config.run_dir / "machine.json").write_text(json.dumps(machine(), indent=2))
     record(config.run_dir, args)
     return config.run_dir
@@ -392,7 +396,9 @@ def main() -> None:
         "(results in methods[_long]_layer.json)",
     )
     parser.add_argument(
-        "--reuse", action="store_true", help="keep softprune runs that already finished (same settings)"
+        "--reuse",
+        action="store_true",
+        help="keep softprune runs that already finished (same settings) and resume the ones that stopped midway",
     )
     args = parser.parse_args()
     args.epochs = args.epochs or BUDGETS[args.budget]["epochs"]

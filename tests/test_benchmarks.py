@@ -114,6 +114,18 @@ def test_methods_smoke(tmp_path):
     _script("methods.py", "--smoke", "--reuse", "--out", str(tmp_path), "--runs", str(tmp_path / "fresh"))
     again = json.loads((tmp_path / "methods_smoke.json").read_text())
     assert again["rows"] == json.loads(first)["rows"]
+    # a run that stopped before its summary is resumed from its checkpoint, not trained again
+    (tmp_path / "runs" / "smoke" / "ghfp-s0" / "summary.json").unlink()
+    marker = (
+        tmp_path / "runs" / "smoke" / "ghfp-s0" / "marker"
+    )  # a run trained again starts from an empty folder
+    marker.write_text("")
+    (tmp_path / "methods_runs" / "smoke" / "ghfp-s0" / "summary.json").unlink()
+    _script("methods.py", "--smoke", "--reuse", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"))
+    resumed = json.loads((tmp_path / "methods_smoke.json").read_text())
+    untimed = [{k: v for k, v in r.items() if k != "seconds_mean"} for r in json.loads(first)["rows"]]
+    assert [{k: v for k, v in r.items() if k != "seconds_mean"} for r in resumed["rows"]] == untimed
+    assert marker.is_file()
     # a recipe row runs under a MACs budget set to the presets' cut: within 1% of their MACs
     assert rows["hrank"]["macs"] == pytest.approx(rows["ghfp"]["macs"], rel=0.01)
     if "torch-pruning" in rows:  # pruned to the MACs of the 40% presets, within 10%
