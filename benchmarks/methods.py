@@ -75,6 +75,8 @@ ABLATIONS = {
     # the step before training that SFP's and GHFP's code take
     "sfp-code": ["prune.method=sfp", "prune.initial_step=true"],
     "ghfp-init": ["prune.method=ghfp", "prune.initial_step=true"],
+    # FPGM with the MACs budget ranking each layer's units by position, not by score over the mean
+    "fpgm-rank": ["prune.method=sfp", "prune.criterion=fpgm", "prune.normalize=rank"],
 }
 BUDGETS = {
     "short": {"epochs": 6, "schedule": "cosine"},
