@@ -30,7 +30,7 @@ import softprune
 from common import machine, write
 from softprune.criteria import L2
 from softprune.data import BatchLoader, load_dataset
-from softprune.groups import Role
+from softprune.graph import Role
 from softprune.masks import apply
 
 WAYS = ("parameters", "forward, leaking", "forward")

@@ -13,7 +13,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def _script(script, *args, timeout=600):
     """Run benchmarks/SCRIPT with ARGS; it must succeed."""
-    env = {**os.environ, "PYTHONPATH": str(BENCH)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env, timeout=timeout
     )

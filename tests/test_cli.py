@@ -89,7 +89,10 @@ def test_existing_run_is_never_overwritten(trained, capsys):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("prune.method=gfhp", "config key 'prune.method' has value 'gfhp'; expected one of 'dense', 'hfp'"),
+        (
+            "prune.method=gfhp",
+            "config key 'prune.method' has value 'gfhp'; expected one of 'dense', 'asfp', .*Did you mean 'ghfp'",
+        ),
         ("prune.rate=1.5", r"config key 'prune.rate' must lie in \[0, 1\), got 1.5"),
         ("prune.rte=0.3", "unknown config key 'prune.rte'. Did you mean 'prune.rate'?"),
         ("train.epochs=0", "config key 'train.epochs' must be positive, got 0"),

@@ -182,7 +182,7 @@ def test_compact_modules_share_nothing_with_the_masked_model():
 
 
 def test_copy_module_is_a_deep_copy_that_shares_nothing():
-    from softprune.handlers import copy_module
+    from softprune.graph.handlers import copy_module
 
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(num_classes=10).eval()
@@ -203,7 +203,7 @@ def test_copy_module_is_a_deep_copy_that_shares_nothing():
 
 
 def test_resized_replaces_tensors_and_copies_the_rest():
-    from softprune.handlers import resized
+    from softprune.graph.handlers import resized
 
     bn = nn.BatchNorm2d(4)
     bn.running_mean.add_(1.0)

@@ -5,7 +5,7 @@ import torch
 
 import softprune
 from softprune.errors import SoftpruneError
-from softprune.groups import Role
+from softprune.graph import Role
 
 
 def _pruned(name, scope, residual, method="sfp"):

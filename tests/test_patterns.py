@@ -8,7 +8,7 @@ from torch import nn
 import softprune
 from softprune.compact import PrunedMultiheadAttention, max_difference
 from softprune.errors import SoftpruneError
-from softprune.handlers import KeepWhole
+from softprune.graph.handlers import KeepWhole
 
 
 def prune(model, x, rate=0.5, residual="coupled", layers="all", **kw):
@@ -317,7 +317,7 @@ def test_unknown_op_names_the_op_and_the_ways_out():
         pruner, small = prune(CustomOp(), x)
         assert small.a.out_channels == 4
     finally:
-        from softprune.ops import FUNCTION_RULES
+        from softprune.graph.ops import FUNCTION_RULES
 
         FUNCTION_RULES.pop(_mystery)
 
@@ -353,7 +353,7 @@ def test_custom_module_through_a_handler_or_ignore():
         pruner, small = prune(WithMyConv(), x)
         assert small.a.in_channels == 6 and small.a.out_channels == 4
     finally:
-        from softprune.handlers import HANDLERS
+        from softprune.graph.handlers import HANDLERS
 
         HANDLERS.pop(MyConv)
 
@@ -373,27 +373,27 @@ def test_custom_module_through_a_handler_or_ignore():
     ],
 )
 def test_analysis_output_shapes_without_arithmetic_match_the_layers(layer, shape):
-    from softprune.graph import _without_arithmetic
+    from softprune.graph.trace import shape_without_arithmetic
 
     x = torch.randn(shape)
-    shaped = _without_arithmetic(layer, (x,), {})
+    shaped = shape_without_arithmetic(layer, (x,), {})
     assert shaped.shape == layer(x).shape and not bool(shaped.any())
 
 
 def test_analysis_runs_layers_it_cannot_size_for_real():
-    from softprune.graph import _without_arithmetic
+    from softprune.graph.trace import shape_without_arithmetic
 
     class Scaled(nn.Conv2d):
         def forward(self, x):
             return super().forward(x)[:, :, ::2]
 
     x = torch.randn(1, 3, 8, 8)
-    assert _without_arithmetic(Scaled(3, 4, 3), (x,), {}) is None  # its own forward: run it
-    assert _without_arithmetic(nn.Conv2d(5, 4, 3), (x,), {}) is None  # wrong width: the layer reports it
-    assert _without_arithmetic(nn.Conv2d(3, 4, 9), (x,), {}) is None  # larger kernel than input
-    assert _without_arithmetic(nn.Conv2d(3, 4, 3).double(), (x,), {}) is None  # dtype mismatch
-    assert _without_arithmetic(nn.BatchNorm2d(3).train(), (x,), {}) is None  # batch statistics: run it
-    assert _without_arithmetic(nn.BatchNorm2d(5).eval(), (x,), {}) is None  # wrong width
+    assert shape_without_arithmetic(Scaled(3, 4, 3), (x,), {}) is None  # its own forward: run it
+    assert shape_without_arithmetic(nn.Conv2d(5, 4, 3), (x,), {}) is None  # wrong width: the layer reports it
+    assert shape_without_arithmetic(nn.Conv2d(3, 4, 9), (x,), {}) is None  # larger kernel than input
+    assert shape_without_arithmetic(nn.Conv2d(3, 4, 3).double(), (x,), {}) is None  # dtype mismatch
+    assert shape_without_arithmetic(nn.BatchNorm2d(3).train(), (x,), {}) is None  # batch statistics: run it
+    assert shape_without_arithmetic(nn.BatchNorm2d(5).eval(), (x,), {}) is None  # wrong width
 
 
 @pytest.mark.parametrize(
@@ -406,14 +406,14 @@ def test_analysis_runs_layers_it_cannot_size_for_real():
     ],
 )
 def test_analysis_attention_shapes_without_arithmetic_match_the_layer(batch_first, shapes, kw):
-    from softprune.graph import _without_arithmetic
+    from softprune.graph.trace import shape_without_arithmetic
 
     layer = nn.MultiheadAttention(8, 2, kdim=6, vdim=4, batch_first=batch_first).eval()
     q, k, v = (torch.randn(s) for s in shapes)
-    shaped = _without_arithmetic(layer, (q, k, v), kw)
+    shaped = shape_without_arithmetic(layer, (q, k, v), kw)
     real = layer(q, k, v, **kw)
     assert shaped[0].shape == real[0].shape
     assert (shaped[1] is None) == (real[1] is None)
     assert shaped[1] is None or shaped[1].shape == real[1].shape
     mask = torch.zeros(5, 7, dtype=torch.bool)  # target length 5, source length 7
-    assert _without_arithmetic(layer, (q, k, v), {"attn_mask": mask}) is None  # masks: run it for real
+    assert shape_without_arithmetic(layer, (q, k, v), {"attn_mask": mask}) is None  # masks: run it for real

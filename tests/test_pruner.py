@@ -10,7 +10,7 @@ from torch import nn
 
 import softprune
 from softprune.errors import SoftpruneError
-from softprune.groups import Role
+from softprune.graph import Role
 
 
 def _batches(n=3, batch=8, channels=3, size=32, seed=1):
@@ -263,7 +263,11 @@ def test_coupled_mode_prunes_every_layer_of_a_stream_at_the_rate():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"method": "gfhp"}, "unknown method 'gfhp'; choose one of: asfp, asrfp, ghfp, hfp, sfp, srfp"),
+        (
+            {"method": "gfhp"},
+            "unknown method 'gfhp'; choose one of: asfp, asrfp, ezcrop, ghfp, greg1, greg2, hfp, hrank, lrf, "
+            "random, sfp, similarity, slimming, srfp, tick_tock. Did you mean 'ghfp'",
+        ),
         (
             {"criterion": "l3"},
             "unknown criterion 'l3'; choose one of: bn_scale, ezcrop, fpgm, fpgm_mix, hrank, l1, l2, l2_bn, lrf, random, similarity, taylor",
@@ -272,8 +276,16 @@ def test_coupled_mode_prunes_every_layer_of_a_stream_at_the_rate():
         ({"rate": -0.2}, r"rate must lie in \[0, 1\)"),
         ({"total_steps": 0}, "total_steps must be an integer >= 1"),
         ({"total_steps": None}, "total_steps must be an integer >= 1"),
-        ({"residual": "both"}, "unknown residual mode"),
-        ({"mask_scope": "bn"}, "unknown mask_scope"),
+        (
+            {"residual": "both"},
+            "Pruner setting 'residual' has value 'both'; expected one of 'coupled', 'independent'",
+        ),
+        (
+            {"mask_scope": "bn"},
+            "Pruner setting 'mask_scope' has value 'bn'; expected one of 'channel', 'filter'",
+        ),
+        ({"max_rat": 0.5}, "unknown Pruner setting 'max_rat'. Did you mean 'max_rate'"),
+        ({"max_rate": 1.5}, r"Pruner setting 'max_rate' must lie in \(0, 1\)"),
         ({"interval": 0}, "interval must be a positive"),
     ],
 )

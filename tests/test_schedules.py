@@ -5,7 +5,7 @@ import math
 import pytest
 
 from softprune.errors import SoftpruneError
-from softprune.policy import METHODS, make_policy
+from softprune.policy import PRESETS, make_policy
 from softprune.schedules import (
     AsymptoticRate,
     Constant,
@@ -152,11 +152,12 @@ def test_rate_outside_zero_one_is_an_error(rate):
         make_policy("sfp", rate)
 
 
-def test_unknown_method_lists_the_choices():
+def test_unknown_preset_lists_the_choices():
     with pytest.raises(SoftpruneError) as info:
         make_policy("gfhp", 0.4)
     message = str(info.value)
-    assert all(m in message for m in METHODS) and "Did you mean 'ghfp'" in message
+    assert message.startswith("unknown preset 'gfhp'") and "Did you mean 'ghfp'" in message
+    assert all(m in message for m in PRESETS) and len(PRESETS) == 6
 
 
 def test_override_that_leaves_the_range_is_an_error():

@@ -10,7 +10,7 @@ from torch import nn
 import softprune
 from softprune.data import BatchLoader, load_dataset
 from softprune.errors import SoftpruneError
-from softprune.groups import Role
+from softprune.graph import Role
 from softprune.masks import zero_units, zero_units_of
 
 

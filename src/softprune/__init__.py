@@ -14,27 +14,32 @@ from .compensate import Compensator
 from .cost import latency, paper_flops_cifar_resnet, profile
 from .criteria import CRITERIA, Criterion, make_criterion, register_criterion
 from .errors import SoftpruneError
-from .graph import analyze, build_groups
-from .handlers import Handler, register_handler
+from .graph import RULES, Handler, analyze, build_groups, register_handler, register_op
 from .io import export_onnx, load, save
+from .methods import METHODS, Method, get_method, list_methods, register_method
 from .models import create_model, list_models
-from .ops import RULES, register_op
-from .policy import METHODS, Policy, make_policy
+from .policy import PRESETS, Policy, make_policy, register_preset
 from .pruner import Pruner
 from .regularizers import REGULARIZERS, Regularizer, make_regularizer
+from .schedules import SCHEDULES, register_schedule
+from .settings import PruneSettings
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CRITERIA",
     "METHODS",
+    "PRESETS",
     "REGULARIZERS",
+    "SCHEDULES",
     "RULES",
     "Budget",
     "Compensator",
     "Criterion",
     "Handler",
+    "Method",
     "Policy",
+    "PruneSettings",
     "Pruner",
     "Regularizer",
     "SoftpruneError",
@@ -42,7 +47,9 @@ __all__ = [
     "build_groups",
     "create_model",
     "export_onnx",
+    "get_method",
     "latency",
+    "list_methods",
     "list_models",
     "load",
     "make_budget",
@@ -54,6 +61,9 @@ __all__ = [
     "recalibrate_batchnorm",
     "register_criterion",
     "register_handler",
+    "register_method",
     "register_op",
+    "register_preset",
+    "register_schedule",
     "save",
 ]

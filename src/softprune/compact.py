@@ -18,197 +18,30 @@ parameter slices were needed, else a ``torch.fx.GraphModule`` with the same subm
 from __future__ import annotations
 
 import logging
-import math
 import operator
 from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import SoftpruneError
-from .graph import Analysis, _collect_tensors, _fetch_attr, _map, _squeeze_broadcast, flat_units
-from .handlers import HANDLERS, copy_module
+from .graph.handlers import HANDLERS, copy_module
+from .graph.ids import collect_tensors, fetch_attr, flat_units, map_values, squeeze_broadcast
+from .graph.module_rules import MODULE_RULES
+from .graph.ops import FUNCTION_RULES, METHOD_RULES
+from .graph.trace import Analysis
+from .layers import ChannelRemap, PrunedMultiheadAttention
 from .modes import training_mode
-from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 
 log = logging.getLogger(__name__)
 
 Layout = tuple  # tuple[torch.Tensor | None, ...]
 
 
-class ChannelRemap(nn.Module):
-    """Moves slices along ``dim``: output position ``dst[i]`` gets input position ``src[i]``, the
-    other output positions are zero; given a second input ``base``, the result is added to it.
-
-    This is how a compact graph adds a pruned branch's kept channels back at their indices (SFP's
-    compact ResNet), gathers surviving channels, or widens a tensor for an op that must run at full
-    width. On channels-last 4-D tensors a remap along channels runs as a 1x1 convolution with a 0/1
-    weight: index operations there are several times slower and return the wrong memory format.
-    """
-
-    def __init__(self, dim: int, src: torch.Tensor, dst: torch.Tensor, in_size: int, out_size: int) -> None:
-        super().__init__()
-        self.dim, self.in_size, self.out_size = dim, in_size, out_size
-        self.register_buffer("src", src.clone(), persistent=False)
-        self.register_buffer("dst", dst.clone(), persistent=False)
-        weight = torch.zeros(out_size, in_size, 1, 1)
-        weight[dst, src] = 1.0
-        self.register_buffer("weight", weight, persistent=False)
-
-    def _channels_last(self, x: torch.Tensor) -> bool:
-        return (
-            self.dim == 1
-            and x.dim() == 4
-            and x.is_floating_point()
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous()
-        )
-
-    def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-        if self._channels_last(x):
-            moved = F.conv2d(x, self.weight.to(x.dtype))
-            return moved if base is None else base + moved
-        part = x.index_select(self.dim, self.src)
-        if base is not None:
-            return base.index_add(self.dim, self.dst, part)
-        shape = list(x.shape)
-        shape[self.dim] = self.out_size
-        return x.new_zeros(shape).index_copy(self.dim, self.dst, part)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, {self.in_size} -> {self.out_size}, moved={self.src.numel()}"
-
-
-class PrunedMultiheadAttention(nn.Module):
-    """nn.MultiheadAttention with heads removed: queries, keys and values are projected to
-    ``num_heads * head_dim`` channels (fewer than ``embed_dim``) and out_proj maps them back.
-
-    Same call signature and results as the module it replaces; returned attention weights (when asked
-    for) average over the kept heads. Attention masks given per head ([N*H, L, S]) must be for the
-    kept heads.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, kdim: int, vdim: int, *,
-                 bias: bool, batch_first: bool, dropout: float, out_dim: int | None = None) -> None:  # fmt: skip
-        super().__init__()
-        out_dim = embed_dim if out_dim is None else out_dim
-        self.embed_dim, self.num_heads, self.head_dim, self.out_dim = embed_dim, num_heads, head_dim, out_dim
-        self.kdim, self.vdim, self.batch_first, self.dropout = kdim, vdim, batch_first, dropout
-        inner = num_heads * head_dim
-        # no random init: from_module overwrites every weight
-        self.q_proj = nn.utils.skip_init(nn.Linear, embed_dim, inner, bias=bias)
-        self.k_proj = nn.utils.skip_init(nn.Linear, kdim, inner, bias=bias)
-        self.v_proj = nn.utils.skip_init(nn.Linear, vdim, inner, bias=bias)
-        self.out_proj = nn.utils.skip_init(nn.Linear, inner, out_dim, bias=True)
-
-    @classmethod
-    def from_module(cls, m: nn.MultiheadAttention, keep) -> PrunedMultiheadAttention:
-        E, H = m.embed_dim, m.num_heads
-        D = E // H
-        if m._qkv_same_embed_dim:
-            rows = keep("in_proj_weight", 0)
-            cols = keep("in_proj_weight", 1)
-            w = m.in_proj_weight
-            weights = [w[:E], w[E : 2 * E], w[2 * E :]]
-            col_keep = [cols, cols, cols]
-        else:
-            rows = keep("q_proj_weight", 0)
-            weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
-            col_keep = [keep(n, 1) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
-        kept_rows = torch.arange(3 * E) if rows is None else rows
-        per_part = [kept_rows[(kept_rows >= i * E) & (kept_rows < (i + 1) * E)] - i * E for i in range(3)]
-        heads = per_part[0].numel() // D
-
-        def width(index, full):
-            return full if index is None else int(index.numel())
-
-        out_rows = keep("out_proj.weight", 0)
-        dims = [width(c, full) for c, full in zip(col_keep, (E, m.kdim, m.vdim))]
-        new = cls(
-            dims[0], heads, D, dims[1], dims[2], bias=m.in_proj_bias is not None, batch_first=m.batch_first,
-            dropout=m.dropout, out_dim=width(out_rows, E),
-        )  # fmt: skip
-        with torch.no_grad():
-            for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
-                w = weights[i].index_select(0, per_part[i].to(weights[i].device))
-                if col_keep[i] is not None:
-                    w = w.index_select(1, col_keep[i].to(w.device))
-                proj.weight.copy_(w)
-                if m.in_proj_bias is not None:
-                    proj.bias.copy_(
-                        m.in_proj_bias[i * E : (i + 1) * E].index_select(0, per_part[i].to(w.device))
-                    )
-            # out_proj's columns follow the kept heads (the value rows)
-            w = m.out_proj.weight.index_select(1, per_part[2].to(m.out_proj.weight.device))
-            if out_rows is not None:
-                w = w.index_select(0, out_rows.to(w.device))
-            new.out_proj.weight.copy_(w)
-            if m.out_proj.bias is not None:
-                b = m.out_proj.bias
-                new.out_proj.bias.copy_(b if out_rows is None else b.index_select(0, out_rows.to(b.device)))
-            else:
-                new.out_proj.bias.zero_()
-        return new.to(m.out_proj.weight.device, m.out_proj.weight.dtype)
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):  # fmt: skip
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) if t.dim() == 3 else t for t in (query, key, value))
-        batched = query.dim() == 3
-        if not batched:
-            query, key, value = query[None], key[None], value[None]
-        n, length, _ = query.shape
-        source = key.shape[1]
-        h, d = self.num_heads, self.head_dim
-        q = self.q_proj(query).view(n, length, h, d).transpose(1, 2)
-        k = self.k_proj(key).view(n, source, h, d).transpose(1, 2)
-        v = self.v_proj(value).view(n, source, h, d).transpose(1, 2)
-        mask = None
-        if attn_mask is not None:
-            mask = attn_mask
-            if mask.dim() == 3:
-                mask = mask.view(n, h, length, source)
-            if mask.dtype == torch.bool:
-                mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill(mask, float("-inf"))
-        if key_padding_mask is not None:
-            pad = key_padding_mask.view(n, 1, 1, source)
-            pad = (
-                torch.zeros_like(pad, dtype=q.dtype).masked_fill(pad, float("-inf"))
-                if pad.dtype == torch.bool
-                else pad
-            )
-            mask = pad if mask is None else mask + pad
-        drop = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)
-            if mask is not None:
-                scores = scores + mask
-            attn = torch.softmax(scores, dim=-1)
-            weights = attn.mean(1) if average_attn_weights else attn
-            out = F.dropout(attn, drop, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=drop, is_causal=is_causal and mask is None
-            )
-        out = self.out_proj(out.transpose(1, 2).reshape(n, length, h * d))
-        if not batched:
-            out = out[0]
-            weights = None if weights is None else weights[0]
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
-
-    def extra_repr(self) -> str:
-        out = f", out_dim={self.out_dim}" if self.out_dim != self.embed_dim else ""
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}{out}"
-
-
 def layout_of(ids: torch.Tensor, alive: torch.Tensor) -> Layout:
     """The kept indices of each dimension of a tensor whose channel ids are ``ids``."""
-    live = alive[_squeeze_broadcast(ids)]  # a broadcast dimension keeps everything or nothing
+    live = alive[squeeze_broadcast(ids)]  # a broadcast dimension keeps everything or nothing
     spread = [d for d in range(live.dim()) if live.shape[d] > 1]
     if len(spread) == 1:  # one channel dimension (a convolution's output): its own kept positions
         keep = live.reshape(-1)
@@ -233,7 +66,7 @@ def apply_layout(ids: torch.Tensor, layout: Layout) -> torch.Tensor:
     H*W is not materialized: on a 224x224 ResNet-50 that was 0.02 s of copies)."""
     if all(idx is None for idx in layout):
         return ids
-    small = _squeeze_broadcast(ids)
+    small = squeeze_broadcast(ids)
     shape = list(ids.shape)
     for d, idx in enumerate(layout):
         if idx is not None:
@@ -342,7 +175,7 @@ class _Compactor:
                 layout = layout_of(ids, self.alive)
                 seen = self._expected[id(ids)] = (ids, layout, apply_layout(ids, layout))
             return seen[1], seen[2]
-        layout = _map(ids, lambda t: layout_of(t, self.alive) if isinstance(t, torch.Tensor) else None)
+        layout = map_values(ids, lambda t: layout_of(t, self.alive) if isinstance(t, torch.Tensor) else None)
         return layout, _shrink(ids, layout)
 
     def to_full(self, old: torch.fx.Node) -> torch.fx.Node:
@@ -358,7 +191,7 @@ class _Compactor:
             for d, idx in enumerate(layout or ()):
                 if idx is not None:
                     new = self.remap(new, d, None, idx, idx.numel(), val.shape[d])
-        elif old.op in ("placeholder", "get_attr") or val is None or not _collect_tensors(val):
+        elif old.op in ("placeholder", "get_attr") or val is None or not collect_tensors(val):
             if old.op in ("call_function", "call_method") and any(
                 isinstance(a, torch.fx.Node) for a in old.all_input_nodes
             ):
@@ -398,7 +231,7 @@ class _Compactor:
             self.cval[node.name] = apply_layout(ids, layout)
             if not _is_full(layout):
                 self.slices[node.target] = {d: idx for d, idx in enumerate(layout) if idx is not None}
-                value = _fetch_attr(self.old, node.target)
+                value = fetch_attr(self.old, node.target)
                 small = apply_layout(
                     value.detach(), tuple(None if i is None else i.to(value.device) for i in layout)
                 )
@@ -409,7 +242,7 @@ class _Compactor:
                 else:
                     owner.register_buffer(attr, small.clone())
         else:
-            value = _fetch_attr(self.old, node.target)
+            value = fetch_attr(self.old, node.target)
             self.cval[node.name] = value
             self.layout[node.name] = None
 
@@ -467,7 +300,7 @@ class _Compactor:
     def same(self, node: torch.fx.Node) -> None:
         """Ops that keep layouts by construction (element-wise unary, pooling, reductions)."""
         self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
-        if node.name in self.a.node_ids and _collect_tensors(self.ids_of(node)):
+        if node.name in self.a.node_ids and collect_tensors(self.ids_of(node)):
             self.layout[node.name], self.cval[node.name] = self.expected(node)
         else:
             args, kwargs = self.compact_args(node)
@@ -582,7 +415,7 @@ class _Compactor:
         if not isinstance(full_ids, torch.Tensor):
             # several outputs (chunk, split): they stay full width; each getitem selects its part
             self.env[node.name] = full
-            self.layout[node.name] = _map(full_ids, lambda t: None)
+            self.layout[node.name] = map_values(full_ids, lambda t: None)
             self.cval[node.name] = full_ids
             return
         self.env[node.name] = self._select_layout(full, out_layout, tuple(full_ids.shape))
@@ -591,7 +424,7 @@ class _Compactor:
         try:
             got = self.run_compact(node, args, kwargs)
         except Exception:  # wrong sizes on compact ids (the op is not native), or a view of broadcast ids
-            dense = _map((args, kwargs), lambda v: v.contiguous() if isinstance(v, torch.Tensor) else v)
+            dense = map_values((args, kwargs), lambda v: v.contiguous() if isinstance(v, torch.Tensor) else v)
             try:
                 got = self.run_compact(node, *dense)
             except Exception:
@@ -670,7 +503,7 @@ class _Compactor:
                 self.get_attr(node)
             elif node.op == "output":
                 self.output(node)
-            elif not _collect_tensors(self.a.node_ids.get(node.name)):
+            elif not collect_tensors(self.a.node_ids.get(node.name)):
                 self.same(node)  # sizes and their arithmetic: recomputed on compact values
             else:
                 kind = _rule_kind(node, self.modules)
@@ -797,8 +630,8 @@ def compact_model(
 def max_difference(reference: nn.Module, candidate: nn.Module, example_inputs: tuple) -> tuple[float, float]:
     """(max |reference - candidate|, max |reference|) over every output tensor, in eval mode."""
     with training_mode(reference, candidate, training=False), torch.no_grad():
-        ref = _collect_tensors(reference(*example_inputs))
-        got = _collect_tensors(candidate(*example_inputs))
+        ref = collect_tensors(reference(*example_inputs))
+        got = collect_tensors(candidate(*example_inputs))
     if len(ref) != len(got):
         return float("inf"), 0.0
     diff, scale = 0.0, 0.0

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from .errors import check_choice
-from .graph import Analysis
-from .groups import ChannelGroup, Role
+from .graph import Analysis, ChannelGroup, Role
 
 SOURCES = ("activations", "weights")
 

@@ -40,7 +40,8 @@ from torch import nn
 
 from .compensate import ridged
 from .errors import SoftpruneError, choice_error
-from .groups import ChannelGroup, Member, Role
+from .graph import ChannelGroup, Member, Role
+from .registry import Registry
 
 AGGREGATES = ("mean", "sum", "max", "first")
 
@@ -599,25 +600,18 @@ def agglomerate(dist: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor,
     return torch.tensor(order + survivors, dtype=torch.long), scores
 
 
-CRITERIA: dict[str, type[Criterion]] = {
-    c.name: c for c in (L1, L2, L2BN, FPGM, FPGMMix, BNScale, LRF, Random, HRank, EZCrop, Similarity, Taylor)
-}
+CRITERIA: Registry[type[Criterion]] = Registry("criterion", instance_of=Criterion)
+for _cls in (L1, L2, L2BN, FPGM, FPGMMix, BNScale, LRF, Random, HRank, EZCrop, Similarity, Taylor):
+    CRITERIA.register(_cls.name, _cls)
 
 
-def make_criterion(name: str | Criterion, **options) -> Criterion:
-    """A criterion by name with its options (aggregate=, metric=, norm_fraction=)."""
-    if isinstance(name, Criterion):
-        return name
-    if name not in CRITERIA:
-        raise choice_error("criterion", name, CRITERIA)
-    cls = CRITERIA[name]
-    try:
-        return cls(**options)
-    except TypeError as exc:
-        raise SoftpruneError(f"criterion {name!r} does not take these options: {options}") from exc
+def make_criterion(name: str | dict | Criterion, **options) -> Criterion:
+    """A criterion by name with its options (aggregate=, metric=, norm_fraction=), from a mapping
+    {"kind": name, **options}, or one already built."""
+    return CRITERIA.build(name, **options)
 
 
-def register_criterion(cls: type[Criterion]) -> type[Criterion]:
-    """Add a criterion class (usable as a decorator); it is then available by ``cls.name``."""
-    CRITERIA[cls.name] = cls
-    return cls
+def register_criterion(cls: type[Criterion], *, replace: bool = False) -> type[Criterion]:
+    """Add a criterion class (usable as a decorator); it is then available by ``cls.name``. A name
+    already taken is an error unless ``replace=True``."""
+    return CRITERIA.register(cls.name, cls, replace=replace)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .graph import CONST, ZERO, Analysis
-from .groups import ChannelGroup, Role
+from .graph import CONST, ZERO, Analysis, ChannelGroup, Role
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from .errors import SoftpruneError
-from .groups import ChannelGroup, Role
+from .graph import ChannelGroup, Role
 from .masks import zero_units
 from .modes import training_mode
-from .soft import SoftMasks, _flat
+from .soft import SoftMasks, flat_outputs
 
 _TOL = 1e-5
 
@@ -233,4 +233,4 @@ def _fold(model, plan, groups, pruned, constants) -> dict[int, int]:
 
 def _outputs(model: nn.Module, probe: tuple) -> torch.Tensor:
     with training_mode(model, training=False):
-        return _flat(model(*probe))
+        return flat_outputs(model(*probe))

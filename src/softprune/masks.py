@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import check_choice
-from .groups import ChannelGroup, Member, Role
+from .graph import ChannelGroup, Member, Role
 
 SCOPES = ("channel", "filter")
 

@@ -24,9 +24,11 @@ rate_schedule="constant" and criterion="l2" give the paper's version back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .errors import SoftpruneError, choice_error
+from .registry import Registry
 from .schedules import (
     AsymptoticRate,
     Constant,
@@ -85,28 +87,22 @@ class Policy:
         )
 
 
-def _preset(name: str, rate: float) -> Policy:
-    constant, asymptotic = Constant(rate), AsymptoticRate(rate)
-    zero = Constant(0.0)
-    table = {
-        "hfp": Policy(constant, zero, Constant(1.0), keep_first=True),
-        "sfp": Policy(constant, zero, zero),
-        "asfp": Policy(asymptotic, zero, zero),
-        "srfp": Policy(constant, ExponentialDecay(), zero),
-        "asrfp": Policy(asymptotic, ExponentialDecay(), zero),
-        "ghfp": Policy(PolyRate(rate), zero, CubicRamp()),
-    }
-    return replace(table[name], name=name)
+# The family's policies, by preset name: rate -> Policy. A new policy is one more entry
+# (register_preset); a method (softprune.methods) names the preset it uses.
+PRESETS: Registry[Callable[[float], Policy]] = Registry("preset")
 
 
-METHODS = ("hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp")
-# The criterion a preset scores filters by when none is given.
-_CRITERION = {"ghfp": "l2_bn"}
+def register_preset(name: str, build: Callable[[float], Policy], *, replace: bool = False) -> None:
+    PRESETS.register(name, build, replace=replace)
 
 
-def default_criterion(method: str) -> str:
-    """The criterion ``method`` uses when none is given: l2, except GHFP's l2_bn."""
-    return _CRITERION.get(method, "l2")
+_ZERO = Constant(0.0)
+register_preset("hfp", lambda p: Policy(Constant(p), _ZERO, Constant(1.0), keep_first=True))
+register_preset("sfp", lambda p: Policy(Constant(p), _ZERO, _ZERO))
+register_preset("asfp", lambda p: Policy(AsymptoticRate(p), _ZERO, _ZERO))
+register_preset("srfp", lambda p: Policy(Constant(p), ExponentialDecay(), _ZERO))
+register_preset("asrfp", lambda p: Policy(AsymptoticRate(p), ExponentialDecay(), _ZERO))
+register_preset("ghfp", lambda p: Policy(PolyRate(p), _ZERO, CubicRamp()))
 
 
 # Override values that name a schedule rather than give its full mapping.
@@ -141,7 +137,7 @@ def check_rate(rate: object) -> float:
 
 
 def make_policy(
-    method: str,
+    preset: str,
     rate: float,
     *,
     rate_schedule: str | dict | None = None,
@@ -158,10 +154,8 @@ def make_policy(
     such as {"kind": "exponential", "alpha0": 1, "sigma": 1e-3, "cutoff": 0.8}.
     ``hardness``: a number, "zero", "one", "cubic", "step" (0, then 1 from half-way) or a mapping. ``keep_first``: HFP's fixed selection.
     """
-    if method not in METHODS:
-        raise choice_error("method", method, METHODS)
     rate = check_rate(rate)
-    policy = _preset(method, rate)
+    policy = replace(PRESETS[preset](rate), name=preset)
     changes: dict = {}
     if rate_schedule is not None:
         if isinstance(rate_schedule, str):

@@ -24,23 +24,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .budgets import Budget, CostModel, make_budget, normalized, rounded_count, smallest_meeting
+from .budgets import CostModel, normalized, rounded_count, smallest_meeting
 from .compact import compact_model, max_difference
-from .compensate import SOURCES, Compensator
-from .criteria import L2, Criterion, make_criterion
-from .errors import SoftpruneError, check_choice
+from .compensate import Compensator
+from .criteria import L2
+from .errors import SoftpruneError
 from .features import FeatureTap, find_sites
-from .graph import Analysis, analyze, build_groups, selector
-from .groups import ChannelGroup, Role
-from .masks import SCOPES, GroupMask, HardKeeper, apply, zero_units, zero_units_of
+from .graph import Analysis, ChannelGroup, Role, analyze, build_groups, selector
+from .masks import GroupMask, HardKeeper, apply, zero_units, zero_units_of
+from .methods import get_method
 from .modes import training_mode
-from .policy import Policy, default_criterion, make_policy
-from .regularizers import Regularizer, make_regularizer
+from .policy import Policy, make_policy
+from .settings import PruneSettings, build_dataclass
 from .soft import SoftMasks, lifted
 
 log = logging.getLogger(__name__)
-
-RESIDUAL_MODES = ("independent", "coupled")
 
 
 @dataclass
@@ -172,35 +170,23 @@ class Pruner:
 
     Args:
         model: the network (not a DDP wrapper: pass ``ddp.module``).
-        method: a preset, one of hfp, sfp, asfp, srfp, asrfp, ghfp.
-        rate: the fraction of each group's filters to prune, in [0, 1).
+        method: a method by name (``softprune.list_methods()``): a preset of the family (hfp, sfp,
+            asfp, srfp, asrfp, ghfp) or a literature method built on one (hrank, slimming, ...).
+        rate: the fraction to prune, in [0, 1): of each group's filters (budget "layer"), of all
+            units ("global"), of the MACs ("macs") or of the parameters ("params").
         total_steps: T, the number of pruning steps (epochs, by default).
-        optimizer: hooked so that hard filters stay exactly zero after every step.
-        criterion: None (the preset's: l2, or l2_bn for ghfp), l2, l2_bn, l1, fpgm, fpgm_mix,
-            bn_scale, lrf, random (weights); hrank, ezcrop, similarity (feature maps: pass
-            calibration=); taylor (gradients); or a Criterion instance.
-        criterion_options: e.g. {"aggregate": "sum"}, {"norm_fraction": 0.25}, {"alpha": 0.25}.
+        optimizer: hooked so that hard filters stay exactly zero after every step (and a regularizer's
+            penalty reaches the gradients before it).
         example_inputs: what the forward takes, for tracing (softprune's models have a default).
-        residual: "coupled" (default: one mask across a residual stream, so the stream narrows too; the
-            fastest compact model) or "independent" (each branch prunes its own filters and adds its
-            kept channels back at their indices: the papers' compact ResNet and FLOPs figures).
-        layers: which producer layers may be pruned: None = every convolution (the papers' choice),
-            else names, glob or "re:" patterns, or module types.
-        ignore: modules kept whole (names or patterns); the classifier is never pruned anyway.
-        interval: prune every ``interval`` optimizer steps instead of on ``step()`` calls.
-        mask_scope: "channel" (exact at every step) or "filter" (the papers' code: conv weights only).
-        rate_schedule, decay, hardness, keep_first: override the preset's knobs (see make_policy).
-        budget: how P_t becomes counts: "layer" (default), "global", "macs" or "params", or a mapping
-            with max_rate, round_to and normalize (see softprune.budgets).
         calibration: batches for data-driven criteria and compensation: an iterable (or a callable
             returning one) of input tensors or (inputs, targets) pairs, e.g. a DataLoader.
-        calibration_batches: how many of them each pruning step reads (HRank reads 5 of 128 images).
         loss_fn: loss(outputs, targets), for gradient criteria scored on calibration batches and tick().
-        compensate: after units become hard, fold their contribution into the next layers by least
-            squares: True (from calibration activations when there are some, else from the filters),
-            "activations" or "weights" (LRF's), or False.
-        regularizer: "bn_l1", "greg1", "greg2" or a mapping {"kind": ..., options}: a penalty added to
-            the gradients before every step of the hooked optimizer.
+        interval: prune every ``interval`` optimizer steps instead of on ``step()`` calls.
+        **settings: the pruning settings (softprune.settings.PruneSettings, the same keys as a config's
+            prune section): criterion, criterion_options, residual, layers, ignore, mask_scope,
+            rate_schedule, decay, hardness, keep_first, budget, max_rate, round_to, normalize,
+            calibration_batches, compensate, regularizer. A method's own settings come first; the
+            ones given here override them.
     """
 
     def __init__(
@@ -211,24 +197,11 @@ class Pruner:
         total_steps: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        criterion: str | Criterion | None = None,
-        criterion_options: dict | None = None,
         example_inputs: Any = None,
-        residual: str = "coupled",
-        layers: Iterable[Any] | None = None,
-        ignore: Iterable[str] = (),
-        interval: int | None = None,
-        mask_scope: str = "channel",
-        rate_schedule: str | dict | None = None,
-        decay: float | str | dict | None = None,
-        hardness: float | str | dict | None = None,
-        keep_first: bool | None = None,
-        budget: str | dict | Budget | None = None,
         calibration: Any = None,
-        calibration_batches: int = 5,
         loss_fn: Any = None,
-        compensate: bool | str = False,
-        regularizer: str | dict | Regularizer | None = None,
+        interval: int | None = None,
+        **settings: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise SoftpruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -244,41 +217,38 @@ class Pruner:
             isinstance(interval, bool) or not isinstance(interval, int) or interval < 1
         ):
             raise SoftpruneError(f"interval must be a positive number of optimizer steps, got {interval!r}")
-        check_choice("residual mode", residual, RESIDUAL_MODES)
-        check_choice("mask_scope", mask_scope, SCOPES)
-        self.policy: Policy = make_policy(
-            method, rate, rate_schedule=rate_schedule, decay=decay, hardness=hardness, keep_first=keep_first
+        self.method = get_method(method)
+        for key in ("layers", "ignore"):  # any iterable from Python
+            if key in settings and not isinstance(settings[key], (str, list, type(None))):
+                settings[key] = list(settings[key])
+        self.settings: PruneSettings = build_dataclass(
+            PruneSettings, {**self.method.settings, **settings}, noun="Pruner setting"
         )
-        if criterion is None:
-            criterion = default_criterion(method)
-        self.criterion = make_criterion(criterion, **(criterion_options or {}))
-        self.budget = make_budget(budget)
-        if (
-            isinstance(calibration_batches, bool)
-            or not isinstance(calibration_batches, int)
-            or calibration_batches < 0
-        ):
-            raise SoftpruneError(f"calibration_batches must be an integer >= 0, got {calibration_batches!r}")
+        s = self.settings
+        s.check()
+        self.policy: Policy = make_policy(
+            self.method.preset, rate, rate_schedule=s.rate_schedule, decay=s.decay, hardness=s.hardness,
+            keep_first=s.keep_first,
+        )  # fmt: skip
+        self.criterion = s.make_criterion(self.method.criterion)
+        self.budget = s.make_budget()
         self.calibration = calibration
-        self.calibration_batches = calibration_batches
+        self.calibration_batches = s.calibration_batches
         self.loss_fn = loss_fn
-        if self.criterion.needs == "activations" and (calibration is None or calibration_batches == 0):
+        have_calibration = calibration is not None and s.calibration_batches > 0
+        if self.criterion.needs == "activations" and not have_calibration:
             raise SoftpruneError(
                 f"criterion {self.criterion.name!r} scores feature maps: pass calibration= (a few batches of "
                 "training data, e.g. a DataLoader) and calibration_batches >= 1"
             )
-        if compensate is True:
-            compensate = "activations" if calibration is not None and calibration_batches else "weights"
-        if compensate is False or compensate is None:
-            self.compensator = None
-        else:
-            check_choice("compensate", compensate, SOURCES)
-            if compensate == "activations" and (calibration is None or not calibration_batches):
-                raise SoftpruneError(
-                    "compensate='activations' fits the next layers on calibration data: pass calibration=..."
-                )
-            self.compensator = Compensator(compensate)
-        self.regularizer = make_regularizer(regularizer)
+        compensate = s.compensation_source(have_calibration)
+        if compensate == "activations" and not have_calibration:
+            raise SoftpruneError(
+                "compensate='activations' fits the next layers on calibration data: pass calibration=..."
+            )
+        self.compensator = None if compensate is None else Compensator(compensate)
+        self.regularizer = s.make_regularizer()
+        layers, ignore, residual, mask_scope = s.layers, list(s.ignore), s.residual, s.mask_scope
         self.model = model
         # how to build the original model again (softprune.load), kept across compact_hard()
         self.model_spec = getattr(model, "softprune_spec", None)
@@ -358,9 +328,9 @@ class Pruner:
 
     def _costs(self) -> CostModel:
         if self._cost_model is None:
-            from .graph import _example_batch1
+            from .graph import example_batch1
 
-            self._cost_model = CostModel(self.model, self.analysis, _example_batch1(self.example_inputs))
+            self._cost_model = CostModel(self.model, self.analysis, example_batch1(self.example_inputs))
         return self._cost_model
 
     # -- data ---------------------------------------------------------------------------------------
@@ -849,11 +819,11 @@ class Pruner:
     def profile(self) -> dict[str, int]:
         """Parameters and MACs per sample of the model as it would be compacted now."""
         from .cost import profile
-        from .graph import _example_batch1
+        from .graph import example_batch1
 
         with lifted(self._soft):  # a copy must not carry the hooks (they fit the full widths)
             small = compact_model(self.model, self.analysis, self.pruned_classes())
-        return profile(small, _example_batch1(self.example_inputs))
+        return profile(small, example_batch1(self.example_inputs))
 
     def summary(self) -> list[dict]:
         rows = []

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .errors import SoftpruneError, choice_error
-from .groups import Role
+from .graph import Role
+from .registry import Registry
 
 
 class Regularizer:
@@ -171,30 +172,11 @@ class GrowingL2Uniform(GrowingL2):
         super().__init__(delta, every, ceiling, uniform_delta, uniform_ceiling)
 
 
-REGULARIZERS = {"bn_l1": BNL1, "greg1": GrowingL2, "greg2": GrowingL2Uniform}
+REGULARIZERS: Registry[type[Regularizer]] = Registry("regularizer", instance_of=Regularizer)
+for _cls in (BNL1, GrowingL2, GrowingL2Uniform):
+    REGULARIZERS.register(_cls.name, _cls)
 
 
 def make_regularizer(spec: str | dict | Regularizer | None) -> Regularizer | None:
     """None, a name, or a mapping {"kind": name, **options}."""
-    if spec is None or isinstance(spec, Regularizer):
-        return spec
-    if isinstance(spec, str):
-        spec = {"kind": spec}
-    if not isinstance(spec, dict):
-        raise SoftpruneError(
-            f"regularizer must be a name ({', '.join(REGULARIZERS)}) or a mapping, got {spec!r}"
-        )
-    options = dict(spec)
-    kind = options.pop("kind", None)
-    if kind not in REGULARIZERS:
-        raise choice_error("regularizer", kind, REGULARIZERS)
-    try:
-        return REGULARIZERS[kind](**options)
-    except TypeError:
-        import inspect
-
-        allowed = [p for p in inspect.signature(REGULARIZERS[kind]).parameters]
-        raise SoftpruneError(
-            f"regularizer {kind!r} has no option {sorted(set(options) - set(allowed))[0]!r}; its options are: "
-            + ", ".join(allowed)
-        ) from None
+    return None if spec is None else REGULARIZERS.build(spec)

@@ -16,7 +16,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
-from .errors import SoftpruneError, choice_error
+from .errors import SoftpruneError
+from .registry import Registry
 
 
 def _check_steps(t: int, T: int) -> None:
@@ -156,10 +157,14 @@ class LinearRamp(Schedule):
         return float(self.value * min(1.0, (t + 1) / steps))
 
 
-SCHEDULES: dict[str, type[Schedule]] = {
-    cls.kind: cls
-    for cls in (Constant, AsymptoticRate, PolyRate, ExponentialDecay, CubicRamp, Step, LinearRamp)
-}
+SCHEDULES: Registry[type[Schedule]] = Registry("schedule kind", instance_of=Schedule)
+for _cls in (Constant, AsymptoticRate, PolyRate, ExponentialDecay, CubicRamp, Step, LinearRamp):
+    SCHEDULES.register(_cls.kind, _cls)
+
+
+def register_schedule(cls: type[Schedule], *, replace: bool = False) -> type[Schedule]:
+    """Add a schedule class (a frozen dataclass with a ``kind``; usable as a decorator)."""
+    return SCHEDULES.register(cls.kind, cls, replace=replace)
 
 
 def schedule_from_dict(data: dict | float | int | Schedule) -> Schedule:
@@ -172,8 +177,6 @@ def schedule_from_dict(data: dict | float | int | Schedule) -> Schedule:
         return Constant(float(data))
     data = dict(data)
     kind = data.pop("kind", None)
-    if kind not in SCHEDULES:
-        raise choice_error("schedule kind", kind, SCHEDULES)
     cls = SCHEDULES[kind]
     allowed = {f.name for f in fields(cls)}
     unknown = set(data) - allowed

@@ -40,8 +40,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .graph import CONST, Analysis
-from .groups import ChannelGroup, Role
+from .graph import CONST, Analysis, ChannelGroup, Role
 from .modes import training_mode
 
 log = logging.getLogger(__name__)
@@ -470,11 +469,11 @@ class SoftMasks:
             }
             with training_mode(self.model, training=False):
                 self.update(soft, 0.0)
-                masked = _flat(self.model(*example_inputs))
+                masked = flat_outputs(self.model(*example_inputs))
                 self.remove()
                 for g in gs:
                     zero_units(self.groups[g], soft[g], self.model)
-                zeroed = _flat(self.model(*example_inputs))
+                zeroed = flat_outputs(self.model(*example_inputs))
             for t, value in touched.values():
                 t.copy_(value)
             scale = float(zeroed.abs().max()) if zeroed.numel() else 0.0
@@ -520,13 +519,13 @@ def _tensor_args(node: torch.fx.Node) -> list[tuple[Any, int | str]]:
     return out
 
 
-def _flat(value: Any) -> torch.Tensor:
+def flat_outputs(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().float().reshape(-1)
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (tuple, list)):
-        parts = [_flat(v) for v in value]
+        parts = [flat_outputs(v) for v in value]
         parts = [p for p in parts if p.numel()]
         return torch.cat(parts) if parts else torch.zeros(0)
     return torch.zeros(0)

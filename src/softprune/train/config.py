@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from ..errors import SoftpruneError
+from ..methods import METHODS, get_method
+from ..settings import PruneSettings, build_dataclass
 
 
 @dataclass
@@ -57,29 +57,22 @@ class TrainConfig:
 
 
 def default_min_steps(method: str) -> int:
-    """The pruning steps a run of ``method`` takes at least (prune.min_steps): 24 for GHFP, whose rate
-    and hardness ramp, so that a run of fewer epochs takes small steps within epochs (on the 6-epoch
-    methods benchmark: 87.13 against 86.59 with one step per epoch, 2 seeds); 1 (a step per epoch)
-    for the others: a constant rate prunes all of P at the first step, and more steps would only
-    take it earlier (SFP: no gain measured)."""
-    return 24 if method == "ghfp" else 1
+    """The pruning steps a run of ``method`` takes at least (prune.min_steps; softprune.methods)."""
+    return 1 if method == "dense" else get_method(method).min_steps
 
 
 @dataclass
-class PruneConfig:
-    method: Literal["dense", "hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp"] = "ghfp"
+class PruneConfig(PruneSettings):
+    """The config's prune section: the pruning settings (softprune.settings.PruneSettings, shared
+    with the Pruner) and what the training command decides: the method, the rate, when to step."""
+
+    method: str = "ghfp"  # a method (softprune.list_methods()) or dense
     rate: float = 0.4
-    criterion: str | None = None  # None: the preset's (l2; l2_bn for ghfp)
-    criterion_options: dict[str, Any] = field(default_factory=dict)
-    residual: Literal["independent", "coupled"] = "coupled"
-    layers: list[str] | None = None
-    ignore: list[str] = field(default_factory=list)
-    mask_scope: Literal["channel", "filter"] = "channel"
     every_epochs: int = 1  # a pruning step every k epochs ...
     every_iterations: int | None = None  # ... or every k optimizer steps
     # at least this many pruning steps: where one per epoch gives fewer (a short run), the steps are
     # spread evenly over the iterations instead, so each step changes less (docs/methods.md, "Steps").
-    # None: the preset's, 24 for ghfp and 1 (one step per epoch) for the others. Not with every_epochs > 1, tick_batches or compact_during_training, which ask
+    # None: the method's, 24 for ghfp and 1 (one step per epoch) for the others. Not with every_epochs > 1, tick_batches or compact_during_training, which ask
     # for steps at epoch ends.
     min_steps: int | None = None
     # one more pruning step before the first epoch, as SFP's and GHFP's released code do; off by
@@ -87,31 +80,20 @@ class PruneConfig:
     initial_step: bool = False
     # the last k epochs train the pruned model with every selected unit hard: no pruning steps in them
     finetune_epochs: int = 0
-    rate_schedule: str | dict[str, Any] | None = None
-    decay: float | str | dict[str, Any] | None = None
-    hardness: float | str | dict[str, Any] | None = None
-    keep_first: bool | None = None
     # remove hard filters physically after each pruning step that made some, and train the smaller
     # model from there on (the optimizer, LR schedule and DDP wrapper follow): training gets cheaper
     compact_during_training: bool = False
     # BatchNorm statistics re-estimated on this many training batches after each pruning step and
     # before evaluation (0: off, the papers' protocol). It changes no weight and no training step.
     recalibrate_bn: int = 20
-    # how P_t becomes counts (softprune.budgets): per layer, or units competing across layers for a
-    # share of all units, of the MACs or of the parameters
-    budget: Literal["layer", "global", "macs", "params"] = "layer"
-    max_rate: float = 0.9  # global budgets: the most any group may lose
-    round_to: int = 1  # kept widths rounded up to a multiple of this
-    normalize: Literal["auto", "mean", "max", "sum", "rank", "none"] = "auto"
-    # training batches read before each step by criteria that score feature maps (hrank, ezcrop,
-    # similarity) and by activation compensation
-    calibration_batches: int = 5
-    compensate: Literal["none", "activations", "weights"] = "none"
-    regularizer: str | dict[str, Any] | None = None  # bn_l1, greg1, greg2, or {kind: ..., options}
     # Gate Decorator's Tick: before each step, this many batches training only BN scales and biases
     # while a gradient criterion (taylor) scores the channels
     tick_batches: int = 0
     tick_lr: float = 0.01
+
+    def pruner_settings(self) -> dict:
+        """The keyword settings of softprune.Pruner."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(PruneSettings)}
 
 
 @dataclass
@@ -147,105 +129,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    if tp is bool:
-        return "true or false"
-    if tp is int:
-        return "an integer"
-    if tp is float:
-        return "a number"
-    if tp is str:
-        return "a string"
-    if tp is Any:
-        return "anything"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check(value: Any, tp: Any) -> Any:
-    """The value converted to ``tp``, or raise ValueError."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ValueError
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _check(value, option)
-            except ValueError:
-                continue
-        raise ValueError
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ValueError
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError
-        (inner,) = typing.get_args(tp)
-        return [_check(v, inner) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ValueError
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError
-    raise ValueError
-
-
 def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        where = f"section '{path}'" if path else "the config"
-        raise SoftpruneError(
-            f"{where} must be a mapping of keys to values, got {type(data).__name__}: {data!r}"
-        )
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{path + '.' if path else ''}{close[0]}'?" if close else ""
-            raise SoftpruneError(f"unknown config key '{full}'.{hint} Valid keys here: {', '.join(names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, full)
-            continue
-        try:
-            kwargs[key] = _check(value, tp)
-        except ValueError:
-            raise SoftpruneError(
-                f"config key '{full}' has value {value!r}; expected {_describe(tp)}"
-            ) from None
-    return cls(**kwargs)
+    return build_dataclass(cls, data, path, noun="config key")
 
 
 def _validate(config: RunConfig) -> None:
@@ -284,13 +169,10 @@ def _validate(config: RunConfig) -> None:
         raise SoftpruneError(f"config key 'data.cutout' must be >= 0 (pixels; 0 is off), got {d.cutout!r}")
     if p.recalibrate_bn < 0:
         raise SoftpruneError(f"config key 'prune.recalibrate_bn' must be >= 0, got {p.recalibrate_bn!r}")
-    for key in ("calibration_batches", "tick_batches"):
-        if getattr(p, key) < 0:
-            raise SoftpruneError(f"config key 'prune.{key}' must be >= 0, got {getattr(p, key)!r}")
+    if p.tick_batches < 0:
+        raise SoftpruneError(f"config key 'prune.tick_batches' must be >= 0, got {p.tick_batches!r}")
     positive("prune.tick_lr", p.tick_lr)
-    positive("prune.round_to", p.round_to)
-    if not 0.0 < p.max_rate < 1.0:
-        raise SoftpruneError(f"config key 'prune.max_rate' must lie in (0, 1), got {p.max_rate!r}")
+    p.check(noun="config key", prefix="prune.")
     if p.method != "dense":
         from ..criteria import make_criterion
         from ..regularizers import make_regularizer
@@ -413,11 +295,24 @@ def config_from_dict(data: Any, overrides: list[str] = ()) -> RunConfig:
         data = {}
     if not isinstance(data, dict):
         raise SoftpruneError(f"the config must be a mapping of sections, got {type(data).__name__}")
-    config = _build(RunConfig, merge(data, list(overrides)), "")
-    if config.prune.criterion is None:  # the preset's, written out so that the saved config says what ran
-        from ..policy import default_criterion
-
-        config.prune.criterion = default_criterion(config.prune.method)
+    data = merge(data, list(overrides))
+    prune = data.get("prune")
+    method = prune.get("method", PruneConfig.method) if isinstance(prune, dict) else None
+    if isinstance(method, str) and method != "dense":
+        if method not in METHODS:
+            close = difflib.get_close_matches(method, ["dense", *METHODS], n=1)
+            raise SoftpruneError(
+                f"config key 'prune.method' has value {method!r}; expected one of 'dense', "
+                + ", ".join(repr(m) for m in METHODS.names())
+                + (f". Did you mean {close[0]!r}?" if close else "")
+            )
+        # a method's own settings first, then the config's: the same resolution as Pruner(method=...)
+        recipe = get_method(method)
+        data = {**data, "prune": {**recipe.settings, **recipe.training, **prune}}
+    config = _build(RunConfig, data, "")
+    if config.prune.criterion is None:  # the method's, written out so that the saved config says what ran
+        dense = config.prune.method == "dense"
+        config.prune.criterion = "l2" if dense else get_method(config.prune.method).criterion
     if config.prune.min_steps is None:
         config.prune.min_steps = default_min_steps(config.prune.method)
     _validate(config)

@@ -18,19 +18,18 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
 
-from .errors import SoftpruneError
-from .graph import (
-    _DERIVED,
-    _SUM,
+from ..errors import SoftpruneError
+from .ids import (
     CONST,
+    DERIVED,
+    SUM,
     ZERO,
     Context,
-    _collect_tensors,
-    _map,
-    _squeeze_broadcast,
+    collect_tensors,
     distinct_rows,
+    map_values,
+    squeeze_broadcast,
     unique_pairs,
 )
 
@@ -40,15 +39,13 @@ try:  # torchvision's functions that fx keeps as single calls (torch.fx.wrap)
 except ImportError:  # pragma: no cover - torchvision is a dependency
     _stochastic_depth = _patch_merging_pad = None
 
-_PARAM_KIND = 3  # ids of parameters used outside modules; see _materialize in graph.py
-
 
 # ------------------------------------------------------------------------------------------------
 # helpers
 
 
 def _first_tensor(values: Any) -> torch.Tensor:
-    found = _collect_tensors(values)
+    found = collect_tensors(values)
     if not found:
         raise SoftpruneError("internal: an op rule found no tensor argument")
     return found[0]
@@ -61,10 +58,10 @@ def _scalar_ids(value: Any, like: torch.Tensor) -> torch.Tensor:
 
 
 def _is_zp(ctx: Context, i: int) -> bool:
-    return i == ZERO or (i != CONST and int(ctx.ids.kind(torch.tensor(i))) != _DERIVED)
+    return i == ZERO or (i != CONST and int(ctx.ids.kind(torch.tensor(i))) != DERIVED)
 
 
-def _combine(ctx: Context, a: torch.Tensor, b: torch.Tensor, vec: Callable) -> torch.Tensor:
+def combine(ctx: Context, a: torch.Tensor, b: torch.Tensor, vec: Callable) -> torch.Tensor:
     a, b = torch.broadcast_tensors(a, b)
     full_shape = a.shape
     # dimensions broadcast in both inputs (a channel id repeated over H and W) are combined once
@@ -94,10 +91,10 @@ def _combine_dense(ctx: Context, a: torch.Tensor, b: torch.Tensor, vec: Callable
 
 def _zp(ctx: Context, ids: torch.Tensor) -> torch.Tensor:
     """Is the value zero when its channel is pruned? (not for derived ids)"""
-    return ctx.ids.kind(ids) != _DERIVED
+    return ctx.ids.kind(ids) != DERIVED
 
 
-def _add_vec(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def add_vec(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x + y for every pair at once; pairs that need a sum id are flagged for _add_pair."""
     res = torch.empty_like(x)
     done = x == ZERO
@@ -114,14 +111,14 @@ def _add_vec(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
         res[m] = ctx.ids.derived(torch.where(cx, y, x)[m])
     done |= m
     kx, ky = ctx.ids.kind(x), ctx.ids.kind(y)
-    loop = ~done & ((kx == _SUM) | (ky == _SUM))
+    loop = ~done & ((kx == SUM) | (ky == SUM))
     if ctx.residual == "independent":
-        plain = (kx != _PARAM_KIND) & (ky != _PARAM_KIND) & (kx != _DERIVED) & (ky != _DERIVED)
+        plain = (kx != DERIVED) & (ky != DERIVED)
         loop |= ~done & plain & (ctx.ids.base(x) != ctx.ids.base(y))
     rest = ~done & ~loop
     if bool(rest.any()):
         ctx.union(x[rest], y[rest])
-        zp = (kx != _DERIVED) & (ky != _DERIVED)
+        zp = (kx != DERIVED) & (ky != DERIVED)
         res[rest & zp] = x[rest & zp]
         m = rest & ~zp
         if bool(m.any()):
@@ -193,10 +190,10 @@ def _add_pair(ctx: Context, x: int, y: int) -> int:
     if int(base[0]) == int(base[1]):
         return x if _is_zp(ctx, x) and _is_zp(ctx, y) else _derived1(ctx, x)
     kx, ky = (int(k) for k in ctx.ids.kind(torch.tensor([x, y])))
-    if kx == _DERIVED or ky == _DERIVED:
+    if kx == DERIVED or ky == DERIVED:
         ctx.union(torch.tensor([x]), torch.tensor([y]))
         return _derived1(ctx, x)
-    if ctx.residual == "independent" and kx != _PARAM_KIND and ky != _PARAM_KIND:
+    if ctx.residual == "independent":
         return ctx.ids.sum_of([x, y])
     ctx.union(torch.tensor([x]), torch.tensor([y]))
     return x
@@ -213,25 +210,25 @@ def _binary(vec: Callable, reverse: bool = False):
             b_ids = _scalar_ids(b_val, out)
         if reverse:
             a_ids, b_ids = b_ids, a_ids
-        if vec is _add_vec and kwargs.get("alpha", 1) == 0:
+        if vec is add_vec and kwargs.get("alpha", 1) == 0:
             return a_ids.expand(out.shape).clone()
-        return _combine(ctx, a_ids, b_ids, vec).expand(out.shape)
+        return combine(ctx, a_ids, b_ids, vec).expand(out.shape)
 
     rule.kind = "binary"
     return rule
 
 
-def _unary_zp(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+def elementwise(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
     """f(0) = 0: ids pass through unchanged."""
     return _first_tensor(arg_ids)
 
 
-def _unary_nz(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+def elementwise_nonzero_at_zero(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
     """f(0) != 0: the value is a nonzero constant once the channel is pruned."""
     return ctx.ids.derived(_first_tensor(arg_ids))
 
 
-def _movement(data: Callable[[int], bool] | None = None):
+def movement(data: Callable[[int], bool] | None = None):
     """Apply the operation itself to the id tensors (views, cat, split, pad, slicing, shuffles).
 
     ``data(i)`` says which positional arguments carry data; the others (index tensors of gather or
@@ -242,11 +239,11 @@ def _movement(data: Callable[[int], bool] | None = None):
         fn = ctx.node.target
         # id tensors are often broadcast views (no memory of their own); view() needs real strides
         new_args = [
-            _map(ids, _contiguous) if _collect_tensors(v) and (data is None or data(i)) else v
+            map_values(ids, _contiguous) if collect_tensors(v) and (data is None or data(i)) else v
             for i, (v, ids) in enumerate(zip(args, arg_ids))
         ]
         new_kwargs = {
-            k: kwarg_ids[k] if _collect_tensors(v) and data is None else v for k, v in kwargs.items()
+            k: kwarg_ids[k] if collect_tensors(v) and data is None else v for k, v in kwargs.items()
         }
         if ctx.node.op == "call_method":
             out = getattr(new_args[0], fn)(*new_args[1:], **new_kwargs)
@@ -299,7 +296,7 @@ def _contiguous(x: Any) -> Any:
     return x.contiguous() if isinstance(x, torch.Tensor) else x
 
 
-def _pad(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+def pad(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
     x_ids = arg_ids[0]
     pad = args[1] if len(args) > 1 else kwargs["pad"]
     mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
@@ -345,7 +342,7 @@ def _representative(ctx: Context, rows: torch.Tensor, sum_reduce: bool, what: st
         if not sum_reduce:
             ctx.freeze(real, f"is mixed with other channels by {what}; removing it would change the result")
             values[r] = CONST
-        elif bool((vals == CONST).any()) or bool((ctx.ids.kind(real) == _DERIVED).any()):
+        elif bool((vals == CONST).any()) or bool((ctx.ids.kind(real) == DERIVED).any()):
             ctx.freeze(real, f"is summed with a constant in {what}")
             values[r] = CONST
         else:
@@ -354,7 +351,7 @@ def _representative(ctx: Context, rows: torch.Tensor, sum_reduce: bool, what: st
     return out
 
 
-def _spatial(spatial_dims: int):
+def spatial(spatial_dims: int):
     """Pooling, resizing: each output channel comes from the same input channel."""
 
     def rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs, *_module):
@@ -362,7 +359,7 @@ def _spatial(spatial_dims: int):
         out_shape = ctx.out.shape
         lead = x.dim() - spatial_dims  # batch and channel dims, kept as they are
         lead_shape = x.shape[:lead]
-        small = _squeeze_broadcast(x)  # a channel id repeated over space is one value per row
+        small = squeeze_broadcast(x)  # a channel id repeated over space is one value per row
         rows = small.reshape(math.prod(lead_shape), -1)
         rep = _representative(ctx, rows, sum_reduce=True, what=ctx.where())
         return rep.view(*lead_shape, *([1] * spatial_dims)).expand(out_shape)
@@ -398,7 +395,7 @@ def _reduction(sum_like: bool):
     return rule
 
 
-def _normalize_over(dim_arg: int, what: str):
+def normalize_over(dim_arg: int, what: str):
     """softmax-like: every output element depends on the whole dimension."""
 
     def rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
@@ -448,11 +445,11 @@ def _constant_like(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
     never read: the trace runs on meta tensors)."""
     name = ctx.node.target if isinstance(ctx.node.target, str) else getattr(ctx.node.target, "__name__", "")
     fill = ZERO if name in _ZERO_MAKERS else CONST
-    return _map(ctx.out, lambda v: torch.full(v.shape, fill) if isinstance(v, torch.Tensor) else None)
+    return map_values(ctx.out, lambda v: torch.full(v.shape, fill) if isinstance(v, torch.Tensor) else None)
 
 
 def _size_like(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
-    return _map(ctx.out, lambda v: torch.full(v.shape, CONST) if isinstance(v, torch.Tensor) else None)
+    return map_values(ctx.out, lambda v: torch.full(v.shape, CONST) if isinstance(v, torch.Tensor) else None)
 
 
 def _getitem(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
@@ -516,37 +513,37 @@ FUNCTION_RULES: dict[Any, Callable] = {}
 METHOD_RULES: dict[str, Callable] = {}
 
 for f in _ZP_FUNCTIONS:
-    FUNCTION_RULES[f] = _unary_zp
+    FUNCTION_RULES[f] = elementwise
 if _stochastic_depth is not None:  # zeroes whole samples in training, identity in eval: f(0) = 0
-    FUNCTION_RULES[_stochastic_depth] = _unary_zp
+    FUNCTION_RULES[_stochastic_depth] = elementwise
 if _patch_merging_pad is not None:  # pad, slice and concatenate: pure data movement
-    FUNCTION_RULES[_patch_merging_pad] = _movement()
+    FUNCTION_RULES[_patch_merging_pad] = movement()
 for f in _NZ_FUNCTIONS:
-    FUNCTION_RULES[f] = _unary_nz
+    FUNCTION_RULES[f] = elementwise_nonzero_at_zero
 for name in _ZP_METHODS:
-    METHOD_RULES[name] = _unary_zp
+    METHOD_RULES[name] = elementwise
 for name in _NZ_METHODS:
-    METHOD_RULES[name] = _unary_nz
+    METHOD_RULES[name] = elementwise_nonzero_at_zero
 for f in _MOVE_FUNCTIONS:
-    FUNCTION_RULES[f] = _movement((lambda i: i == 0) if f in _DATA_FIRST_ONLY else None)
+    FUNCTION_RULES[f] = movement((lambda i: i == 0) if f in _DATA_FIRST_ONLY else None)
 for name in _MOVE_METHODS:
-    METHOD_RULES[name] = _movement(
+    METHOD_RULES[name] = movement(
         (lambda i: i == 0)
         if name in ("index_select", "gather", "repeat_interleave", "expand_as", "view_as", "reshape_as")
         else None
     )
 for f, n in _SPATIAL_FUNCTIONS.items():
-    FUNCTION_RULES[f] = _spatial(n)
-FUNCTION_RULES[F.interpolate] = lambda ctx, ai, ki, a, k: _spatial(ai[0].dim() - 2)(ctx, ai, ki, a, k)
+    FUNCTION_RULES[f] = spatial(n)
+FUNCTION_RULES[F.interpolate] = lambda ctx, ai, ki, a, k: spatial(ai[0].dim() - 2)(ctx, ai, ki, a, k)
 for f, s in _REDUCE_FUNCTIONS.items():
     FUNCTION_RULES[f] = _reduction(s)
 for name, s in _REDUCE_METHODS.items():
     METHOD_RULES[name] = _reduction(s)
 
 for f in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, torch.subtract):
-    FUNCTION_RULES[f] = _binary(_add_vec)
+    FUNCTION_RULES[f] = _binary(add_vec)
 for name in ("add", "add_", "sub", "sub_", "__add__", "__radd__", "__sub__"):
-    METHOD_RULES[name] = _binary(_add_vec)
+    METHOD_RULES[name] = _binary(add_vec)
 for f in (operator.mul, operator.imul, torch.mul, torch.multiply):
     FUNCTION_RULES[f] = _binary(_mul_vec)
 for name in ("mul", "mul_", "__mul__", "__rmul__"):
@@ -561,16 +558,16 @@ for name in ("pow", "maximum", "minimum"):
     METHOD_RULES[name] = _binary(_other_vec)
 FUNCTION_RULES[operator.getitem] = _getitem
 FUNCTION_RULES[operator.setitem] = _setitem
-FUNCTION_RULES[F.pad] = _pad
+FUNCTION_RULES[F.pad] = pad
 FUNCTION_RULES[F.layer_norm] = _layer_norm_fn
 FUNCTION_RULES[F.group_norm] = _group_norm_fn
 FUNCTION_RULES[F.batch_norm] = _batch_norm_fn
 FUNCTION_RULES[F.instance_norm] = _batch_norm_fn
-FUNCTION_RULES[torch.softmax] = _normalize_over(1, "softmax")
-FUNCTION_RULES[F.softmax] = _normalize_over(1, "softmax")
-FUNCTION_RULES[F.log_softmax] = _normalize_over(1, "log_softmax")
-METHOD_RULES["softmax"] = _normalize_over(1, "softmax")
-METHOD_RULES["log_softmax"] = _normalize_over(1, "log_softmax")
+FUNCTION_RULES[torch.softmax] = normalize_over(1, "softmax")
+FUNCTION_RULES[F.softmax] = normalize_over(1, "softmax")
+FUNCTION_RULES[F.log_softmax] = normalize_over(1, "log_softmax")
+METHOD_RULES["softmax"] = normalize_over(1, "softmax")
+METHOD_RULES["log_softmax"] = normalize_over(1, "log_softmax")
 for f in (
     torch.zeros_like,
     torch.ones_like,
@@ -600,95 +597,15 @@ FUNCTION_RULES[torch.argmax] = _size_like
 FUNCTION_RULES[torch.argmin] = _size_like
 
 
-# ------------------------------------------------------------------------------------------------
-# parameter-free torch.nn modules (leaves of the trace)
-
-
-def _module_from(fn_rule: Callable) -> Callable:
-    def rule(ctx: Context, module: nn.Module, arg_ids, kwarg_ids, args, kwargs):
-        return fn_rule(ctx, arg_ids, kwarg_ids, args, kwargs)
-
-    return rule
-
-
-def _flatten_module(ctx: Context, module: nn.Flatten, arg_ids, kwarg_ids, args, kwargs):
-    return arg_ids[0].flatten(module.start_dim, module.end_dim)
-
-
-def _unflatten_module(ctx: Context, module: nn.Unflatten, arg_ids, kwarg_ids, args, kwargs):
-    return arg_ids[0].unflatten(module.dim, module.unflattened_size)
-
-
-def _softmax_module(ctx: Context, module, arg_ids, kwarg_ids, args, kwargs):
-    dim = module.dim if module.dim is not None else -1
-    return _normalize_over(1, type(module).__name__)(ctx, [arg_ids[0], dim], {}, [args[0], dim], {})
-
-
-def _channel_shuffle_module(ctx: Context, module: nn.ChannelShuffle, arg_ids, kwarg_ids, args, kwargs):
-    return F.channel_shuffle(arg_ids[0], module.groups)
-
-
-def _pixel_shuffle_module(ctx: Context, module, arg_ids, kwarg_ids, args, kwargs):
-    return module(arg_ids[0])  # a pure permutation of elements: the module works on ids directly
-
-
-def _pad_module(ctx: Context, module, arg_ids, kwarg_ids, args, kwargs):
-    mode = (
-        getattr(module, "mode", "constant")
-        if not isinstance(module, nn.modules.padding._ConstantPadNd)
-        else "constant"
-    )
-    value = getattr(module, "value", 0)
-    return _pad(ctx, arg_ids, {}, [args[0], module.padding, mode, value], {})
-
-
-MODULE_RULES: dict[type, Callable] = {}
-for cls in (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
-    nn.Hardtanh, nn.Tanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-    nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold,
-):  # fmt: skip
-    MODULE_RULES[cls] = _module_from(_unary_zp)
-for cls in (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid):
-    MODULE_RULES[cls] = _module_from(_unary_nz)
-for cls, n in (
-    (nn.MaxPool1d, 1), (nn.MaxPool2d, 2), (nn.MaxPool3d, 3), (nn.AvgPool1d, 1), (nn.AvgPool2d, 2),
-    (nn.AvgPool3d, 3), (nn.AdaptiveAvgPool1d, 1), (nn.AdaptiveAvgPool2d, 2), (nn.AdaptiveAvgPool3d, 3),
-    (nn.AdaptiveMaxPool1d, 1), (nn.AdaptiveMaxPool2d, 2), (nn.AdaptiveMaxPool3d, 3), (nn.LPPool2d, 2),
-):  # fmt: skip
-    MODULE_RULES[cls] = _module_from(_spatial(n))
-MODULE_RULES[nn.Upsample] = lambda ctx, m, ai, ki, a, k: _spatial(ai[0].dim() - 2)(ctx, ai, ki, a, k)
-MODULE_RULES[nn.Flatten] = _flatten_module
-MODULE_RULES[nn.Unflatten] = _unflatten_module
-MODULE_RULES[nn.Softmax] = _softmax_module
-MODULE_RULES[nn.LogSoftmax] = _softmax_module
-MODULE_RULES[nn.ChannelShuffle] = _channel_shuffle_module
-MODULE_RULES[nn.PixelShuffle] = _pixel_shuffle_module
-MODULE_RULES[nn.PixelUnshuffle] = _pixel_shuffle_module
-for cls in (
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
-    nn.ReplicationPad3d,
-):  # fmt: skip
-    MODULE_RULES[cls] = _pad_module
-
 # Compaction checks these on compact tensors (see compact.py); other rules keep layouts by construction.
-_pad.kind = _getitem.kind = "movement"
-for _rule in (
-    _flatten_module,
-    _unflatten_module,
-    _channel_shuffle_module,
-    _pad_module,
-    _pixel_shuffle_module,
-):
-    _rule.kind = "movement"
+pad.kind = _getitem.kind = "movement"
 
 
 def register_op(target: Callable | str, rule: Callable) -> None:
     """Teach softprune an operation: a function (or a tensor method name) and its id rule.
 
     The rule receives ``(ctx, arg_ids, kwarg_ids, args, kwargs)`` and returns the output ids; see the
-    rules in this module (``_unary_zp``, ``_movement()``, ``_spatial(n)``) for ready-made ones, exported
+    rules in this module (``elementwise``, ``movement()``, ``spatial(n)``) for ready-made ones, exported
     as :data:`RULES`.
     """
     if isinstance(target, str):
@@ -698,12 +615,12 @@ def register_op(target: Callable | str, rule: Callable) -> None:
 
 
 RULES = {
-    "elementwise": _unary_zp,
-    "elementwise_nonzero_at_zero": _unary_nz,
-    "movement": _movement(),
-    "spatial1d": _spatial(1),
-    "spatial2d": _spatial(2),
-    "spatial3d": _spatial(3),
+    "elementwise": elementwise,
+    "elementwise_nonzero_at_zero": elementwise_nonzero_at_zero,
+    "movement": movement(),
+    "spatial1d": spatial(1),
+    "spatial2d": spatial(2),
+    "spatial3d": spatial(3),
 }
 
 

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph import CONST, ZERO, Context, _squeeze_broadcast
+from ..layers import ChannelRemap, PrunedMultiheadAttention
 from .groups import Role
+from .ids import CONST, ZERO, Context, collect_tensors, map_values, squeeze_broadcast
+from .ops import add_vec, combine
 
 Keep = Callable[[str, int], "torch.Tensor | None"]
 
@@ -138,7 +140,7 @@ def _take_2d(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | No
 
 def _zero_to_const(x: torch.Tensor) -> torch.Tensor:
     """After an affine normalization an always-zero channel is a constant; other ids pass (as views)."""
-    if not bool((_squeeze_broadcast(x) == ZERO).any()):
+    if not bool((squeeze_broadcast(x) == ZERO).any()):
         return x
     return torch.where(x == ZERO, torch.full_like(x, CONST), x)
 
@@ -374,13 +376,12 @@ class MultiheadAttentionHandler(Handler):
         return _attention_output(ctx, rows, m.out_proj)
 
     def compact(self, m: nn.MultiheadAttention, keep: Keep) -> nn.Module:
-        from .compact import PrunedMultiheadAttention
 
         return PrunedMultiheadAttention.from_module(m, keep)
 
 
 class PrunedAttentionHandler(Handler):
-    """softprune's own :class:`~softprune.compact.PrunedMultiheadAttention` (a compact model pruned
+    """softprune's own :class:`~softprune.layers.PrunedMultiheadAttention` (a compact model pruned
     again): heads are units, as for nn.MultiheadAttention, over separate q/k/v projections."""
 
     def propagate(self, m, ctx: Context, query, key, value, *rest, **kw):
@@ -395,7 +396,6 @@ class PrunedAttentionHandler(Handler):
         return _attention_output(ctx, rows, m.out_proj)
 
     def compact(self, m, keep: Keep) -> nn.Module:
-        from .compact import PrunedMultiheadAttention
 
         rows = keep("q_proj.weight", 0)
         heads = torch.arange(m.num_heads) if rows is None else torch.unique(rows // m.head_dim)
@@ -433,13 +433,12 @@ class KeepWhole(Handler):
         self.reason = reason
 
     def propagate(self, m: nn.Module, ctx: Context, *args, **kwargs):
-        from .graph import _collect_tensors, _map
 
-        for t in _collect_tensors(args) + _collect_tensors(kwargs):
+        for t in collect_tensors(args) + collect_tensors(kwargs):
             ctx.freeze(t, f"flows through '{ctx.module_name}', which {self.reason}")
         token = ctx.fresh(1)
         ctx.freeze(token, f"comes out of '{ctx.module_name}', which {self.reason}")
-        return _map(ctx.out, lambda v: token.expand(v.shape) if isinstance(v, torch.Tensor) else None)
+        return map_values(ctx.out, lambda v: token.expand(v.shape) if isinstance(v, torch.Tensor) else None)
 
     def compact(self, m: nn.Module, keep: Keep) -> nn.Module:
         return m
@@ -459,20 +458,12 @@ HANDLERS[nn.PReLU] = PReLUHandler()
 HANDLERS[nn.MultiheadAttention] = MultiheadAttentionHandler()
 
 
-def _softprune_modules() -> None:
-    from .compact import ChannelRemap, PrunedMultiheadAttention
-
-    HANDLERS[PrunedMultiheadAttention] = PrunedAttentionHandler()
-    HANDLERS[ChannelRemap] = ChannelRemapHandler()
-
-
 class ChannelRemapHandler(Handler):
     """softprune's ChannelRemap in a compact model being analysed again: positions move as its index
     lists say; with a second input (an add of a pruned branch into a stream) the moved ids are added to
     it like any residual add."""
 
     def propagate(self, m, ctx: Context, x, base=None, **kw):
-        from .ops import _add_vec, _combine
 
         shape = list(x.shape)
         shape[m.dim] = m.out_size
@@ -480,7 +471,7 @@ class ChannelRemapHandler(Handler):
         moved.index_copy_(m.dim, m.dst, x.index_select(m.dim, m.src))
         if base is None:
             return moved
-        return _combine(ctx, base, moved, _add_vec).expand(ctx.out.shape)
+        return combine(ctx, base, moved, add_vec).expand(ctx.out.shape)
 
     def compact(self, m, keep: Keep) -> nn.Module:  # pragma: no cover - compact.py rebuilds remaps itself
         return m
@@ -498,7 +489,8 @@ def _torchvision_modules() -> None:
 
 
 _torchvision_modules()
-_softprune_modules()
+HANDLERS[PrunedMultiheadAttention] = PrunedAttentionHandler()  # a compact model analysed again
+HANDLERS[ChannelRemap] = ChannelRemapHandler()
 
 
 def register_handler(module_type: type, handler: Handler) -> None:

@@ -1,0 +1,54 @@
+"""Methods by name: the soft-to-hard presets and the literature's methods, each a named recipe.
+
+A method is a preset (the policy: rate, decay and hardness schedules, softprune.policy) plus the
+settings it needs (criterion, budget, regularizer, compensation, ...; softprune.settings) and, for
+the training command only, training-side keys (Tick's batches). ``Pruner(model, method="hrank")``
+and a config's ``prune: {method: hrank}`` resolve a method the same way: its settings first, then
+whatever the caller set. Where a method comes from (paper, code, reconstructed) is in its ``source``.
+
+To add one: a ``Method(...)`` registered in this package (``presets.py`` for the family,
+``literature.py`` for the rest), see docs/writing_a_method.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    preset: str  # the policy (softprune.policy.PRESETS)
+    summary: str  # one line: what it does
+    source: str = ""  # paper and code, and what softprune reconstructed
+    settings: dict[str, Any] = field(default_factory=dict)  # PruneSettings keys
+    training: dict[str, Any] = field(default_factory=dict)  # run-config keys of the prune section only
+    # pruning steps a training run takes at least (a short run spreads them over its iterations)
+    min_steps: int = 1
+
+    @property
+    def criterion(self) -> str:
+        return self.settings.get("criterion", "l2")
+
+
+METHODS: Registry[Method] = Registry("method", instance_of=Method)
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Make ``method`` available by its name to the Pruner and to configs."""
+    return METHODS.register(method.name, method, replace=replace)
+
+
+def list_methods() -> list[str]:
+    """Every method by name: the six presets and the literature's methods."""
+    return METHODS.names()
+
+
+def get_method(name: str) -> Method:
+    return METHODS[name]
+
+
+from . import literature, presets  # noqa: E402,F401  (they register themselves)

@@ -1,0 +1,70 @@
+"""The literature's methods beyond the family, as recipes on the presets. Each recipe's schedule is
+relative to the run (``at: 0.34`` of the steps), so the same method fits any length; the configs in
+configs/methods/ run them on the methods benchmark's 6 epochs. Formulas: docs/literature.md."""
+
+from __future__ import annotations
+
+from . import Method, register_method
+
+_AFTER_A_THIRD = {"kind": "step", "at": 0.34}  # one step a third of the way in (after epoch 3 of 6)
+
+register_method(Method(
+    "hrank", "hfp", "filters whose feature maps have a low average rank go, once; then fine-tuning",
+    "Lin et al., CVPR 2020: ranks of 5 batches (the paper: 5 x 128 images)",
+    settings={"rate_schedule": _AFTER_A_THIRD, "criterion": "hrank", "calibration_batches": 5},
+))  # fmt: skip
+register_method(Method(
+    "ezcrop", "hfp", "HRank's schedule with the FFT energy-zone ratio in place of the rank",
+    "Lin et al., WACV 2022: alpha = 1/4 of the distance to the border, the paper's default",
+    settings={"rate_schedule": _AFTER_A_THIRD, "criterion": "ezcrop", "criterion_options": {"alpha": 0.25},
+              "calibration_batches": 5},
+))  # fmt: skip
+register_method(Method(
+    "similarity", "hfp", "channels with strongly correlated feature maps clustered, one kept per cluster",
+    "Zhang et al., arXiv 1908.02620",
+    settings={"rate_schedule": _AFTER_A_THIRD, "criterion": "similarity", "calibration_batches": 5},
+))  # fmt: skip
+register_method(Method(
+    "lrf", "hfp", "filters a least-squares combination of the others reproduces go; the next layer "
+    "takes over their contribution",
+    "Joo et al., AAAI 2021; compensation fitted on activations (the paper's is 'weights', filters only)",
+    settings={"rate_schedule": _AFTER_A_THIRD, "criterion": "lrf", "compensate": "activations",
+              "calibration_batches": 5},
+))  # fmt: skip
+register_method(Method(
+    "slimming", "hfp", "an L1 penalty on BatchNorm scales, then one global threshold on |gamma|",
+    "Liu et al., ICCV 2017 (strength 1e-4 for VGG, 1e-5 for ResNet on CIFAR)",
+    settings={"rate_schedule": _AFTER_A_THIRD, "criterion": "bn_scale", "budget": "global", "max_rate": 0.8,
+              "regularizer": {"kind": "bn_l1", "strength": 1e-4, "until": "pruned"}},
+))  # fmt: skip
+register_method(Method(
+    "greg1", "sfp", "the smallest filters (L1) chosen once, pushed to zero by a growing L2 penalty, removed",
+    "Wang et al., ICLR 2021 (GReg-1): the paper grows delta by 1e-4 up to 1 over tens of thousands of "
+    "iterations; the recipe grows faster (chosen at the first step, removed half-way)",
+    settings={"rate_schedule": {"kind": "step", "at": 0.0}, "keep_first": True, "decay": 1.0,
+              "hardness": {"kind": "step", "value": 1.0, "at": 0.5}, "criterion": "l1",
+              "regularizer": {"kind": "greg1", "delta": 0.01, "every": 5, "ceiling": 1.0}},
+))  # fmt: skip
+register_method(Method(
+    "greg2", "sfp", "a uniform growing L2 penalty first, then GReg-1 on the smallest filters",
+    "Wang et al., ICLR 2021 (GReg-2): the paper grows the uniform penalty by 1e-5 up to 1e-2; faster here",
+    settings={"rate_schedule": _AFTER_A_THIRD, "keep_first": True, "decay": 1.0,
+              "hardness": {"kind": "step", "value": 1.0, "at": 0.67}, "criterion": "l1",
+              "regularizer": {"kind": "greg2", "uniform_delta": 2e-4, "uniform_ceiling": 0.01, "delta": 0.02,
+                              "every": 5, "ceiling": 1.0}},
+))  # fmt: skip
+register_method(Method(
+    "tick_tock", "hfp", "Gate Decorator: channels ranked globally by the Taylor importance of their BN "
+    "gate, a Tick (gates only) before each step, L1 on the gates between steps",
+    "You et al., NeurIPS 2019; hard steps that grow until the MACs budget is met",
+    settings={"keep_first": False, "rate_schedule": {"kind": "linear", "ramp": 0.67}, "criterion": "taylor",
+              "budget": "macs", "max_rate": 0.8,
+              "regularizer": {"kind": "bn_l1", "strength": 1e-4, "until": "end"}},
+    training={"tick_batches": 20, "tick_lr": 0.01},
+))  # fmt: skip
+register_method(Method(
+    "random", "ghfp", "the baseline: GHFP's schedule with filters chosen at random (seeded per step)",
+    "a control for any criterion",
+    settings={"criterion": "random"},
+    min_steps=24,
+))  # fmt: skip
