@@ -18,9 +18,9 @@ from .graph import RULES, Handler, analyze, build_groups, register_handler, regi
 from .io import export_onnx, load, save
 from .methods import METHODS, Method, get_method, list_methods, register_method
 from .models import create_model, list_models
+from .plugins.regularizers import REGULARIZERS, Regularizer, make_regularizer
 from .policy import PRESETS, Policy, make_policy, register_preset
 from .pruner import Pruner
-from .regularizers import REGULARIZERS, Regularizer, make_regularizer
 from .schedules import SCHEDULES, register_schedule
 from .settings import PruneSettings
 

@@ -51,7 +51,7 @@ def make_plan(
                 "pruned": sorted(set(gone.tolist()) | (set() if removed_only else set(origin[r].tolist()))),
             }
             for g, r, size, origin, gone in zip(
-                pruner.prunable, removed, pruner._original, pruner._origin, pruner._gone
+                pruner.prunable, removed, pruner.original_sizes, pruner.origins, pruner._gone
             )
         ],
         "model": model_spec or pruner.model_spec,

@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import check_choice
 from .graph import ChannelGroup, Member, Role
+from .plugins import Plugin, PruningView
 
 SCOPES = ("channel", "filter")
 
@@ -107,8 +108,8 @@ def _zero(member: Member, model: nn.Module, hits: _Hits) -> None:
         _fill(tensor, member.dim, hit.to(tensor.device))
 
 
-class HardKeeper:
-    """Keeps hard units at exactly zero whatever the optimizer does.
+class HardKeeper(Plugin):
+    """The plugin every Pruner has first: keeps hard units at exactly zero whatever the optimizer does.
 
     After every optimizer step it zeroes the hard slices of each parameter and the same slices of the
     optimizer's per-parameter state (momentum buffers, Adam's moments), so neither weight decay,
@@ -116,12 +117,12 @@ class HardKeeper:
     lists per parameter, so the hook costs a few ``index_fill_`` calls per step.
     """
 
+    name = "hard_zero"
+
     def __init__(self, model: nn.Module, scope: str) -> None:
         self.model = model
         self.scope = scope
         self._slices: list[tuple[torch.Tensor, int | None, torch.Tensor]] = []
-        self._handle = None
-        self.optimizer: torch.optim.Optimizer | None = None
 
     def update(
         self,
@@ -145,25 +146,18 @@ class HardKeeper:
                     slices.append((tensor, member.dim, hit.to(tensor.device)))
         self._slices = slices
 
-    def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self.optimizer = optimizer
-        if optimizer is not None:
-            self._handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.enforce())
+    def after_optimizer_step(self, view: PruningView) -> None:
+        self.enforce(view.optimizer)
 
     @torch.no_grad()
-    def enforce(self) -> None:
-        state = self.optimizer.state if self.optimizer is not None else {}
+    def enforce(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Zero the slices, and the same slices of the optimizer's per-parameter state."""
+        state = optimizer.state if optimizer is not None else {}
         for tensor, dim, index in self._slices:
             _fill(tensor, dim, index)
             for value in state.get(tensor, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
                     _fill(value, dim, index)
-
-    def detach(self) -> None:
-        self.attach(None)
 
 
 class _Hits:

@@ -34,6 +34,7 @@ from .graph import Analysis, ChannelGroup, Role, analyze, build_groups, selector
 from .masks import GroupMask, HardKeeper, apply, zero_units, zero_units_of
 from .methods import get_method
 from .modes import training_mode
+from .plugins import Plugin, PruningView, make_plugin
 from .policy import Policy, make_policy
 from .settings import PruneSettings, build_dataclass
 from .soft import SoftMasks, lifted
@@ -182,6 +183,8 @@ class Pruner:
             returning one) of input tensors or (inputs, targets) pairs, e.g. a DataLoader.
         loss_fn: loss(outputs, targets), for gradient criteria scored on calibration batches and tick().
         interval: prune every ``interval`` optimizer steps instead of on ``step()`` calls.
+        plugins: what else the method adds to training (softprune.plugins: names, mappings
+            {kind: name, **options} or Plugin objects), after the method's own (its regularizer).
         **settings: the pruning settings (softprune.settings.PruneSettings, the same keys as a config's
             prune section): criterion, criterion_options, residual, layers, ignore, mask_scope,
             rate_schedule, decay, hardness, keep_first, budget, max_rate, round_to, normalize,
@@ -201,6 +204,7 @@ class Pruner:
         calibration: Any = None,
         loss_fn: Any = None,
         interval: int | None = None,
+        plugins: Iterable[str | dict | Plugin] = (),
         **settings: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -248,6 +252,10 @@ class Pruner:
             )
         self.compensator = None if compensate is None else Compensator(compensate)
         self.regularizer = s.make_regularizer()
+        # the hard-zero keeper runs first after every optimizer step, then these, in order
+        self.plugins: list[Plugin] = [*([self.regularizer] if self.regularizer else []),
+                                      *(make_plugin(p) for p in plugins)]  # fmt: skip
+        self.view = PruningView(self)
         layers, ignore, residual, mask_scope = s.layers, list(s.ignore), s.residual, s.mask_scope
         self.model = model
         # how to build the original model again (softprune.load), kept across compact_hard()
@@ -277,8 +285,8 @@ class Pruner:
         # after compact_hard(), counts still refer to the original widths: per group, its original size,
         # the original index of every current unit, the original units removed, and per constraint row
         # the units it lost
-        self._original = [g.size for g in self.prunable]
-        self._origin = [torch.arange(g.size) for g in self.prunable]
+        self.original_sizes = [g.size for g in self.prunable]
+        self.origins = [torch.arange(g.size) for g in self.prunable]
         self._gone: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in self.prunable]
         self._row_gone = [torch.zeros(c[0].shape[0], dtype=torch.long) for c in self._constraints]
         self.compactions: list[dict[str, list[int]]] = []
@@ -288,8 +296,8 @@ class Pruner:
         self._keeper = HardKeeper(model, mask_scope)
         self._soft: SoftMasks | None = None  # forward masks of soft units (channel scope)
         self.alpha = 1.0  # the soft factor of the latest step
-        self._interval_handle = None
-        self._regularizer_handle = None
+        self._handles: list[Any] = []  # the optimizer's hooks
+        self.optimizer: torch.optim.Optimizer | None = None
         self._tap: FeatureTap | None = None
         self._cost_model: CostModel | None = None
         self.dense_cost: dict[str, float] | None = None
@@ -297,24 +305,35 @@ class Pruner:
             self.dense_cost = self._costs().cost(self._classes([]))  # nothing pruned
         self._watch()
         self.attach(optimizer)
+        for plugin in self.plugins:
+            plugin.attach(self.view)
 
     # -- optimizer hooks ------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Hook ``optimizer`` (replacing any earlier one): hard filters are re-zeroed after its steps,
-        and the regularizer's penalty is added to the gradients before them."""
-        self._keeper.attach(optimizer)
-        for name in ("_interval_handle", "_regularizer_handle"):
-            handle = getattr(self, name)
-            if handle is not None:
-                handle.remove()
-                setattr(self, name, None)
-        if optimizer is not None and self.interval is not None:
-            self._interval_handle = optimizer.register_step_post_hook(lambda opt, a, k: self._count_step())
-        if optimizer is not None and self.regularizer is not None:
-            self._regularizer_handle = optimizer.register_step_pre_hook(
-                lambda opt, a, k: self.regularizer.apply(self)
-            )
+        """Hook ``optimizer`` (replacing any earlier one): before its steps the plugins' penalties
+        reach the gradients; after them hard filters are re-zeroed, then the plugins run."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self.optimizer = optimizer
+        if optimizer is not None:
+            self._handles.append(
+                optimizer.register_step_pre_hook(lambda opt, a, k: self._before_optimizer_step())
+            )
+            self._handles.append(
+                optimizer.register_step_post_hook(lambda opt, a, k: self._after_optimizer_step())
+            )
+
+    def _before_optimizer_step(self) -> None:
+        for plugin in self.plugins:
+            plugin.before_optimizer_step(self.view)
+
+    def _after_optimizer_step(self) -> None:
+        self._keeper.after_optimizer_step(self.view)
+        for plugin in self.plugins:
+            plugin.after_optimizer_step(self.view)
+        if self.interval is not None:
+            self._count_step()
 
     def _watch(self) -> None:
         """Gradient criteria observe every training batch through hooks on the model."""
@@ -432,7 +451,7 @@ class Pruner:
 
     def enforce(self) -> None:
         """Zero hard filters now (done automatically after each step of the attached optimizer)."""
-        self._keeper.enforce()
+        self._keeper.enforce(self.optimizer)
 
     # -- the pruning step -----------------------------------------------------------------------
     @torch.no_grad()
@@ -466,12 +485,14 @@ class Pruner:
         self.alpha = alpha
         self._mask_soft(alpha)
         self._keeper.update(self.prunable, self.masks, self._dead_inputs())
-        self._keeper.enforce()
+        self._keeper.enforce(self.optimizer)
         if self.criterion.needs == "gradients":
             self.criterion.start(self.prunable)  # the next step scores the batches from here on
         self.t += 1
         report = StepReport(t, rate, alpha, hardness, *self.counts(), *self._revived(old_soft))
         self.history.append(report)
+        for plugin in self.plugins:
+            plugin.after_pruning_step(self.view, report)
         log.debug("pruning step %d: P=%.4f alpha=%.4g lambda=%.4f kept=%d soft=%d hard=%d", t, rate, alpha,
                   hardness, report.kept, report.soft, report.hard)  # fmt: skip
         return report
@@ -538,7 +559,7 @@ class Pruner:
         """(selected, hard) units of group i under a layer-wise rate (the papers' counts)."""
         group, mask = self.prunable[i], self.masks[i]
         n = group.size
-        n0, gone = self._original[i], int(self._gone[i].numel())  # removed by compact_hard()
+        n0, gone = self.original_sizes[i], int(self._gone[i].numel())  # removed by compact_hard()
         n_sel = min(_floor(n0 * rate) - gone, int((~group.frozen).sum()), n - 1)
         n_hard = min(_floor(n0 * rate * hardness) - gone, n_sel)
         n_hard = max(n_hard, int(mask.hard.sum()), 0)  # hard units never come back
@@ -607,7 +628,7 @@ class Pruner:
             along = torch.cummax(key[ranked].double(), 0).values  # monotone along the group's order
             keys.append(along)
             owners.append(torch.full((ranked.numel(),), i, dtype=torch.long))
-            n0, gone = self._original[i], int(self._gone[i].numel())
+            n0, gone = self.original_sizes[i], int(self._gone[i].numel())
             cap = min(_floor(n0 * self.budget.max_rate) - gone, int(free.sum()), group.size - 1)
             floors.append(int(mask.hard.sum()))
             caps.append(max(cap, floors[-1]))
@@ -625,7 +646,7 @@ class Pruner:
             return out
 
         if self.budget.kind == "global":
-            total = sum(self._original)
+            total = sum(self.original_sizes)
             gone = sum(int(g.numel()) for g in self._gone)
             return counts_for(max(_floor(total * rate) - gone, 0))
         kind = self.budget.kind
@@ -810,7 +831,7 @@ class Pruner:
         """(kept, soft, hard) units over all prunable groups."""
         soft = sum(int(m.soft.sum()) for m in self.masks)
         hard = sum(int(m.hard.sum()) for m in self.masks) + sum(int(g.numel()) for g in self._gone)
-        total = sum(self._original)
+        total = sum(self.original_sizes)
         return total - soft - hard, soft, hard
 
     def pruned_classes(self, include_soft: bool = True) -> torch.Tensor:
@@ -855,6 +876,8 @@ class Pruner:
         hard_classes = self.pruned_classes(include_soft=False)
         if not bool(hard_classes.any()):
             return self.model
+        for plugin in self.plugins:
+            plugin.before_compaction(self.view)
         old_model, old_masks, old_groups = self.model, self.masks, self.prunable
         old_constraints, old_first = self._constraints, self.first
         if self._soft is not None:  # soft units are alive in both models; the new one gets new masks
@@ -874,7 +897,6 @@ class Pruner:
             if self.optimizer is not None
             else None
         )
-
         analysis = analyze(small, self.example_inputs, residual=self.residual, leaf_modules=self.ignore)
         groups = build_groups(analysis, selector(self._layers, self.ignore), self.ignore)
         by_name = {g.name: i for i, g in enumerate(old_groups)}
@@ -893,9 +915,9 @@ class Pruner:
             prunable.append(g)
             masks.append(GroupMask(g.size, soft=old_masks[j].soft[keep].clone()))
             first.append(None if old_first[j] is None else old_first[j][keep].clone())
-            original.append(self._original[j])
-            origin.append(self._origin[j][keep])
-            gone.append(torch.cat([self._gone[j], self._origin[j][old_masks[j].hard]]))
+            original.append(self.original_sizes[j])
+            origin.append(self.origins[j][keep])
+            gone.append(torch.cat([self._gone[j], self.origins[j][old_masks[j].hard]]))
             old_rows, _, old_names = old_constraints[j]
             lost = {
                 name: int(self._row_gone[j][r]) + int((old_rows[r] & old_masks[j].hard).sum())
@@ -905,7 +927,7 @@ class Pruner:
         self.model, self.analysis, self.groups, self.prunable = small, analysis, groups, prunable
         self.masks, self.first = masks, first
         self._constraints = [_constraints(g) for g in prunable]
-        self._original, self._origin, self._gone, self._row_gone = original, origin, gone, row_gone
+        self.original_sizes, self.origins, self._gone, self._row_gone = original, origin, gone, row_gone
         self.compactions.append(record)
         self._keeper = HardKeeper(small, self.mask_scope)
         self._plan_soft()
@@ -951,6 +973,8 @@ class Pruner:
         from .io import make_plan
 
         self.finalize()
+        for plugin in self.plugins:
+            plugin.before_compaction(self.view)
         carriers: dict[int, int] = {}
         if self.mask_scope == "filter":
             from .fold import fold_constants
@@ -1010,6 +1034,11 @@ class Pruner:
                 **self.regularizer.options(),
                 "state": self.regularizer.state_dict(),
             },
+            "plugins": [
+                {"kind": p.name, **p.options(), "state": p.state_dict()}
+                for p in self.plugins
+                if p is not self.regularizer
+            ],
         }
 
     def load_state_dict(self, state: dict) -> nn.Module:
@@ -1056,5 +1085,14 @@ class Pruner:
         saved_reg = state.get("regularizer")
         if self.regularizer is not None and saved_reg:
             self.regularizer.load_state_dict(saved_reg.get("state", {}))
+        others = [p for p in self.plugins if p is not self.regularizer]
+        saved = state.get("plugins", [])
+        if [p.get("kind") for p in saved] != [p.name for p in others]:
+            raise SoftpruneError(
+                f"this pruner state was saved with plugins {[p.get('kind') for p in saved]}, this pruner has "
+                f"{[p.name for p in others]}: build it with the same plugins"
+            )
+        for plugin, entry in zip(others, saved):
+            plugin.load_state_dict(entry.get("state", {}))
         self._keeper.update(self.prunable, self.masks, self._dead_inputs())
         return self.model

@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 from .budgets import Budget
 from .criteria import Criterion, make_criterion
 from .errors import SoftpruneError
-from .regularizers import Regularizer, make_regularizer
+from .plugins.regularizers import Regularizer, make_regularizer
 from .schedules import Schedule
 
 

@@ -175,7 +175,7 @@ def _validate(config: RunConfig) -> None:
     p.check(noun="config key", prefix="prune.")
     if p.method != "dense":
         from ..criteria import make_criterion
-        from ..regularizers import make_regularizer
+        from ..plugins.regularizers import make_regularizer
 
         criterion = make_criterion(p.criterion, **p.criterion_options)
         make_regularizer(p.regularizer)

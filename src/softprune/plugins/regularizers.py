@@ -1,5 +1,5 @@
-"""Regularizers: penalties that shrink what will be pruned, applied to the gradients before every
-optimizer step (an optimizer step pre-hook, installed by the Pruner next to its hard-zero hook).
+"""Regularizers: plugins whose penalty shrinks what will be pruned, added to the gradients before
+every step of the hooked optimizer (``before_optimizer_step``).
 
 | name    | paper                                  | penalty added to the gradient                                   |
 |---------|----------------------------------------|-----------------------------------------------------------------|
@@ -18,25 +18,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import SoftpruneError, choice_error
-from .graph import Role
-from .registry import Registry
+from ..errors import SoftpruneError, choice_error
+from ..graph import Role
+from . import PLUGINS, Plugin, PruningView
 
 
-class Regularizer:
+class Regularizer(Plugin):
+    """A plugin with a penalty; ``Pruner(regularizer=...)`` (a config's ``prune.regularizer``) takes one."""
+
     name = "regularizer"
-
-    def apply(self, pruner) -> None:
-        raise NotImplementedError
-
-    def options(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def _number(name: str, value: object, low: float = 0.0) -> float:
@@ -70,15 +60,15 @@ class BNL1(Regularizer):
         self.until = until
 
     @torch.no_grad()
-    def apply(self, pruner) -> None:
-        if self.until == "pruned" and pruner.counts()[2] > 0:
+    def before_optimizer_step(self, view: PruningView) -> None:
+        if self.until == "pruned" and view.counts()[2] > 0:
             return
-        for group, mask in zip(pruner.prunable, pruner.masks):
+        for group, mask in zip(view.groups, view.masks):
             live = (~mask.hard).double() * self.strength
             for member in group.members_with(Role.SCALE):
-                module = pruner.model.get_submodule(member.module)
+                module = view.model.get_submodule(member.module)
                 if member.param == "weight" and isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    _add_to_grad(member.tensor(pruner.model), member, live, torch.sign)
+                    _add_to_grad(member.tensor(view.model), member, live, torch.sign)
 
     def options(self) -> dict:
         return {"strength": self.strength, "until": self.until}
@@ -108,18 +98,18 @@ class GrowingL2(Regularizer):
         self.penalty: list[torch.Tensor] = []  # per group, per original unit
         self.uniform: list[float] = []
 
-    def _ensure(self, pruner) -> None:
-        if len(self.penalty) != len(pruner.prunable):
-            self.penalty = [torch.zeros(n, dtype=torch.float64) for n in pruner._original]
-            self.uniform = [0.0] * len(pruner.prunable)
+    def _ensure(self, view: PruningView) -> None:
+        if len(self.penalty) != len(view.groups):
+            self.penalty = [torch.zeros(n, dtype=torch.float64) for n in view.original_sizes]
+            self.uniform = [0.0] * len(view.groups)
 
     @torch.no_grad()
-    def apply(self, pruner) -> None:
-        self._ensure(pruner)
+    def before_optimizer_step(self, view: PruningView) -> None:
+        self._ensure(view)
         self.steps += 1
         grow = self.steps % self.every == 0
-        for i, (group, mask) in enumerate(zip(pruner.prunable, pruner.masks)):
-            origin = pruner._origin[i]
+        for i, (group, mask) in enumerate(zip(view.groups, view.masks)):
+            origin = view.origins[i]
             selected = mask.soft  # chosen, not yet hard
             if bool(selected.any()):
                 if grow:
@@ -135,7 +125,7 @@ class GrowingL2(Regularizer):
             if not bool((per_unit > 0).any()):
                 continue
             for member in group.members_with(Role.FILTER):
-                _add_to_grad(member.tensor(pruner.model), member, per_unit, lambda w: w)
+                _add_to_grad(member.tensor(view.model), member, per_unit, lambda w: w)
 
     def options(self) -> dict:
         out = {"delta": self.delta, "every": self.every, "ceiling": self.ceiling}
@@ -172,11 +162,23 @@ class GrowingL2Uniform(GrowingL2):
         super().__init__(delta, every, ceiling, uniform_delta, uniform_ceiling)
 
 
-REGULARIZERS: Registry[type[Regularizer]] = Registry("regularizer", instance_of=Regularizer)
-for _cls in (BNL1, GrowingL2, GrowingL2Uniform):
-    REGULARIZERS.register(_cls.name, _cls)
+# the plugins that are regularizers, by name (all of them are in PLUGINS too)
+REGULARIZERS: dict[str, type[Regularizer]] = {c.name: c for c in (BNL1, GrowingL2, GrowingL2Uniform)}
+for _cls in REGULARIZERS.values():
+    PLUGINS.register(_cls.name, _cls)
 
 
 def make_regularizer(spec: str | dict | Regularizer | None) -> Regularizer | None:
     """None, a name, or a mapping {"kind": name, **options}."""
-    return None if spec is None else REGULARIZERS.build(spec)
+    if spec is None:
+        return None
+    kind = spec.get("kind") if isinstance(spec, dict) else spec
+    if isinstance(kind, str) and kind not in PLUGINS:
+        raise choice_error("regularizer", kind, REGULARIZERS)
+    built = PLUGINS.build(spec)
+    if not isinstance(built, Regularizer):
+        raise SoftpruneError(
+            f"{getattr(built, 'name', built)!r} is a plugin but not a regularizer; regularizers: "
+            + ", ".join(REGULARIZERS)
+        )
+    return built
