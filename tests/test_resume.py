@@ -1,5 +1,6 @@
 """Long runs: killed with SIGKILL at any moment and resumed, they end exactly as uninterrupted runs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -64,7 +65,12 @@ def test_killed_and_resumed_run_ends_like_the_uninterrupted_one(tmp_path, data_r
     assert child.returncode == -signal.SIGKILL
     state = load_checkpoint(checkpoint)  # the last checkpoint is whole, whenever the kill came
     assert state["iteration"] >= kill_after
+    started = time.time()
     assert main([*_args(data_root, tmp_path, "run"), "--resume"]) == 0
+    resumed_part = time.time() - started
+    # the summary's training time counts the part before the kill too (it counted only the resumed part)
+    seconds = json.loads((tmp_path / "run" / "summary.json").read_text())["seconds"]
+    assert state["seconds"] + 0.5 * resumed_part <= seconds <= state["seconds"] + resumed_part + 0.1
     weights, pruner = _final(tmp_path / "run")
     ref_weights, ref_pruner = _final(reference)
     assert weights.keys() == ref_weights.keys()

@@ -214,6 +214,7 @@ class Run:
             "history": self.history,
             "config": self.config.to_dict(),
             "world_size": self.world,
+            "seconds": time.time() - self.started,  # so a resumed run's summary counts all its training
         }
 
     def save_checkpoint(self) -> None:
@@ -252,6 +253,7 @@ class Run:
         self.batch = int(state.get("batch", 0))
         self.iteration = int(state.get("iteration", 0))
         self.epoch_sums = list(state.get("epoch_sums", [0, 0, 0.0]))
+        self.started = time.time() - float(state.get("seconds", 0.0))
         self.history = list(state["history"])
         # the log may hold epochs done after the checkpoint was written; keep it in step with it
         if self.main:
