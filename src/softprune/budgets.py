@@ -22,16 +22,20 @@ a group narrower than ``round_to`` is then left whole.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from .cost import count_flops
 from .errors import SoftpruneError, check_choice
-from .graph import Analysis
+from .graph import Analysis, ChannelGroup, Role
+
+log = logging.getLogger(__name__)
 
 KINDS = ("layer", "global", "macs", "params")
 NORMALIZERS = ("auto", "mean", "max", "sum", "rank", "none")
@@ -64,6 +68,11 @@ class Budget:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def allocation(self) -> Allocation:
+        """The allocation rule of this kind."""
+        cls = {"layer": LayerAllocation, "global": GlobalAllocation}.get(self.kind, CostAllocation)
+        return cls(self)
 
 
 def make_budget(budget: str | dict | Budget | None) -> Budget:
@@ -212,3 +221,260 @@ class CostModel:
             numel * (1.0 - fractions[name]) for name, (numel, _, _) in self._tensors.items()
         )
         return {"macs": macs, "params": params}
+
+
+# -- allocation: from a step's rate and the groups' rankings to the units each group gives up --------
+
+
+def floor_count(x: float) -> int:
+    return int(math.floor(x + 1e-9))  # 10 * 0.3 is 2.9999999999999996 in floating point
+
+
+@dataclass
+class Quota:
+    """Unit sets that selection must respect in one group: bool ``owners`` [rows, units]; per row,
+    whether it is a producer (which loses at most floor(rate * width) units) or a consumer that reads
+    only part of the group (a chunk of it: it must keep at least one unit, or it would have no input
+    left); each row's (is producer, module name); and the units each row lost to compaction during
+    training (quotas keep counting from the original widths)."""
+
+    owners: torch.Tensor
+    is_producer: torch.Tensor
+    names: list[tuple[bool, str]]
+    gone: torch.Tensor = field(default=None)  # long [rows]
+
+    def __post_init__(self) -> None:
+        if self.gone is None:
+            self.gone = torch.zeros(self.owners.shape[0], dtype=torch.long)
+
+    @classmethod
+    def of(cls, group: ChannelGroup) -> Quota:
+        rows, names = [], []
+        for role, modules in ((Role.FILTER, group.producers), (Role.CONSUMER, group.consumers)):
+            for name in modules:
+                row = torch.zeros(group.size, dtype=torch.bool)
+                for member in group.members_with(role):
+                    if member.module == name:
+                        row[member.unit[member.unit >= 0]] = True
+                if role is Role.CONSUMER and bool(row.all()):
+                    continue  # reads the whole group: "never all units" already covers it
+                rows.append(row)
+                names.append((role is Role.FILTER, name))
+        if not rows:
+            return cls(torch.zeros(0, group.size, dtype=torch.bool), torch.zeros(0, dtype=torch.bool), [])
+        return cls(torch.stack(rows), torch.tensor([n[0] for n in names]), names)
+
+    def after_compaction(self, group: ChannelGroup, removed: torch.Tensor) -> Quota:
+        """The quota of ``group`` (the smaller model's) once the units ``removed`` here are gone."""
+        lost = {
+            name: int(self.gone[r]) + int((self.owners[r] & removed).sum())
+            for r, name in enumerate(self.names)
+        }
+        fresh = Quota.of(group)
+        fresh.gone = torch.tensor([lost.get(n, 0) for n in fresh.names], dtype=torch.long)
+        return fresh
+
+    def pick(
+        self, order: torch.Tensor, hard: torch.Tensor, frozen: torch.Tensor, rate: float, n_sel: int
+    ) -> torch.Tensor:
+        """The first ``n_sel`` units of ``order`` such that no producer layer loses more than
+        floor(rate * its width) channels, and no layer loses all of its channels or inputs.
+
+        A group whose producers own different subsets of its units (a residual stream widened by a
+        zero-padding shortcut: stage-1 channels are a subset of stage 2's), or whose consumers read
+        parts of it (ShuffleNet's chunks), would otherwise let the ranking empty a narrow layer. With
+        one producer reading and writing everything this is simply the first n_sel units.
+        """
+        owners, is_producer, gone = self.owners, self.is_producer, self.gone
+        if owners.shape[0] <= 1 and bool(is_producer.all()) and not bool(gone.any()):
+            return order[~frozen[order]][:n_sel]
+        width = owners.sum(1)
+        quota = torch.where(is_producer, torch.floor((width + gone) * rate + 1e-9).long() - gone, width)
+        quota = torch.minimum(quota, width - 1).clamp(min=0)
+        # Rows owning the same units are one constraint (a residual stream's producers): the tightest.
+        limit_of: dict[bytes, int] = {}
+        distinct: dict[bytes, np.ndarray] = {}
+        for row, q in zip(owners.numpy(), quota.tolist()):
+            key = row.tobytes()
+            distinct.setdefault(key, row)
+            limit_of[key] = min(q, limit_of.get(key, q))
+        columns = np.stack(list(distinct.values())).T.tolist()
+        rows_of = [[r for r, owned in enumerate(column) if owned] for column in columns]
+        limit, used = list(limit_of.values()), [0] * len(limit_of)
+        frozen_list, hard_list = frozen.tolist(), hard.tolist()
+        picked = []
+        for u in order.tolist():  # plain Python: one pass over a few thousand units at most
+            if len(picked) >= n_sel:
+                break
+            if frozen_list[u]:
+                continue
+            if not hard_list[u] and any(used[r] >= limit[r] for r in rows_of[u]):
+                continue
+            picked.append(u)
+            for r in rows_of[u]:
+                used[r] += 1
+        return torch.tensor(picked, dtype=torch.long)
+
+
+@dataclass
+class Candidates:
+    """One group as allocation sees it at a step: widths now and as built, units removed by
+    compaction during training, frozen and hard units, HFP's first selection, its quota, and its
+    units ranked (hard first, then the first selection, then the criterion's order; frozen last)."""
+
+    size: int
+    original: int
+    gone: int
+    frozen: torch.Tensor
+    hard: torch.Tensor
+    first: torch.Tensor | None
+    quota: Quota
+    order: torch.Tensor
+    score: torch.Tensor
+
+
+def layer_counts(c: Candidates, rate: float, hardness: float, round_to: int) -> tuple[int, int]:
+    """(selected, hard) units of a group under a layer-wise rate (the papers' counts)."""
+    n0, n = c.original, c.size
+    n_sel = min(floor_count(n0 * rate) - c.gone, int((~c.frozen).sum()), n - 1)
+    n_hard = min(floor_count(n0 * rate * hardness) - c.gone, n_sel)
+    n_hard = max(n_hard, int(c.hard.sum()), 0)  # hard units never come back
+    n_sel = max(n_sel, n_hard, 0)
+    n_sel = max(rounded_count(n, n_sel, round_to), n_hard)
+    return n_sel, n_hard
+
+
+Plan = list[tuple[torch.Tensor, int]]  # per group: the selected units (hard ones first) and how many are hard
+
+
+class Allocation:
+    """How a budget kind turns a step's rate into each group's selection."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+
+    def allocate(
+        self,
+        groups: list[Candidates],
+        rate: float,
+        hardness: float,
+        *,
+        comparable: bool,
+        cost: Callable[[list[torch.Tensor]], dict[str, float]] | None = None,
+        dense_cost: dict[str, float] | None = None,
+    ) -> Plan:
+        """``comparable``: the criterion's scores compare across layers (normalize "auto");
+        ``cost(picked)``: the model's cost with the picked units gone (MACs and params budgets)."""
+        raise NotImplementedError  # pragma: no cover
+
+
+class LayerAllocation(Allocation):
+    """floor(N_g P_t) per group (the papers' layer-wise rate)."""
+
+    def allocate(self, groups, rate, hardness, *, comparable, cost=None, dense_cost=None) -> Plan:
+        plans = []
+        for c in groups:
+            n_sel, n_hard = layer_counts(c, rate, hardness, self.budget.round_to)
+            plans.append((c.quota.pick(c.order, c.hard, c.frozen, rate, n_sel), n_hard))
+        return plans
+
+
+class GlobalAllocation(Allocation):
+    """Units compete across groups by normalized score for a share of all units."""
+
+    def allocate(self, groups, rate, hardness, *, comparable, cost=None, dense_cost=None) -> Plan:
+        counts = self.counts(groups, rate, comparable, cost, dense_cost)
+        plans = []
+        for c, n_sel in zip(groups, counts):
+            picked = c.quota.pick(c.order, c.hard, c.frozen, self.budget.max_rate, n_sel)
+            n_hard = max(
+                min(floor_count((picked.numel() + c.gone) * hardness) - c.gone, picked.numel()),
+                int(c.hard.sum()),
+                0,
+            )
+            plans.append((picked, n_hard))
+        return plans
+
+    def merged(self, groups: list[Candidates], comparable: bool):
+        """Every free unit in one sequence, lowest normalized score first, and per group the most and
+        the fewest units it may give up; ``counts_for(k, sequence)`` the counts of taking k of them."""
+        how = self.budget.normalize
+        if how == "auto":
+            how = "none" if comparable else "mean"
+        keys, owners, caps, floors = [], [], [], []
+        for i, c in enumerate(groups):
+            free = ~c.frozen
+            key = normalized(c.score, free, c.order, how)
+            if c.first is not None:
+                key[c.first] = -1e30
+            key[c.hard] = -math.inf
+            ranked = c.order[free[c.order]]
+            along = torch.cummax(key[ranked].double(), 0).values  # monotone along the group's order
+            keys.append(along)
+            owners.append(torch.full((ranked.numel(),), i, dtype=torch.long))
+            cap = min(floor_count(c.original * self.budget.max_rate) - c.gone, int(free.sum()), c.size - 1)
+            floors.append(int(c.hard.sum()))
+            caps.append(max(cap, floors[-1]))
+        key_all = torch.cat(keys) if keys else torch.zeros(0)
+        owner_all = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+        merged = owner_all[torch.argsort(key_all, stable=True)]
+
+        def counts_for(k: int, sequence: torch.Tensor = merged) -> list[int]:
+            taken = torch.bincount(sequence[:k], minlength=len(groups)).tolist()
+            out = []
+            for i, n in enumerate(taken):
+                n = max(min(n, caps[i]), floors[i])
+                out.append(max(rounded_count(groups[i].size, n, self.budget.round_to), floors[i]))
+            return out
+
+        return merged, counts_for
+
+    def counts(self, groups, rate, comparable, cost, dense_cost) -> list[int]:
+        _, counts_for = self.merged(groups, comparable)
+        total = sum(c.original for c in groups)
+        gone = sum(c.gone for c in groups)
+        return counts_for(max(floor_count(total * rate) - gone, 0))
+
+
+class CostAllocation(GlobalAllocation):
+    """The fewest globally lowest units whose removal cuts P_t of the MACs (or parameters): a
+    bisection on how many, then a local search where one channel overshoots the target."""
+
+    def counts(self, groups, rate, comparable, cost, dense_cost) -> list[int]:
+        merged, counts_for = self.merged(groups, comparable)
+        kind = self.budget.kind
+        target = (1.0 - rate) * dense_cost[kind]
+
+        def cost_of(counts: list[int]) -> float:
+            picked = [
+                c.quota.pick(c.order, c.hard, c.frozen, self.budget.max_rate, n)
+                for c, n in zip(groups, counts)
+            ]
+            return cost(picked)[kind]
+
+        def meeting(sequence: torch.Tensor) -> tuple[int, float]:
+            return smallest_meeting(lambda k: cost_of(counts_for(k, sequence)), target, int(sequence.numel()))
+
+        k, achieved = meeting(merged)
+        if achieved > target * (1 + 1e-9) and rate > 0:
+            log.warning(
+                "the %s target (%.1f%% fewer) cannot be met with max_rate=%.2f; pruning as far as it allows "
+                "(%.1f%% fewer)", kind, 100 * rate, self.budget.max_rate, 100 * (1 - achieved / dense_cost[kind])
+            )  # fmt: skip
+            return counts_for(k)
+        # One channel can be several percent of the cost (a residual stream's channel spans every
+        # block), so the channel that crosses the target may overshoot it. Then its group stops
+        # before it and the following channels of the other groups close the gap; the candidate that
+        # lands closest to the target wins.
+        best, best_counts, sequence = achieved, counts_for(k), merged
+        for _ in range(3):
+            if k == 0 or target - best <= 1e-3 * dense_cost[kind]:
+                break
+            crossing, rest = sequence[k - 1], sequence[k:]
+            sequence = torch.cat([sequence[: k - 1], rest[rest != crossing]])
+            k, achieved = meeting(sequence)
+            if achieved > target * (1 + 1e-9):
+                break
+            if achieved > best:
+                best, best_counts = achieved, counts_for(k, sequence)
+        return best_counts

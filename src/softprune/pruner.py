@@ -14,26 +14,25 @@ they never come back); the rest of S_t are soft and multiplied by alpha_t.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .budgets import CostModel, normalized, rounded_count, smallest_meeting
+from .budgets import Candidates, CostModel, Quota, layer_counts
 from .compact import compact_model, max_difference
 from .compensate import Compensator
 from .criteria import L2
+from .distributed import agree_on_masks, broadcast_from_rank0, replicated
 from .errors import SoftpruneError
 from .features import FeatureTap, find_sites
 from .graph import Analysis, ChannelGroup, Role, analyze, build_groups, selector
 from .masks import GroupMask, HardKeeper, apply, zero_units, zero_units_of
 from .methods import get_method
 from .modes import training_mode
+from .optim import rebind_scheduler, rebuild_optimizer  # noqa: F401  (rebind_scheduler: part of the API here)
 from .plugins import Plugin, PruningView, make_plugin
 from .policy import Policy, make_policy
 from .settings import PruneSettings, build_dataclass
@@ -58,77 +57,6 @@ class StepReport:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def _replicated() -> bool:
-    """Several processes (torchrun): rank 0's decisions and weight changes are copied to the others."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _broadcast_from_rank0(tensors: Iterable[torch.Tensor | None]) -> None:
-    """Rank 0's values of the floating-point tensors, in place, on every process (call on all)."""
-    for tensor in tensors:
-        if tensor is not None and tensor.is_floating_point():
-            dist.broadcast(tensor.data, src=0)
-
-
-def _floor(x: float) -> int:
-    return int(math.floor(x + 1e-9))  # 10 * 0.3 is 2.9999999999999996 in floating point
-
-
-def _constraints(group: ChannelGroup) -> tuple[torch.Tensor, torch.Tensor, list[tuple[bool, str]]]:
-    """Unit sets that selection must respect: bool [rows, units]; per row, whether it is a producer
-    (which loses at most floor(rate * width) units) or a consumer that reads only part of the group
-    (a chunk of it: it must keep at least one unit, or it would have no input left); and each row's
-    (is producer, module name)."""
-    rows, names = [], []
-    for role, modules in ((Role.FILTER, group.producers), (Role.CONSUMER, group.consumers)):
-        for name in modules:
-            row = torch.zeros(group.size, dtype=torch.bool)
-            for member in group.members_with(role):
-                if member.module == name:
-                    row[member.unit[member.unit >= 0]] = True
-            if role is Role.CONSUMER and bool(row.all()):
-                continue  # reads the whole group: "never all units" already covers it
-            rows.append(row)
-            names.append((role is Role.FILTER, name))
-    if not rows:
-        return torch.zeros(0, group.size, dtype=torch.bool), torch.zeros(0, dtype=torch.bool), []
-    return torch.stack(rows), torch.tensor([n[0] for n in names]), names
-
-
-def rebuild_optimizer(
-    optimizer: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module, slices: dict
-) -> torch.optim.Optimizer:
-    """The same optimizer over ``new_model``'s parameters, matched to the old ones by name, with its
-    per-parameter state (momentum, Adam moments) cut like the parameters were (``slices``:
-    name -> {dim: kept indices}, from compact_model). Parameters without a match start fresh."""
-    old_params = dict(old_model.named_parameters())
-    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in optimizer.param_groups]
-    for name, param in new_model.named_parameters():
-        old = old_params.get(name)
-        groups[group_of.get(id(old), 0) if old is not None else 0]["params"].append(param)
-    new = type(optimizer)([g for g in groups if g["params"]], **optimizer.defaults)
-    for name, param in new_model.named_parameters():
-        old = old_params.get(name)
-        if old is None or old not in optimizer.state:
-            continue
-        cut = slices.get(name, {})
-        state = {}
-        for key, value in optimizer.state[old].items():
-            if isinstance(value, torch.Tensor) and value.shape == old.shape:
-                for dim, index in cut.items():
-                    value = value.index_select(dim, index.to(value.device))
-            state[key] = value.clone() if isinstance(value, torch.Tensor) else value
-        new.state[param] = state
-    return new
-
-
-def rebind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
-    """Point an LR scheduler at a rebuilt optimizer (its groups carry the scheduler's initial_lr)."""
-    scheduler.optimizer = optimizer
-    return scheduler
 
 
 def calibration_batches(data: Any, limit: int) -> Iterable:
@@ -279,7 +207,7 @@ class Pruner:
                 f"({'; '.join(reasons[:3]) or 'no convolution found'}). Check layers= and ignore="
             )
         self.masks = [GroupMask(g.size) for g in self.prunable]
-        self._constraints = [_constraints(g) for g in self.prunable]
+        self._quotas = [Quota.of(g) for g in self.prunable]  # what selection must leave in each layer
         self.first: list[torch.Tensor | None] = [None] * len(self.prunable)
         self._layers = layers
         # after compact_hard(), counts still refer to the original widths: per group, its original size,
@@ -288,7 +216,6 @@ class Pruner:
         self.original_sizes = [g.size for g in self.prunable]
         self.origins = [torch.arange(g.size) for g in self.prunable]
         self._gone: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in self.prunable]
-        self._row_gone = [torch.zeros(c[0].shape[0], dtype=torch.long) for c in self._constraints]
         self.compactions: list[dict[str, list[int]]] = []
         self.t = 0
         self.history: list[StepReport] = []
@@ -440,8 +367,8 @@ class Pruner:
                 p.requires_grad_(flag)
                 if p.dim() >= 2:
                     p.grad = None
-        if _replicated():
-            _broadcast_from_rank0(gates + list(self.model.buffers()))
+        if replicated():
+            broadcast_from_rank0(gates + list(self.model.buffers()))
         return n
 
     def _count_step(self) -> None:
@@ -555,18 +482,6 @@ class Pruner:
         return count, ratio
 
     # -- selection --------------------------------------------------------------------------------
-    def _layer_count(self, i: int, rate: float, hardness: float) -> tuple[int, int]:
-        """(selected, hard) units of group i under a layer-wise rate (the papers' counts)."""
-        group, mask = self.prunable[i], self.masks[i]
-        n = group.size
-        n0, gone = self.original_sizes[i], int(self._gone[i].numel())  # removed by compact_hard()
-        n_sel = min(_floor(n0 * rate) - gone, int((~group.frozen).sum()), n - 1)
-        n_hard = min(_floor(n0 * rate * hardness) - gone, n_sel)
-        n_hard = max(n_hard, int(mask.hard.sum()), 0)  # hard units never come back
-        n_sel = max(n_sel, n_hard, 0)
-        n_sel = max(rounded_count(n, n_sel, self.budget.round_to), n_hard)
-        return n_sel, n_hard
-
     def _prioritized(self, i: int, order: torch.Tensor) -> torch.Tensor:
         """Hard units first, then HFP's first selection, then the criterion's order; frozen units last."""
         group, mask = self.prunable[i], self.masks[i]
@@ -580,112 +495,33 @@ class Pruner:
         position[order] = torch.arange(n)
         return torch.argsort(priority * (n + 1) + position.float(), stable=True)
 
+    def _candidates(
+        self, order_of: Callable[[int, Candidates], tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[Candidates]:
+        out = []
+        for i, (group, mask) in enumerate(zip(self.prunable, self.masks)):
+            first = self.first[i] if self.policy.keep_first else None
+            c = Candidates(group.size, self.original_sizes[i], int(self._gone[i].numel()), group.frozen,
+                           mask.hard, first, self._quotas[i], torch.zeros(0, dtype=torch.long), torch.zeros(0))  # fmt: skip
+            order, c.score = order_of(i, c)
+            c.order = self._prioritized(i, order)
+            out.append(c)
+        return out
+
     def _plan(self, rate: float, hardness: float) -> list[tuple[torch.Tensor, int]]:
         """Per group: the selected units (hard ones first, in selection order) and how many are hard."""
-        orders, scores = [], []
-        for i, group in enumerate(self.prunable):
-            guess = self._layer_count(i, rate, hardness)[0]
-            order, score = self.criterion.order_and_scores(group, self.model, guess)
-            orders.append(self._prioritized(i, order))
-            scores.append(score)
-        if not self.budget.is_global:
-            plans = []
-            for i, order in enumerate(orders):
-                n_sel, n_hard = self._layer_count(i, rate, hardness)
-                mask, group = self.masks[i], self.prunable[i]
-                plans.append((self._within_quota(i, order, mask.hard, group.frozen, rate, n_sel), n_hard))
-            return plans
-        counts = self._global_counts(orders, scores, rate)
-        plans = []
-        for i, (order, n_sel) in enumerate(zip(orders, counts)):
-            mask, group = self.masks[i], self.prunable[i]
-            picked = self._within_quota(i, order, mask.hard, group.frozen, self.budget.max_rate, n_sel)
-            gone = int(self._gone[i].numel())
-            n_hard = max(
-                min(_floor((picked.numel() + gone) * hardness) - gone, picked.numel()),
-                int(mask.hard.sum()),
-                0,
-            )
-            plans.append((picked, n_hard))
-        return plans
 
-    def _global_counts(
-        self, orders: list[torch.Tensor], scores: list[torch.Tensor], rate: float
-    ) -> list[int]:
-        """Per group counts when units compete across groups (budget kinds global, macs, params)."""
-        how = self.budget.normalize
-        if how == "auto":
-            how = "none" if self.criterion.comparable else "mean"
-        keys, owners, caps, floors = [], [], [], []
-        for i, (group, order, score) in enumerate(zip(self.prunable, orders, scores)):
-            mask = self.masks[i]
-            free = ~group.frozen
-            key = normalized(score, free, order, how)
-            if self.policy.keep_first and self.first[i] is not None:
-                key[self.first[i]] = -1e30
-            key[mask.hard] = -math.inf
-            ranked = order[free[order]]
-            along = torch.cummax(key[ranked].double(), 0).values  # monotone along the group's order
-            keys.append(along)
-            owners.append(torch.full((ranked.numel(),), i, dtype=torch.long))
-            n0, gone = self.original_sizes[i], int(self._gone[i].numel())
-            cap = min(_floor(n0 * self.budget.max_rate) - gone, int(free.sum()), group.size - 1)
-            floors.append(int(mask.hard.sum()))
-            caps.append(max(cap, floors[-1]))
-        key_all = torch.cat(keys) if keys else torch.zeros(0)
-        owner_all = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
-        merged = owner_all[torch.argsort(key_all, stable=True)]
-        n_groups = len(self.prunable)
+        def ranked(i: int, c: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+            guess = layer_counts(c, rate, hardness, self.budget.round_to)[0]  # what a layer budget takes
+            return self.criterion.order_and_scores(self.prunable[i], self.model, guess)
 
-        def counts_for(k: int, sequence: torch.Tensor = merged) -> list[int]:
-            taken = torch.bincount(sequence[:k], minlength=n_groups).tolist()
-            out = []
-            for i, c in enumerate(taken):
-                c = max(min(c, caps[i]), floors[i])
-                out.append(max(rounded_count(self.prunable[i].size, c, self.budget.round_to), floors[i]))
-            return out
+        def cost(picked: list[torch.Tensor]) -> dict[str, float]:
+            return self._costs().cost(self._classes(picked))
 
-        if self.budget.kind == "global":
-            total = sum(self.original_sizes)
-            gone = sum(int(g.numel()) for g in self._gone)
-            return counts_for(max(_floor(total * rate) - gone, 0))
-        kind = self.budget.kind
-        target = (1.0 - rate) * self.dense_cost[kind]
-        costs = self._costs()
-
-        def cost_of(counts: list[int]) -> float:
-            picked = [
-                self._within_quota(i, orders[i], m.hard, g.frozen, self.budget.max_rate, n_sel)
-                for i, (g, m, n_sel) in enumerate(zip(self.prunable, self.masks, counts))
-            ]
-            return costs.cost(self._classes(picked))[kind]
-
-        def meeting(sequence: torch.Tensor) -> tuple[int, float]:
-            return smallest_meeting(lambda k: cost_of(counts_for(k, sequence)), target, int(sequence.numel()))
-
-        k, achieved = meeting(merged)
-        if achieved > target * (1 + 1e-9) and rate > 0:
-            log.warning(
-                "the %s target (%.1f%% fewer) cannot be met with max_rate=%.2f; pruning as far as it allows "
-                "(%.1f%% fewer)", kind, 100 * rate, self.budget.max_rate, 100 * (1 - achieved / self.dense_cost[kind])
-            )  # fmt: skip
-            return counts_for(k)
-        # One channel can be several percent of the cost (a residual stream's channel spans every
-        # block), so the channel that crosses the target may overshoot it. Then its group stops
-        # before it and the following channels of the other groups close the gap; the candidate that
-        # lands closest to the target wins.
-        best, best_counts, sequence = achieved, counts_for(k), merged
-        for _ in range(3):
-            if k == 0 or target - best <= 1e-3 * self.dense_cost[kind]:
-                break
-            crossing, rest = sequence[k - 1], sequence[k:]
-            sequence = torch.cat([sequence[: k - 1], rest[rest != crossing]])
-            k, achieved = meeting(sequence)
-            if achieved > target * (1 + 1e-9):
-                break
-            if achieved > best:
-                best, best_counts = achieved, counts_for(k, sequence)
-        return best_counts
+        return self.budget.allocation().allocate(
+            self._candidates(ranked), rate, hardness, comparable=self.criterion.comparable, cost=cost,
+            dense_cost=self.dense_cost,
+        )  # fmt: skip
 
     def _classes(self, masks: list[torch.Tensor]) -> torch.Tensor:
         pruned = torch.zeros(int(self.analysis.ids.label.max()) + 1, dtype=torch.bool)
@@ -718,10 +554,10 @@ class Pruner:
                     removed = torch.nonzero(fresh).view(-1)
                     kept = torch.nonzero(~mask.pruned).view(-1)
                     changed += self.compensator.from_weights(self.model, group, removed, kept)
-        if _replicated():
+        if replicated():
             for name in sorted(set(changed)):  # the same order on every rank
                 module = self.model.get_submodule(name)
-                _broadcast_from_rank0((module.weight, getattr(module, "bias", None)))
+                broadcast_from_rank0((module.weight, getattr(module, "bias", None)))
 
     def _dead_inputs(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
         """Consumer input columns that read an always-zero channel (hard units, and residual streams
@@ -746,77 +582,10 @@ class Pruner:
         return dead
 
     def _agree(self) -> None:
-        """Under torch.distributed, every process takes rank 0's decision, so replicas never diverge
-        (their weights agree, but a tie in the scores could otherwise break differently)."""
-        if not _replicated():
-            return
-        packed = torch.cat([torch.cat([m.hard, m.soft]) for m in self.masks]).to(torch.uint8)
-        if dist.get_backend() == "nccl":
-            packed = packed.cuda()
-        dist.broadcast(packed, src=0)
-        packed = packed.cpu().bool()
-        offset = 0
-        for mask in self.masks:
-            n = mask.size
-            mask.hard, mask.soft = (
-                packed[offset : offset + n].clone(),
-                packed[offset + n : offset + 2 * n].clone(),
-            )
-            offset += 2 * n
-        first = [f for f in self.first if f is not None]
-        if first:  # HFP's first selection is part of the decision too
-            stacked = torch.cat(first).to(torch.uint8)
-            if dist.get_backend() == "nccl":
-                stacked = stacked.cuda()
-            dist.broadcast(stacked, src=0)
-            stacked = stacked.cpu().bool()
-            offset = 0
-            for i, f in enumerate(self.first):
-                if f is not None:
-                    self.first[i] = stacked[offset : offset + f.numel()].clone()
-                    offset += f.numel()
-
-    def _within_quota(
-        self, i: int, order: torch.Tensor, hard: torch.Tensor, frozen: torch.Tensor, rate: float, n_sel: int
-    ) -> torch.Tensor:
-        """The first ``n_sel`` units of ``order`` such that no producer layer loses more than
-        floor(rate * its width) channels, and no layer loses all of its channels or inputs.
-
-        A group whose producers own different subsets of its units (a residual stream widened by a
-        zero-padding shortcut: stage-1 channels are a subset of stage 2's), or whose consumers read
-        parts of it (ShuffleNet's chunks), would otherwise let the ranking empty a narrow layer. With
-        one producer reading and writing everything this is simply the first n_sel units.
-        """
-        owners, is_producer, _ = self._constraints[i]
-        gone = self._row_gone[i]
-        if owners.shape[0] <= 1 and bool(is_producer.all()) and not bool(gone.any()):
-            return order[~frozen[order]][:n_sel]
-        width = owners.sum(1)
-        quota = torch.where(is_producer, torch.floor((width + gone) * rate + 1e-9).long() - gone, width)
-        quota = torch.minimum(quota, width - 1).clamp(min=0)
-        # Rows owning the same units are one constraint (a residual stream's producers): the tightest.
-        limit_of: dict[bytes, int] = {}
-        distinct: dict[bytes, np.ndarray] = {}
-        for row, q in zip(owners.numpy(), quota.tolist()):
-            key = row.tobytes()
-            distinct.setdefault(key, row)
-            limit_of[key] = min(q, limit_of.get(key, q))
-        columns = np.stack(list(distinct.values())).T.tolist()
-        rows_of = [[r for r, owned in enumerate(column) if owned] for column in columns]
-        limit, used = list(limit_of.values()), [0] * len(limit_of)
-        frozen_list, hard_list = frozen.tolist(), hard.tolist()
-        picked = []
-        for u in order.tolist():  # plain Python: one pass over a few thousand units at most
-            if len(picked) >= n_sel:
-                break
-            if frozen_list[u]:
-                continue
-            if not hard_list[u] and any(used[r] >= limit[r] for r in rows_of[u]):
-                continue
-            picked.append(u)
-            for r in rows_of[u]:
-                used[r] += 1
-        return torch.tensor(picked, dtype=torch.long)
+        """Under torch.distributed, every process takes rank 0's decision (a tie in the scores could
+        otherwise break differently on replicas whose weights agree)."""
+        if replicated():
+            agree_on_masks(self.masks, self.first)
 
     # -- reporting ------------------------------------------------------------------------------
     @property
@@ -879,7 +648,7 @@ class Pruner:
         for plugin in self.plugins:
             plugin.before_compaction(self.view)
         old_model, old_masks, old_groups = self.model, self.masks, self.prunable
-        old_constraints, old_first = self._constraints, self.first
+        old_quotas, old_first = self._quotas, self.first
         if self._soft is not None:  # soft units are alive in both models; the new one gets new masks
             self._soft.remove()
             self._soft = None
@@ -900,7 +669,7 @@ class Pruner:
         analysis = analyze(small, self.example_inputs, residual=self.residual, leaf_modules=self.ignore)
         groups = build_groups(analysis, selector(self._layers, self.ignore), self.ignore)
         by_name = {g.name: i for i, g in enumerate(old_groups)}
-        prunable, masks, first, original, origin, gone, row_gone = [], [], [], [], [], [], []
+        prunable, masks, first, original, origin, gone, quotas = [], [], [], [], [], [], []
         for g in groups:
             if not g.prunable:
                 continue
@@ -918,16 +687,10 @@ class Pruner:
             original.append(self.original_sizes[j])
             origin.append(self.origins[j][keep])
             gone.append(torch.cat([self._gone[j], self.origins[j][old_masks[j].hard]]))
-            old_rows, _, old_names = old_constraints[j]
-            lost = {
-                name: int(self._row_gone[j][r]) + int((old_rows[r] & old_masks[j].hard).sum())
-                for r, name in enumerate(old_names)
-            }
-            row_gone.append(torch.tensor([lost.get(n, 0) for n in _constraints(g)[2]], dtype=torch.long))
+            quotas.append(old_quotas[j].after_compaction(g, old_masks[j].hard))
         self.model, self.analysis, self.groups, self.prunable = small, analysis, groups, prunable
         self.masks, self.first = masks, first
-        self._constraints = [_constraints(g) for g in prunable]
-        self.original_sizes, self.origins, self._gone, self._row_gone = original, origin, gone, row_gone
+        self.original_sizes, self.origins, self._gone, self._quotas = original, origin, gone, quotas
         self.compactions.append(record)
         self._keeper = HardKeeper(small, self.mask_scope)
         self._plan_soft()
