@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains, or runs scripts and subprocesses: make test-fast leaves it out
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

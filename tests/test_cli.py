@@ -29,6 +29,7 @@ def trained(tmp_path_factory, data_root):
     return out / "e2e"
 
 
+@pytest.mark.slow
 def test_run_folder_holds_every_artifact(trained):
     names = {p.name for p in trained.iterdir()}
     assert {
@@ -41,6 +42,7 @@ def test_run_folder_holds_every_artifact(trained):
     } <= names
 
 
+@pytest.mark.slow  # the trained run (a module fixture) takes half a minute
 def test_metrics_log_one_line_per_epoch_with_the_schedules(trained):
     rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -55,6 +57,7 @@ def test_metrics_log_one_line_per_epoch_with_the_schedules(trained):
     assert rows[-1]["macs"] < 0.6 * json.loads((trained / "summary.json").read_text())["dense"]["macs"]
 
 
+@pytest.mark.slow  # the trained run (a module fixture) takes half a minute
 def test_summary_numbers_match_the_saved_compact_model(trained, data_root):
     summary = json.loads((trained / "summary.json").read_text())
     rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
@@ -78,6 +81,7 @@ def test_summary_numbers_match_the_saved_compact_model(trained, data_root):
     )
 
 
+@pytest.mark.slow  # the trained run (a module fixture) takes half a minute
 def test_existing_run_is_never_overwritten(trained, capsys):
     before = (trained / "checkpoint.pt").stat().st_mtime_ns
     code = main(["train", str(RECIPE), f"output={trained.parent}", "name=e2e", "--quiet"])
@@ -130,6 +134,7 @@ def test_missing_config_file(capsys):
     assert "config file '/nonexistent/config.yaml' not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_no_traceback_from_the_real_command(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("prune: [1, 2\n")
@@ -144,6 +149,7 @@ def test_no_traceback_from_the_real_command(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_report_draws_every_plot_and_links_them(trained, tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(trained), "--out", str(out)]) == 0
@@ -164,6 +170,7 @@ def test_report_draws_every_plot_and_links_them(trained, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_report_over_several_runs_adds_the_pareto_view(trained, tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(trained), str(trained), "--out", str(out)]) == 0
@@ -177,6 +184,7 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "is not a run folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tensorboard_logging(tmp_path, data_root):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -39,6 +39,7 @@ def _run(compact_during: bool, residual: str, steps: int = 4):
     return pruner, sizes, sched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("residual", ["coupled", "independent"])
 def test_compaction_during_training_shrinks_the_model_and_keeps_the_schedule(residual):
     masked, masked_sizes, _ = _run(False, residual)
@@ -105,6 +106,7 @@ def test_optimizer_state_is_cut_with_the_parameters():
     assert torch.equal(new_state["exp_avg_sq"], before) and int(new_state["step"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_replays_the_compactions():
     pruner, _, _ = _run(True, "independent", steps=4)
     state = copy.deepcopy(pruner.state_dict())
@@ -120,6 +122,7 @@ def test_resume_replays_the_compactions():
     )
 
 
+@pytest.mark.slow
 def test_the_final_model_saves_and_loads_against_the_original_constructor(tmp_path):
     pruner, _, _ = _run(True, "coupled", steps=4)
     small = pruner.compact()

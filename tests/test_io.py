@@ -105,6 +105,7 @@ def test_dense_models_save_and_load_too(tmp_path):
     assert max_difference(model, back, (x,))[0] == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("residual", ["coupled", "independent"])
 def test_onnx_export_matches_pytorch(tmp_path, residual):
     pytest.importorskip("onnxruntime")

@@ -420,6 +420,7 @@ def test_greg2_grows_a_uniform_penalty_before_the_selection():
 
 
 # -- recipes end to end ---------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", METHOD_RECIPES, ids=[p.stem for p in METHOD_RECIPES])
 def test_each_method_recipe_trains_compacts_and_stays_equivalent(recipe, tmp_path, data_root):
     args = [

@@ -17,6 +17,8 @@ from softprune.cli import main
 from softprune.errors import SoftpruneError
 from softprune.train.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # trains, or runs scripts and subprocesses: make test-fast leaves it out
+
 RECIPE = Path(softprune.__file__).parent / "configs" / "fashion_mnist_ghfp.yaml"
 
 

@@ -99,6 +99,7 @@ def _tiny(data_root, out, name, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resume_from_a_malicious_or_wrong_checkpoint_is_a_clean_error(tmp_path, data_root, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -114,6 +115,7 @@ def test_resume_from_a_malicious_or_wrong_checkpoint_is_a_clean_error(tmp_path, 
     assert err.startswith("softprune: error:") and "different 'model' section" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_channels_last_keep_masks_exact(tmp_path, data_root):
     amp = ("train.amp=bf16", "train.channels_last=true", "prune.residual=independent")  # unit i is filter i
     assert main(_tiny(data_root, tmp_path, "amp", *amp)) == 0
@@ -235,6 +237,7 @@ def test_zip_but_not_a_checkpoint(tmp_path):
     assert yaml  # (imported for the YAML property test)
 
 
+@pytest.mark.slow
 def test_initial_step_and_finetuning_tail(tmp_path, data_root):
     """prune.initial_step: a step before the first epoch (GHFP's code); prune.finetune_epochs: the last
     epochs train with every selected unit hard and no pruning step."""
@@ -251,6 +254,7 @@ def test_initial_step_and_finetuning_tail(tmp_path, data_root):
     assert json.loads((tmp_path / "tail" / "summary.json").read_text())["compact"]["macs"] == rows[2]["macs"]
 
 
+@pytest.mark.slow
 def test_a_short_run_spreads_its_pruning_steps_over_the_iterations(tmp_path, data_root):
     """prune.min_steps: 2 epochs of 4 iterations give 2 epoch-end steps; min_steps=3 asks for more, so a
     step comes every 8 // 3 = 2 optimizer steps: 4 steps, 2 in each epoch."""

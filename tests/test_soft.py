@@ -104,6 +104,7 @@ def _with_grad(member):
     return fake
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("residual", ["coupled", "independent"])
 def test_soft_filters_do_not_regrow_out_of_bounds_at_a_high_learning_rate(residual, data_root):
     model, opt, pruner = _resnet(residual)

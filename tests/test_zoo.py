@@ -10,6 +10,8 @@ import torchvision
 import softprune
 from softprune.compact import max_difference
 
+pytestmark = pytest.mark.slow  # trains, or runs scripts and subprocesses: make test-fast leaves it out
+
 # (name, input size, what it exercises)
 MODELS = [
     ("alexnet", 64, "flatten before Linear, classifier dropout"),

@@ -333,6 +333,22 @@ class Candidates:
     score: torch.Tensor
 
 
+def prioritized(
+    order: torch.Tensor, hard: torch.Tensor, first: torch.Tensor | None, frozen: torch.Tensor
+) -> torch.Tensor:
+    """A group's units in selection order: hard units first, then HFP's first selection (``first``,
+    None when the policy does not keep it), then the criterion's ``order``; frozen units last."""
+    n = order.numel()
+    priority = torch.zeros(n)
+    priority[hard] = -2
+    if first is not None:
+        priority[first & ~hard] = -1
+    priority[frozen] = 1
+    position = torch.empty(n, dtype=torch.long)
+    position[order] = torch.arange(n)
+    return torch.argsort(priority * (n + 1) + position.float(), stable=True)
+
+
 def layer_counts(c: Candidates, rate: float, hardness: float, round_to: int) -> tuple[int, int]:
     """(selected, hard) units of a group under a layer-wise rate (the papers' counts)."""
     n0, n = c.original, c.size

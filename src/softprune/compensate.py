@@ -57,6 +57,32 @@ class Compensator:
         self.source = source
         self.ridge = ridge
 
+    def step(
+        self,
+        model: nn.Module,
+        analysis: Analysis,
+        groups: list[ChannelGroup],
+        masks: list,
+        old_hard: list[torch.Tensor],
+        alive: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        run_calibration: Callable[[], int],
+    ) -> list[str]:
+        """After a pruning step: fold the units that became hard at it (hard now, not in ``old_hard``)
+        into their consumers. ``alive()``: the ids alive before the step, with only hard units gone,
+        and with every pruned unit gone. Returns the modules it changed."""
+        new = [m.hard & ~o for m, o in zip(masks, old_hard)]
+        if not any(bool(n.any()) for n in new):
+            return []
+        if self.source == "activations":
+            return self.from_activations(model, analysis, *alive(), run_calibration)
+        changed = []
+        for group, mask, fresh in zip(groups, masks, new):
+            if bool(fresh.any()) and bool((~mask.pruned).any()):
+                removed = torch.nonzero(fresh).view(-1)
+                kept = torch.nonzero(~mask.pruned).view(-1)
+                changed += self.from_weights(model, group, removed, kept)
+        return changed
+
     # -- from calibration activations -----------------------------------------------------------
     @torch.no_grad()
     def from_activations(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import check_choice
-from .graph import ChannelGroup, Member, Role
+from .graph import Analysis, ChannelGroup, Member, Role
 from .plugins import Plugin, PruningView
 
 SCOPES = ("channel", "filter")
@@ -187,3 +187,40 @@ def _fill(tensor: torch.Tensor, dim: int | None, index: torch.Tensor) -> None:
         tensor.view(-1).index_fill_(0, index, 0)
     else:
         tensor.index_fill_(dim, index, 0)
+
+
+@torch.no_grad()
+def clear_optimizer_state(
+    optimizer: torch.optim.Optimizer | None, group: ChannelGroup, units: torch.Tensor, model: nn.Module
+) -> None:
+    """Zero the optimizer state (momentum, Adam moments) of these units' slices, so that a
+    parameter-masked soft unit is not pushed back at full strength by stale momentum."""
+    state = optimizer.state if optimizer is not None else {}
+    for member in group.members:
+        if member.role is Role.CONSUMER:
+            continue
+        tensor = member.tensor(model)
+        for value in state.get(tensor, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                zero_units_of(value, member, units)
+
+
+def dead_inputs(
+    analysis: Analysis, hard_classes: torch.Tensor, model: nn.Module
+) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """Consumer input columns that read an always-zero channel (hard units, and residual streams
+    whose every writer is hard): kept at zero with the hard units. The function does not change,
+    and criteria then measure what compaction keeps (a filter's norm over its live inputs), so
+    training on the masked model and after compact_hard() rank filters alike."""
+    if not bool(hard_classes.any()):
+        return []
+    alive = analysis.ids.alive(hard_classes)
+    dead = []
+    for member in analysis.members:
+        if member.role is not Role.CONSUMER or member.dim is None:
+            continue
+        index = torch.nonzero(~alive[member.unit]).view(-1)
+        if index.numel():
+            tensor = member.tensor(model)
+            dead.append((tensor, member.dim, index.to(tensor.device)))
+    return dead

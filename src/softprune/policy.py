@@ -187,3 +187,21 @@ def _named(key: str, value: str):
     if value not in choices:
         raise choice_error(key.replace("_", " "), value, choices)
     return choices[value]
+
+
+@dataclass
+class StepReport:
+    """What one pruning step did, summed over groups (for logs and progress bars)."""
+
+    t: int
+    rate: float
+    alpha: float
+    hardness: float
+    kept: int
+    soft: int
+    hard: int
+    revived: int = 0  # units soft after the previous step and kept by this one (they came back)
+    revived_norm_ratio: float | None = None  # largest norm of a revived filter / median kept filter
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)

@@ -15,83 +15,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .budgets import Candidates, CostModel, Quota, layer_counts
+from .budgets import Candidates, CostModel, Quota, layer_counts, prioritized
+from .calibrate import example_inputs_for, run_calibration
 from .compact import compact_model, max_difference
 from .compensate import Compensator
 from .criteria import L2
 from .distributed import agree_on_masks, broadcast_from_rank0, replicated
 from .errors import SoftpruneError
 from .features import FeatureTap, find_sites
-from .graph import Analysis, ChannelGroup, Role, analyze, build_groups, selector
-from .masks import GroupMask, HardKeeper, apply, zero_units, zero_units_of
+from .graph import Analysis, ChannelGroup, analyze, build_groups, selector
+from .masks import GroupMask, HardKeeper, apply, clear_optimizer_state, dead_inputs, zero_units
 from .methods import get_method
-from .modes import training_mode
 from .optim import rebind_scheduler, rebuild_optimizer  # noqa: F401  (rebind_scheduler: part of the API here)
 from .plugins import Plugin, PruningView, make_plugin
-from .policy import Policy, make_policy
+from .plugins.tick import train_gates
+from .policy import Policy, StepReport, make_policy
 from .settings import PruneSettings, build_dataclass
-from .soft import SoftMasks, lifted
+from .soft import SoftMasks, lifted, revived
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepReport:
-    """What one pruning step did, summed over groups (for logs and progress bars)."""
-
-    t: int
-    rate: float
-    alpha: float
-    hardness: float
-    kept: int
-    soft: int
-    hard: int
-    revived: int = 0  # units soft after the previous step and kept by this one (they came back)
-    revived_norm_ratio: float | None = None  # largest norm of a revived filter / median kept filter
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def calibration_batches(data: Any, limit: int) -> Iterable:
-    """Up to ``limit`` batches of ``data`` (an iterable, or a callable returning one), each as
-    (inputs, targets or None): a batch is a tensor, or a tuple/list of inputs and targets."""
-    source = data() if callable(data) else data
-    for i, batch in enumerate(source):
-        if i >= limit:
-            break
-        if isinstance(batch, (tuple, list)):
-            yield batch[0], (batch[1] if len(batch) > 1 else None)
-        else:
-            yield batch, None
-
-
-def example_inputs_for(model: nn.Module, example_inputs: Any) -> tuple:
-    if example_inputs is None:
-        shape = getattr(model, "example_input_shape", None)
-        if shape is None:
-            raise SoftpruneError(
-                f"{type(model).__name__} needs example_inputs= (a tensor or tuple the model's forward accepts) "
-                "so softprune can trace it; models from softprune.create_model carry their own"
-            )
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else "cpu"
-        example_inputs = torch.randn(*shape, device=device)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
-        raise SoftpruneError(
-            f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}"
-        )
-    return example_inputs
 
 
 class Pruner:
@@ -294,33 +241,10 @@ class Pruner:
                 f"criterion {self.criterion.name!r} needs gradients: train between pruning steps, or give the "
                 "pruner loss_fn= to score it on the calibration batches"
             )
-        device = self._device()
-        saved = {p: p.grad for p in self.model.parameters()}
-        n = 0
-        try:
-            with training_mode(self.model, training=False):
-                for x, y in calibration_batches(self.calibration, self.calibration_batches):
-                    x = x.to(device)
-                    if gradients:
-                        if y is None:
-                            raise SoftpruneError(
-                                "calibration batches for gradient criteria need targets: (inputs, targets)"
-                            )
-                        for p in saved:
-                            p.grad = None
-                        with torch.enable_grad():
-                            loss = self.loss_fn(self.model(x), y.to(device))
-                            loss.backward()
-                    else:
-                        with torch.no_grad():
-                            self.model(x)
-                    n += 1
-        finally:
-            for p, g in saved.items():
-                p.grad = g
-        if n == 0:
-            raise SoftpruneError("the calibration data gave no batch")
-        return n
+        loss_fn = self.loss_fn if gradients else None
+        return run_calibration(
+            self.model, self.calibration, self.calibration_batches, self._device(), loss_fn
+        )
 
     def _observe_activations(self) -> None:
         self.criterion.start(self.prunable)
@@ -331,42 +255,16 @@ class Pruner:
         finally:
             tap.remove()
 
-    @torch.no_grad()
     def tick(self, batches: Iterable, loss_fn: Any = None, lr: float = 0.01, momentum: float = 0.9) -> int:
-        """Gate Decorator's Tick: train only the one-dimensional parameters (BatchNorm scales, the gates,
-        and biases) on ``batches`` of (inputs, targets), with convolution and linear weights frozen,
-        while a gradient criterion accumulates its scores from these batches alone. Returns the
-        number of batches. Call it right before step()."""
+        """Gate Decorator's Tick (softprune.plugins.tick): train only the one-dimensional parameters
+        (BatchNorm scales, the gates, and biases) on ``batches`` of (inputs, targets), with convolution
+        and linear weights frozen, while a gradient criterion accumulates its scores from these batches
+        alone. Returns the number of batches. Call it right before step()."""
         loss_fn = loss_fn or self.loss_fn
         if loss_fn is None:
             raise SoftpruneError("tick() needs loss_fn= (e.g. torch.nn.functional.cross_entropy)")
         self.criterion.start(self.prunable)
-        params = list(self.model.parameters())
-        flags = [p.requires_grad for p in params]
-        gates = [p for p in params if p.dim() < 2 and p.requires_grad]
-        optimizer = torch.optim.SGD(gates, lr=lr, momentum=momentum)
-        device = self._device()
-        n = 0
-        try:
-            for p in params:
-                if p.dim() >= 2:
-                    p.requires_grad_(False)
-            with training_mode(self.model, training=True):
-                for x, y in calibration_batches(batches, 1 << 62):
-                    if y is None:
-                        raise SoftpruneError("tick() batches must be (inputs, targets)")
-                    with torch.enable_grad():
-                        loss = loss_fn(self.model(x.to(device)), y.to(device))
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                    optimizer.step()
-                    self.enforce()
-                    n += 1
-        finally:
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-                if p.dim() >= 2:
-                    p.grad = None
+        n, gates = train_gates(self.model, batches, loss_fn, lr, momentum, self._device(), self.enforce)
         if replicated():
             broadcast_from_rank0(gates + list(self.model.buffers()))
         return n
@@ -448,53 +346,13 @@ class Pruner:
             self._soft = SoftMasks(self.model, self.analysis, self.prunable)
             self._soft.check(self.example_inputs)
 
-    @torch.no_grad()
     def _clear_state(self, group: ChannelGroup, units: torch.Tensor) -> None:
-        """Zero the optimizer state (momentum, Adam moments) of these units' slices, so that a
-        parameter-masked soft unit is not pushed back at full strength by stale momentum."""
-        state = self.optimizer.state if self.optimizer is not None else {}
-        for member in group.members:
-            if member.role is Role.CONSUMER:
-                continue
-            tensor = member.tensor(self.model)
-            for value in state.get(tensor, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
-                    zero_units_of(value, member, units)
+        clear_optimizer_state(self.optimizer, group, units, self.model)
 
-    @torch.no_grad()
     def _revived(self, old_soft: list[torch.Tensor]) -> tuple[int, float | None]:
-        """How many soft units came back at this step, and the largest norm of their filters
-        relative to the median kept filter of their group."""
-        count, ratio = 0, None
-        for group, mask, before in zip(self.prunable, self.masks, old_soft):
-            back = before & ~mask.pruned
-            if not bool(back.any()):
-                continue
-            count += int(back.sum())
-            kept = ~mask.pruned & ~back
-            if not bool(kept.any()) or not group.members_with(Role.FILTER):
-                continue
-            norms = L2().scores(group, self.model)
-            median = float(norms[kept].median())
-            if median > 0:
-                r = float(norms[back].max()) / median
-                ratio = r if ratio is None else max(ratio, r)
-        return count, ratio
+        return revived(self.prunable, self.masks, old_soft, self.model, L2())
 
     # -- selection --------------------------------------------------------------------------------
-    def _prioritized(self, i: int, order: torch.Tensor) -> torch.Tensor:
-        """Hard units first, then HFP's first selection, then the criterion's order; frozen units last."""
-        group, mask = self.prunable[i], self.masks[i]
-        n = group.size
-        priority = torch.zeros(n)
-        priority[mask.hard] = -2
-        if self.policy.keep_first and self.first[i] is not None:
-            priority[self.first[i] & ~mask.hard] = -1
-        priority[group.frozen] = 1
-        position = torch.empty(n, dtype=torch.long)
-        position[order] = torch.arange(n)
-        return torch.argsort(priority * (n + 1) + position.float(), stable=True)
-
     def _candidates(
         self, order_of: Callable[[int, Candidates], tuple[torch.Tensor, torch.Tensor]]
     ) -> list[Candidates]:
@@ -504,7 +362,7 @@ class Pruner:
             c = Candidates(group.size, self.original_sizes[i], int(self._gone[i].numel()), group.frozen,
                            mask.hard, first, self._quotas[i], torch.zeros(0, dtype=torch.long), torch.zeros(0))  # fmt: skip
             order, c.score = order_of(i, c)
-            c.order = self._prioritized(i, order)
+            c.order = prioritized(order, mask.hard, first, group.frozen)
             out.append(c)
         return out
 
@@ -534,52 +392,24 @@ class Pruner:
         """Fold the units that just became hard into their consumers (see softprune.compensate)."""
         if self.compensator is None:
             return
-        new = [m.hard & ~o for m, o in zip(self.masks, old_hard)]
-        if not any(bool(n.any()) for n in new):
-            return
-        if self.compensator.source == "activations":
-            ids = self.analysis.ids
-            changed = self.compensator.from_activations(
-                self.model,
-                self.analysis,
-                ids.alive(self._classes(old_hard)),
-                ids.alive(self.pruned_classes(include_soft=False)),
-                ids.alive(self.pruned_classes()),
-                self._run_calibration,
-            )
-        else:
-            changed = []
-            for group, mask, fresh in zip(self.prunable, self.masks, new):
-                if bool(fresh.any()) and bool((~mask.pruned).any()):
-                    removed = torch.nonzero(fresh).view(-1)
-                    kept = torch.nonzero(~mask.pruned).view(-1)
-                    changed += self.compensator.from_weights(self.model, group, removed, kept)
+        ids = self.analysis.ids
+
+        def alive() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # before, hard only, all pruned
+            return (ids.alive(self._classes(old_hard)), ids.alive(self.pruned_classes(include_soft=False)),
+                    ids.alive(self.pruned_classes()))  # fmt: skip
+
+        changed = self.compensator.step(
+            self.model, self.analysis, self.prunable, self.masks, old_hard, alive, self._run_calibration
+        )
         if replicated():
             for name in sorted(set(changed)):  # the same order on every rank
                 module = self.model.get_submodule(name)
                 broadcast_from_rank0((module.weight, getattr(module, "bias", None)))
 
     def _dead_inputs(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-        """Consumer input columns that read an always-zero channel (hard units, and residual streams
-        whose every writer is hard): kept at zero with the hard units. The function does not change,
-        and criteria then measure what compaction keeps (a filter's norm over its live inputs), so
-        training on the masked model and after compact_hard() rank filters alike. Not in "filter"
-        scope, which masks convolution weights only, as the papers' code does."""
-        if self.mask_scope == "filter":
+        if self.mask_scope == "filter":  # the papers' scope masks convolution weights only
             return []
-        hard = self.pruned_classes(include_soft=False)
-        if not bool(hard.any()):
-            return []
-        alive = self.analysis.ids.alive(hard)
-        dead = []
-        for member in self.analysis.members:
-            if member.role is not Role.CONSUMER or member.dim is None:
-                continue
-            index = torch.nonzero(~alive[member.unit]).view(-1)
-            if index.numel():
-                tensor = member.tensor(self.model)
-                dead.append((tensor, member.dim, index.to(tensor.device)))
-        return dead
+        return dead_inputs(self.analysis, self.pruned_classes(include_soft=False), self.model)
 
     def _agree(self) -> None:
         """Under torch.distributed, every process takes rank 0's decision (a tie in the scores could

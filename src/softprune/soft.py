@@ -529,3 +529,26 @@ def flat_outputs(value: Any) -> torch.Tensor:
         parts = [p for p in parts if p.numel()]
         return torch.cat(parts) if parts else torch.zeros(0)
     return torch.zeros(0)
+
+
+@torch.no_grad()
+def revived(
+    groups: list[ChannelGroup], masks: list, old_soft: list[torch.Tensor], model: nn.Module, norm: Any
+) -> tuple[int, float | None]:
+    """How many soft units came back at a step (soft before it, kept after it), and the largest
+    ``norm`` of their filters relative to the median kept filter of their group."""
+    count, ratio = 0, None
+    for group, mask, before in zip(groups, masks, old_soft):
+        back = before & ~mask.pruned
+        if not bool(back.any()):
+            continue
+        count += int(back.sum())
+        kept = ~mask.pruned & ~back
+        if not bool(kept.any()) or not group.members_with(Role.FILTER):
+            continue
+        norms = norm.scores(group, model)
+        median = float(norms[kept].median())
+        if median > 0:
+            r = float(norms[back].max()) / median
+            ratio = r if ratio is None else max(ratio, r)
+    return count, ratio
