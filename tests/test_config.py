@@ -71,3 +71,13 @@ def test_setting_a_key_below_a_value_is_an_error():
         config_from_dict({"name": "run"}, ["name.x=1"])
     with pytest.raises(SoftpruneError, match="config key 'name' has value {'x': 1}; expected a string"):
         config_from_dict({}, ["name.x=1"])
+
+
+def test_a_method_by_name_brings_its_settings_and_the_config_adds_its_own():
+    config = config_from_dict({"prune": {"method": "slimming", "max_rate": 0.7, "plugins": ["greg1"]}})
+    p = config.prune
+    assert (p.method, p.criterion, p.budget, p.max_rate) == ("slimming", "bn_scale", "global", 0.7)
+    assert p.regularizer == {"kind": "bn_l1", "strength": 1e-4, "until": "pruned"} and p.plugins == ["greg1"]
+    assert config_from_dict({"prune": {"method": "tick_tock"}}).prune.tick_batches == 20
+    with pytest.raises(SoftpruneError, match="unknown plugin 'bn_l2'; choose one of: bn_l1, greg1, greg2"):
+        config_from_dict({"prune": {"method": "sfp", "plugins": ["bn_l2"]}})

@@ -143,7 +143,7 @@ def test_the_writing_a_method_guide_runs_and_its_plugin_resets_exactly_the_selec
         assert softprune.list_methods().count("sfp_reset") == 1
         # known answer: after the hook, the selected filters' gradient is zero, the others' unchanged
         net = softprune.create_model("resnet20")
-        p = softprune.Pruner(net, "sfp_reset", 0.4, 2, plugins=[namespace["ResetSelected"]()])
+        p = softprune.Pruner(net, "sfp_reset", 0.4, 2)  # the method brings its plugin
         p.step()
         net(torch.randn(4, 3, 32, 32)).sum().backward()
         before = net.conv1.weight.grad.clone()
@@ -153,7 +153,16 @@ def test_the_writing_a_method_guide_runs_and_its_plugin_resets_exactly_the_selec
         soft = p.masks[0].soft[member.unit]  # conv1's rows: its 16 units of the 64 of its residual stream
         assert net.conv1.weight.grad[soft].abs().max() == 0 and bool(soft.any())
         assert torch.equal(net.conv1.weight.grad[~soft], before[~soft])
-        assert plugin.resets > 0 and model is pruner.model
+        assert plugin.resets > 0 and model is pruner.model and len(p.plugins) == 1
+        # a caller's plugins come after the method's
+        both = softprune.Pruner(
+            softprune.create_model("resnet20"),
+            "sfp_reset",
+            0.4,
+            2,
+            plugins=[{"kind": "reset_selected", "scale": 0.5}],
+        )
+        assert [q.scale for q in both.plugins] == [0.0, 0.5]
     finally:
         for registry, name in ((PLUGINS, "reset_selected"), (METHODS, "sfp_reset")):
             if name in registry:

@@ -20,6 +20,7 @@ def test_build_from_a_name_a_mapping_or_an_object():
     assert (built.size, built.colour) == (1, "blue")
     assert things.build(built) is built
     assert list(things) == ["thing"] and "thing" in things and len(things) == 1
+    assert things.get("thing") is Thing and things.get("other") is None and things.get(3) is None
 
 
 def test_errors_name_the_registry_the_choices_and_the_option():

@@ -197,7 +197,7 @@ def test_random_command_lines_fail_cleanly(monkeypatch, capsys, argv):
 
     monkeypatch.setattr(engine, "train", no_training)
     monkeypatch.setattr(
-        "softprune.cli._load_for_profile", lambda *a: (_ for _ in ()).throw(SoftpruneError("stop"))
+        "softprune.cli.load_for_profile", lambda *a: (_ for _ in ()).throw(SoftpruneError("stop"))
     )
     monkeypatch.setattr(
         "softprune.report.make_report", lambda *a, **k: (_ for _ in ()).throw(SoftpruneError("stop"))

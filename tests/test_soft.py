@@ -70,7 +70,7 @@ def test_soft_units_are_masked_in_the_forward_and_trained_straight_through(resid
     loader = _loader(data_root)
     _train(model, opt, loader, 5)
     pruner.step()
-    assert pruner._soft is not None and not pruner._soft.fallback
+    assert pruner.soft_masks is not None and not pruner.soft_masks.fallback
     x, y = next(iter(loader))
     reference = _zeroed(model, pruner)
     model.train(), reference.train()
@@ -151,7 +151,7 @@ def test_srfp_multiplies_soft_channels_by_alpha_t_where_they_are_read():
     model = softprune.create_model("resnet20")
     pruner = softprune.Pruner(model, method="srfp", rate=0.4, total_steps=10, residual="coupled")
     pruner.step()  # alpha_0 = 1: nothing is masked yet
-    assert pruner._soft is None or not pruner._soft.active
+    assert pruner.soft_masks is None or not pruner.soft_masks.active
     pruner.step()
     alpha = pruner.history[-1].alpha
     assert 0 < alpha < 1
@@ -186,11 +186,10 @@ def test_kept_parameters_get_the_gradient_of_what_the_network_computes_at_any_al
     names, params = zip(*model.named_parameters())
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
     # the reference: the same forward, differentiated as it is (no straight-through, no gradient stop)
-    masks = pruner._soft
+    masks = pruner.soft_masks
     masks.remove()
     monkeypatch.setattr(softprune.soft, "straight_through", lambda v, m: v * m.to(v.dtype))
-    masks._rows = {}
-    masks._install()
+    masks.install(gradient_stop=False)
     reference = torch.autograd.grad(F.cross_entropy(model(x), y), params)
     soft = _soft_slices(model, pruner)
     checked = 0
@@ -244,7 +243,7 @@ def test_groups_the_forward_masks_cannot_reach_are_masked_through_their_paramete
         model, "sfp", 0.5, 4, optimizer=opt, residual="independent", example_inputs=x[:1]
     )
     pruner.step()
-    fallback = pruner._soft.fallback
+    fallback = pruner.soft_masks.fallback
     assert fallback  # the sums are fed by F.relu
     assert pruner.soft_fallback == [pruner.prunable[g].name for g in sorted(fallback)]
     for g in fallback:

@@ -34,6 +34,7 @@ from torch import nn
 from .cost import count_flops
 from .errors import SoftpruneError, check_choice
 from .graph import Analysis, ChannelGroup, Role
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,8 @@ class Budget:
         return dict(self.__dict__)
 
     def allocation(self) -> Allocation:
-        """The allocation rule of this kind."""
-        cls = {"layer": LayerAllocation, "global": GlobalAllocation}.get(self.kind, CostAllocation)
-        return cls(self)
+        """The allocation rule of this kind (ALLOCATIONS)."""
+        return ALLOCATIONS[self.kind](self)
 
 
 def make_budget(budget: str | dict | Budget | None) -> Budget:
@@ -494,3 +494,10 @@ class CostAllocation(GlobalAllocation):
             if achieved > best:
                 best, best_counts = achieved, counts_for(k, sequence)
         return best_counts
+
+
+# budget kind -> its allocation; Budget checks its kind against KINDS, which lists these
+ALLOCATIONS: Registry[type[Allocation]] = Registry("budget kind")
+for _kind, _cls in (("layer", LayerAllocation), ("global", GlobalAllocation), ("macs", CostAllocation),
+                    ("params", CostAllocation)):  # fmt: skip
+    ALLOCATIONS.register(_kind, _cls)

@@ -90,7 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_profile(target: str, input_size: int | None, num_classes: int, in_channels: int):
+def load_for_profile(target: str, input_size: int | None, num_classes: int, in_channels: int):
     """A model name, a .safetensors file saved by softprune, or a run folder (its compact model)."""
     from .io import load, read_plan
     from .models import create_model
@@ -129,7 +129,7 @@ def _load_for_profile(target: str, input_size: int | None, num_classes: int, in_
 def cmd_profile(args: argparse.Namespace) -> int:
     from .cost import profile_report
 
-    model, shape, source = _load_for_profile(args.target, args.input_size, args.num_classes, args.in_channels)
+    model, shape, source = load_for_profile(args.target, args.input_size, args.num_classes, args.in_channels)
     devices = tuple(args.device) if args.device else None
     report = {
         "model": source,

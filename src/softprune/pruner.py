@@ -58,13 +58,11 @@ class Pruner:
             returning one) of input tensors or (inputs, targets) pairs, e.g. a DataLoader.
         loss_fn: loss(outputs, targets), for gradient criteria scored on calibration batches and tick().
         interval: prune every ``interval`` optimizer steps instead of on ``step()`` calls.
-        plugins: what else the method adds to training (softprune.plugins: names, mappings
-            {kind: name, **options} or Plugin objects), after the method's own (its regularizer).
         **settings: the pruning settings (softprune.settings.PruneSettings, the same keys as a config's
             prune section): criterion, criterion_options, residual, layers, ignore, mask_scope,
             rate_schedule, decay, hardness, keep_first, budget, max_rate, round_to, normalize,
-            calibration_batches, compensate, regularizer. A method's own settings come first; the
-            ones given here override them.
+            calibration_batches, compensate, regularizer, plugins. A method's own settings come
+            first; the ones given here override them (plugins add up: the method's, then these).
     """
 
     def __init__(
@@ -79,7 +77,6 @@ class Pruner:
         calibration: Any = None,
         loss_fn: Any = None,
         interval: int | None = None,
-        plugins: Iterable[str | dict | Plugin] = (),
         **settings: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -97,11 +94,11 @@ class Pruner:
         ):
             raise SoftpruneError(f"interval must be a positive number of optimizer steps, got {interval!r}")
         self.method = get_method(method)
-        for key in ("layers", "ignore"):  # any iterable from Python
+        for key in ("layers", "ignore", "plugins"):  # any iterable from Python
             if key in settings and not isinstance(settings[key], (str, list, type(None))):
                 settings[key] = list(settings[key])
         self.settings: PruneSettings = build_dataclass(
-            PruneSettings, {**self.method.settings, **settings}, noun="Pruner setting"
+            PruneSettings, self.method.resolve(settings), noun="Pruner setting"
         )
         s = self.settings
         s.check()
@@ -129,7 +126,7 @@ class Pruner:
         self.regularizer = s.make_regularizer()
         # the hard-zero keeper runs first after every optimizer step, then these, in order
         self.plugins: list[Plugin] = [*([self.regularizer] if self.regularizer else []),
-                                      *(make_plugin(p) for p in plugins)]  # fmt: skip
+                                      *(make_plugin(p) for p in s.plugins)]  # fmt: skip
         self.view = PruningView(self)
         layers, ignore, residual, mask_scope = s.layers, list(s.ignore), s.residual, s.mask_scope
         self.model = model
@@ -418,6 +415,11 @@ class Pruner:
             agree_on_masks(self.masks, self.first)
 
     # -- reporting ------------------------------------------------------------------------------
+    @property
+    def soft_masks(self) -> SoftMasks | None:
+        """The forward masks of soft units (softprune.soft), once a step has made soft units."""
+        return self._soft
+
     @property
     def soft_fallback(self) -> list[str]:
         """The groups whose soft units are masked in their parameters, not in the forward pass

@@ -50,6 +50,9 @@ class Registry(Mapping[str, T], Generic[T]):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._items
 
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._items.get(name, default) if isinstance(name, str) else default
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 from .budgets import Budget
 from .criteria import Criterion, make_criterion
 from .errors import SoftpruneError
+from .plugins import Plugin
 from .plugins.regularizers import Regularizer, make_regularizer
 from .schedules import Schedule
 
@@ -59,6 +60,9 @@ class PruneSettings:
     # a penalty added to the gradients before every optimizer step: bn_l1, greg1, greg2, or a
     # mapping {kind: ..., options}
     regularizer: str | dict[str, Any] | Regularizer | None = None
+    # what else the method adds to training (softprune.plugins): names, mappings {kind: ..., options}
+    # or (from Python) Plugin objects; a method's own come first
+    plugins: list[str | dict[str, Any] | Plugin] = field(default_factory=list)
 
     def check(self, noun: str = "Pruner setting", prefix: str = "") -> None:
         """Range checks the types cannot say; messages name the key as ``noun 'prefix+key'``."""

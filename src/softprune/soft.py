@@ -312,6 +312,14 @@ class SoftMasks:
         if self._masks:
             self._install()
 
+    def install(self, gradient_stop: bool = True) -> None:
+        """Put the hooks back after ``remove()``; ``gradient_stop=False`` leaves out the hooks that take
+        the soft channels' share out of the gradient of the layers before them (a reference for tests)."""
+        if not gradient_stop:
+            self._rows = {}
+        if self._masks:
+            self._install()
+
     def _install(self) -> None:
         by_module: dict[str, list[int]] = {}
         for k in self._masks:

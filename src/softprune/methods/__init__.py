@@ -33,6 +33,15 @@ class Method:
     def criterion(self) -> str:
         return self.settings.get("criterion", "l2")
 
+    def resolve(self, given: dict[str, Any], training: bool = False) -> dict[str, Any]:
+        """The method's settings (and, for a run config, its training keys) under the ``given`` ones;
+        plugins add up: the method's first, then the given ones."""
+        own = {**self.settings, **(self.training if training else {})}
+        merged = {**own, **given}
+        if own.get("plugins") and given.get("plugins"):
+            merged["plugins"] = [*own["plugins"], *given["plugins"]]
+        return merged
+
 
 METHODS: Registry[Method] = Registry("method", instance_of=Method)
 

@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 from ..errors import SoftpruneError, choice_error
+from ..registry import Registry
 from .cifar_resnet import BasicBlock, CifarResNet, ShortcutA, resnet20, resnet32, resnet56, resnet110
 from .lenet import LeNet5, lenet5
 from .vgg import CifarVGG, vgg16_bn_cifar
@@ -46,7 +47,7 @@ class _Entry:
     fixed_input_size: bool
 
 
-_REGISTRY: dict[str, _Entry] = {}
+MODELS: Registry[_Entry] = Registry("model")  # softprune's own; torchvision's names are looked up there
 
 
 def register_model(
@@ -55,11 +56,7 @@ def register_model(
     """Decorator that registers ``builder(num_classes, in_channels, **kwargs)`` under ``name``."""
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise SoftpruneError(
-                f"a model named {name!r} is already registered; register it under another name"
-            )
-        _REGISTRY[name] = _Entry(builder, default_input_size, fixed_input_size)
+        MODELS.register(name, _Entry(builder, default_input_size, fixed_input_size))
         return builder
 
     return decorate
@@ -72,7 +69,7 @@ register_model("lenet5", 28, fixed_input_size=True)(lenet5)
 
 def list_models() -> list[str]:
     """Names of softprune's own models (torchvision classification names are accepted too)."""
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def torchvision_models() -> list[str]:
@@ -98,7 +95,7 @@ def create_model(
     _check_positive("in_channels", in_channels)
     if input_size is not None:
         _check_positive("input_size", input_size)
-    entry = _REGISTRY.get(name)
+    entry = MODELS.get(name)
     if entry is not None:
         size = entry.default_input_size if input_size is None else input_size
         if entry.fixed_input_size and size != entry.default_input_size:

@@ -175,10 +175,13 @@ def _validate(config: RunConfig) -> None:
     p.check(noun="config key", prefix="prune.")
     if p.method != "dense":
         from ..criteria import make_criterion
+        from ..plugins import make_plugin
         from ..plugins.regularizers import make_regularizer
 
         criterion = make_criterion(p.criterion, **p.criterion_options)
         make_regularizer(p.regularizer)
+        for spec in p.plugins:  # an unknown plugin or option fails here, before training starts
+            make_plugin(spec)
         if criterion.needs == "activations" and p.calibration_batches < 1:
             raise SoftpruneError(
                 f"criterion {p.criterion!r} scores feature maps: prune.calibration_batches must be >= 1"
@@ -308,7 +311,7 @@ def config_from_dict(data: Any, overrides: list[str] = ()) -> RunConfig:
             )
         # a method's own settings first, then the config's: the same resolution as Pruner(method=...)
         recipe = get_method(method)
-        data = {**data, "prune": {**recipe.settings, **recipe.training, **prune}}
+        data = {**data, "prune": recipe.resolve(prune, training=True)}
     config = _build(RunConfig, data, "")
     if config.prune.criterion is None:  # the method's, written out so that the saved config says what ran
         dense = config.prune.method == "dense"
