@@ -117,8 +117,11 @@ def main() -> None:
         )
     lines += [
         "",
-        "Floors: a pruning step < 1% of an epoch; the per-iteration hooks <= 3% of a training step. Presets",
-        "without hard filters (sfp, asfp, srfp, asrfp) have nothing to re-zero; their ratio is the noise.",
+        "Floors: a pruning step < 1% of an epoch; the per-iteration hooks <= 3% of a training step. Each",
+        "model is timed after its first pruning step (rate 0.4 of 10 steps). Where that step made soft units",
+        "with a decay below 1 (sfp, ghfp; asfp's and the srfp family's first step masks nothing yet), the",
+        "training step carries the forward masks of softprune.soft and their gradient stop: that, not the",
+        "hard-zero hook, is what costs (docs/methods.md, Soft units).",
     ]
     write("overhead" + ("_smoke" if args.smoke else ""), payload, "\n".join(lines), args.out)
 
