@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from .budgets import Budget
+from .budgets import Budget, make_budget
 from .criteria import Criterion, make_criterion
 from .errors import SoftpruneError
 from .plugins import Plugin
@@ -78,17 +78,12 @@ class PruneSettings:
             raise fail("calibration_batches", "be an integer >= 0")
 
     def make_budget(self) -> Budget:
+        """The budget, with the flat max_rate, round_to and normalize under a mapping's own keys."""
         if isinstance(self.budget, Budget):
             return self.budget
         flat = {"max_rate": self.max_rate, "round_to": self.round_to, "normalize": self.normalize}
         spec = {"kind": self.budget} if isinstance(self.budget, str) else dict(self.budget)
-        try:
-            return Budget(**{**flat, **spec})
-        except TypeError:
-            unknown = sorted(set(spec) - {"kind", *flat})
-            raise SoftpruneError(
-                f"budget has no option {unknown[0]!r}; its options are: kind, max_rate, round_to, normalize"
-            ) from None
+        return make_budget({**flat, **spec})
 
     def make_criterion(self, default: str | dict | Criterion) -> Criterion:
         return make_criterion(default if self.criterion is None else self.criterion, **self.criterion_options)
@@ -102,10 +97,6 @@ class PruneSettings:
         if value is True:
             return "activations" if have_calibration else "weights"
         return None if value in (False, "none") else value
-
-
-def setting_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(PruneSettings)]
 
 
 # -- typed dataclasses from plain values (YAML or Python keywords) -------------------------------

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ids import Context
-from .ops import elementwise, elementwise_nonzero_at_zero, normalize_over, pad, spatial
+from .ops import elementwise, elementwise_nonzero_at_zero, normalize_over, pad, resize, spatial
 
 
 def _module_from(fn_rule: Callable) -> Callable:
@@ -65,7 +65,7 @@ for cls, n in (
     (nn.AdaptiveMaxPool1d, 1), (nn.AdaptiveMaxPool2d, 2), (nn.AdaptiveMaxPool3d, 3), (nn.LPPool2d, 2),
 ):  # fmt: skip
     MODULE_RULES[cls] = _module_from(spatial(n))
-MODULE_RULES[nn.Upsample] = lambda ctx, m, ai, ki, a, k: spatial(ai[0].dim() - 2)(ctx, ai, ki, a, k)
+MODULE_RULES[nn.Upsample] = _module_from(resize)
 MODULE_RULES[nn.Flatten] = _flatten_module
 MODULE_RULES[nn.Unflatten] = _unflatten_module
 MODULE_RULES[nn.Softmax] = _softmax_module

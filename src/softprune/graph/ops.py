@@ -367,6 +367,11 @@ def spatial(spatial_dims: int):
     return rule
 
 
+def resize(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """Interpolation: spatial over every dimension after the channels, however many there are."""
+    return spatial(arg_ids[0].dim() - 2)(ctx, arg_ids, kwarg_ids, args, kwargs)
+
+
 def _reduce_dims(args, kwargs, ndim: int):
     dim = args[1] if len(args) > 1 else kwargs.get("dim", None)
     if dim is None:
@@ -534,7 +539,7 @@ for name in _MOVE_METHODS:
     )
 for f, n in _SPATIAL_FUNCTIONS.items():
     FUNCTION_RULES[f] = spatial(n)
-FUNCTION_RULES[F.interpolate] = lambda ctx, ai, ki, a, k: spatial(ai[0].dim() - 2)(ctx, ai, ki, a, k)
+FUNCTION_RULES[F.interpolate] = resize
 for f, s in _REDUCE_FUNCTIONS.items():
     FUNCTION_RULES[f] = _reduction(s)
 for name, s in _REDUCE_METHODS.items():
