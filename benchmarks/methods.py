@@ -77,6 +77,8 @@ ABLATIONS = {
     "ghfp-init": ["prune.method=ghfp", "prune.initial_step=true"],
     # FPGM with the MACs budget ranking each layer's units by position, not by score over the mean
     "fpgm-rank": ["prune.method=sfp", "prune.criterion=fpgm", "prune.normalize=rank"],
+    # FPGM whose re-selection stops at 2/3 of the budget: the last third trains the kept structure
+    "fpgm-tail": ["prune.method=sfp", "prune.criterion=fpgm", "prune.finetune_epochs={third}"],
 }
 BUDGETS = {
     "short": {"epochs": 6, "schedule": "cosine"},
