@@ -73,11 +73,27 @@ def test_setting_a_key_below_a_value_is_an_error():
         config_from_dict({}, ["name.x=1"])
 
 
+def test_a_saved_config_resolves_to_itself_and_old_tick_keys_become_the_tick_plugin():
+    tick = {"kind": "tick", "batches": 20, "lr": 0.01}
+    config = config_from_dict({"prune": {"method": "tick_tock"}})
+    again = config_from_dict(config.to_dict())  # a run folder's config.yaml, read back
+    assert again == config and again.prune.plugins == [tick]  # the method's plugin is not added twice
+    old = {"prune": {"method": "hfp", "criterion": "taylor", "tick_batches": 5, "tick_lr": 0.1}}
+    assert config_from_dict(old).prune.plugins == [{"kind": "tick", "batches": 5, "lr": 0.1}]
+    assert config_from_dict({"prune": {"method": "sfp", "tick_batches": 0}}).prune.plugins == []
+    with pytest.raises(SoftpruneError, match="every_iterations"):
+        config_from_dict({"prune": {"method": "tick_tock", "every_iterations": 10}})
+
+
 def test_a_method_by_name_brings_its_settings_and_the_config_adds_its_own():
     config = config_from_dict({"prune": {"method": "slimming", "max_rate": 0.7, "plugins": ["greg1"]}})
     p = config.prune
     assert (p.method, p.criterion, p.budget, p.max_rate) == ("slimming", "bn_scale", "global", 0.7)
     assert p.regularizer == {"kind": "bn_l1", "strength": 1e-4, "until": "pruned"} and p.plugins == ["greg1"]
-    assert config_from_dict({"prune": {"method": "tick_tock"}}).prune.tick_batches == 20
-    with pytest.raises(SoftpruneError, match="unknown plugin 'bn_l2'; choose one of: bn_l1, greg1, greg2"):
+    assert config_from_dict({"prune": {"method": "tick_tock"}}).prune.plugins == [
+        {"kind": "tick", "batches": 20, "lr": 0.01}
+    ]
+    with pytest.raises(
+        SoftpruneError, match="unknown plugin 'bn_l2'; choose one of: bn_l1, compensate, greg1, greg2, tick"
+    ):
         config_from_dict({"prune": {"method": "sfp", "plugins": ["bn_l2"]}})

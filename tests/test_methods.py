@@ -11,8 +11,8 @@ import torchvision
 from torch import nn
 
 import softprune
+from softprune import Compensator
 from softprune.cli import main
-from softprune.compensate import Compensator
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_RECIPES = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
@@ -459,7 +459,7 @@ def test_accumulated_taylor_scores_survive_a_pruner_state_round_trip():
     [
         ("prune.budget=flops", "prune.budget"),
         ("prune.criterion=hrank prune.calibration_batches=0", "calibration_batches must be >= 1"),
-        ("prune.tick_batches=5", "does not use them"),
+        ("prune.plugins=[tick]", "does not use them"),
         ("prune.regularizer=l3", "regularizer"),
         ("prune.compensate=gradients", "prune.compensate"),
         ("prune.max_rate=1.5", "max_rate"),

@@ -31,7 +31,18 @@ class Recorder(Plugin):
     def after_optimizer_step(self, view):
         self.calls["after"] += 1
 
+    def before_pruning_step(self, view):
+        self.calls.setdefault("order", []).append("before_pruning_step")
+
+    def after_selection(self, view, previous_hard):
+        # the new masks are chosen, the weights not masked yet: the newly hard filters still hold values
+        new = [m.hard & ~old for m, old in zip(view.masks, previous_hard)]
+        weight = view.model[0].weight
+        live = sum(float(weight[n].abs().sum()) > 0 for n in new[0].nonzero().view(-1))
+        self.calls.setdefault("order", []).append(("after_selection", int(new[0].sum()), live))
+
     def after_pruning_step(self, view, report):
+        self.calls.setdefault("order", []).append("after_pruning_step")
         self.calls["pruned"].append((view.step, report.t, view.counts()[1] + view.counts()[2]))
 
     def before_compaction(self, view):
@@ -77,8 +88,80 @@ def test_hooks_run_at_their_points_with_the_view():
     _train(net, opt, 2)
     pruner.step()
     assert plugin.calls["pruned"] == [(1, 0, 4), (2, 1, 4)]  # after the masks are set, t advanced
+    step = ["before_pruning_step", ("after_selection", 0, 0), "after_pruning_step"]  # SFP: soft only
+    assert plugin.calls["order"] == step + step
     pruner.compact()
     assert plugin.calls["compaction"] == 1
+    # compact() makes the 4 selected units hard: the plugin sees them before they are zeroed
+    assert plugin.calls["order"][-1] == ("after_selection", 4, 4)
+
+
+def test_compensation_is_a_plugin_built_from_the_setting_and_saved_with_the_settings():
+    x = torch.randn(1, 3, 6, 6)
+    pruner = softprune.Pruner(_net(), "hfp", 0.5, 2, example_inputs=x, compensate="weights")
+    (plugin,) = pruner.plugins
+    assert isinstance(plugin, softprune.Compensator) and plugin.options() == {
+        "source": "weights",
+        "ridge": 1e-4,
+    }
+    assert pruner.state_dict()["plugins"] == []  # rebuilt from the settings, as before it was a plugin
+    assert isinstance(make_plugin({"kind": "compensate", "source": "weights"}), softprune.Compensator)
+    with pytest.raises(SoftpruneError, match="fits the next layers on calibration data"):
+        softprune.Pruner(_net(), "hfp", 0.5, 2, example_inputs=x, compensate="activations")
+
+
+def _gate_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)
+    )
+
+
+def test_the_tick_plugin_is_a_tick_by_hand_before_every_step():
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    data = [(torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))) for _ in range(3)]
+    x = data[0][0][:1]
+
+    def run(plugin: bool):
+        net = _gate_net().train()
+        kw = {"plugins": [{"kind": "tick", "batches": 2, "lr": 0.05}]} if plugin else {}
+        pruner = softprune.Pruner(net, "hfp", 0.5, 2, example_inputs=x, criterion="taylor", calibration=data,
+                                  loss_fn=F.cross_entropy, **kw)  # fmt: skip
+        for _ in range(2):
+            if not plugin:
+                pruner.tick(data[:2], lr=0.05)
+            pruner.step()
+        return net, pruner
+
+    auto, p_auto = run(True)
+    by_hand, p_hand = run(False)
+    assert [m.hard.tolist() for m in p_auto.masks] == [m.hard.tolist() for m in p_hand.masks]
+    assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(), by_hand.state_dict().values()))
+    assert not torch.equal(auto[1].weight, _gate_net()[1].weight)  # the gates trained
+    assert p_auto.state_dict()["plugins"] == [
+        {"kind": "tick", "batches": 2, "lr": 0.05, "momentum": 0.9, "state": {}}
+    ]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"criterion": "l2"}, "needs a criterion that scores gradients; criterion 'l2' does not use them"),
+        ({"criterion": "taylor", "calibration": None}, "trains the gates on calibration batches"),
+        ({"criterion": "taylor", "interval": 3}, "runs before pruning steps at epoch ends"),
+    ],
+)
+def test_the_tick_plugin_refuses_what_it_cannot_do(settings, message):
+    import torch.nn.functional as F
+
+    data = [(torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,)))]
+    kw = {"calibration": data, "loss_fn": F.cross_entropy, **settings}
+    with pytest.raises(SoftpruneError, match=message):
+        softprune.Pruner(_gate_net(), "hfp", 0.5, 2, example_inputs=data[0][0][:1], plugins=["tick"], **kw)
+    with pytest.raises(SoftpruneError, match="tick batches must be a positive integer"):
+        make_plugin({"kind": "tick", "batches": 0})
 
 
 def test_plugin_state_is_saved_and_a_different_set_of_plugins_is_refused():

@@ -10,7 +10,6 @@ softprune.profile(small, torch.randn(1, 3, 32, 32))
 
 from .budgets import Budget, make_budget
 from .calibrate import recalibrate_batchnorm
-from .compensate import Compensator
 from .cost import latency, paper_flops_cifar_resnet, profile
 from .criteria import CRITERIA, Criterion, make_criterion, register_criterion
 from .errors import SoftpruneError
@@ -18,6 +17,7 @@ from .graph import RULES, Handler, analyze, build_groups, register_handler, regi
 from .io import export_onnx, load, save
 from .methods import METHODS, Method, get_method, list_methods, register_method
 from .models import create_model, list_models
+from .plugins.compensation import Compensator
 from .plugins.regularizers import REGULARIZERS, Regularizer, make_regularizer
 from .policy import PRESETS, Policy, make_policy, register_preset
 from .pruner import Pruner

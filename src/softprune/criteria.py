@@ -38,12 +38,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .compensate import ridged
 from .errors import SoftpruneError, choice_error
 from .graph import ChannelGroup, Member, Role
 from .registry import Registry
 
 AGGREGATES = ("mean", "sum", "max", "first")
+
+
+def ridged(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """gram + ridge * (its mean diagonal) * I: a ridge that scales with the data, so the same
+    ``ridge`` suits activations of any magnitude (float64 in, float64 out)."""
+    n = gram.shape[0]
+    scale = float(gram.diagonal().mean()) if n else 1.0
+    return gram + ridge * max(scale, 1e-30) * torch.eye(n, dtype=gram.dtype)
 
 
 class Criterion:

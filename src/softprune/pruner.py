@@ -23,17 +23,17 @@ from torch import nn
 from .budgets import Candidates, CostModel, Quota, layer_counts, prioritized
 from .calibrate import example_inputs_for, run_calibration
 from .compact import compact_model, max_difference
-from .compensate import Compensator
 from .criteria import L2
-from .distributed import agree_on_masks, broadcast_from_rank0, replicated
+from .distributed import agree_on_masks, replicated
 from .errors import SoftpruneError
 from .features import FeatureTap, find_sites
 from .graph import Analysis, ChannelGroup, analyze, build_groups, selector
 from .masks import GroupMask, HardKeeper, apply, clear_optimizer_state, dead_inputs, zero_units
 from .methods import get_method
 from .optim import rebind_scheduler, rebuild_optimizer  # noqa: F401  (rebind_scheduler: part of the API here)
-from .plugins import Plugin, PruningView, make_plugin
-from .plugins.tick import train_gates
+from .plugins import Plugin, PruningView, check_fits, make_plugin
+from .plugins.compensation import Compensator
+from .plugins.tick import run_tick
 from .policy import Policy, StepReport, make_policy
 from .settings import PruneSettings, build_dataclass
 from .soft import SoftMasks, lifted, revived
@@ -118,15 +118,12 @@ class Pruner:
                 "training data, e.g. a DataLoader) and calibration_batches >= 1"
             )
         compensate = s.compensation_source(have_calibration)
-        if compensate == "activations" and not have_calibration:
-            raise SoftpruneError(
-                "compensate='activations' fits the next layers on calibration data: pass calibration=..."
-            )
         self.compensator = None if compensate is None else Compensator(compensate)
         self.regularizer = s.make_regularizer()
-        # the hard-zero keeper runs first after every optimizer step, then these, in order
-        self.plugins: list[Plugin] = [*([self.regularizer] if self.regularizer else []),
-                                      *(make_plugin(p) for p in s.plugins)]  # fmt: skip
+        # the hard-zero keeper runs first after every optimizer step, then these, in order; the ones
+        # the settings build (regularizer, compensate) are saved with the settings, not as plugins
+        self._from_settings = [p for p in (self.regularizer, self.compensator) if p is not None]
+        self.plugins: list[Plugin] = [*self._from_settings, *(make_plugin(p) for p in s.plugins)]
         self.view = PruningView(self)
         layers, ignore, residual, mask_scope = s.layers, list(s.ignore), s.residual, s.mask_scope
         self.model = model
@@ -177,6 +174,7 @@ class Pruner:
         self._watch()
         self.attach(optimizer)
         for plugin in self.plugins:
+            check_fits(plugin, self.criterion.name, self.criterion.needs, interval is not None)
             plugin.attach(self.view)
 
     # -- optimizer hooks ------------------------------------------------------------------------
@@ -253,18 +251,15 @@ class Pruner:
             tap.remove()
 
     def tick(self, batches: Iterable, loss_fn: Any = None, lr: float = 0.01, momentum: float = 0.9) -> int:
-        """Gate Decorator's Tick (softprune.plugins.tick): train only the one-dimensional parameters
-        (BatchNorm scales, the gates, and biases) on ``batches`` of (inputs, targets), with convolution
-        and linear weights frozen, while a gradient criterion accumulates its scores from these batches
-        alone. Returns the number of batches. Call it right before step()."""
+        """Gate Decorator's Tick by hand (the ``tick`` plugin runs one before every step): train only
+        the one-dimensional parameters (BatchNorm scales, the gates, and biases) on ``batches`` of
+        (inputs, targets), with convolution and linear weights frozen, while a gradient criterion
+        accumulates its scores from these batches alone. Returns the number of batches. Call it right
+        before step()."""
         loss_fn = loss_fn or self.loss_fn
         if loss_fn is None:
             raise SoftpruneError("tick() needs loss_fn= (e.g. torch.nn.functional.cross_entropy)")
-        self.criterion.start(self.prunable)
-        n, gates = train_gates(self.model, batches, loss_fn, lr, momentum, self._device(), self.enforce)
-        if replicated():
-            broadcast_from_rank0(gates + list(self.model.buffers()))
-        return n
+        return run_tick(self.view, batches, loss_fn, lr, momentum)
 
     def _count_step(self) -> None:
         self._optimizer_steps += 1
@@ -283,6 +278,8 @@ class Pruner:
             raise SoftpruneError(
                 f"all {self.total_steps} pruning steps are done; Pruner.step() was called once too often"
             )
+        for plugin in self.plugins:
+            plugin.before_pruning_step(self.view)
         t, T = self.t, self.total_steps
         rate, alpha, hardness = self.policy.values(t, T)
         self.criterion.begin_step(t)
@@ -303,7 +300,8 @@ class Pruner:
             if self.policy.keep_first and self.first[i] is None and picked.numel() > 0:
                 self.first[i] = selected.clone()
         self._agree()
-        self._compensate(old_hard)
+        for plugin in self.plugins:
+            plugin.after_selection(self.view, old_hard)
         self.alpha = alpha
         self._mask_soft(alpha)
         self._keeper.update(self.prunable, self.masks, self._dead_inputs())
@@ -383,25 +381,6 @@ class Pruner:
         for group, units in zip(self.prunable, masks):
             pruned[group.classes[units]] = True
         return pruned
-
-    @torch.no_grad()
-    def _compensate(self, old_hard: list[torch.Tensor]) -> None:
-        """Fold the units that just became hard into their consumers (see softprune.compensate)."""
-        if self.compensator is None:
-            return
-        ids = self.analysis.ids
-
-        def alive() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # before, hard only, all pruned
-            return (ids.alive(self._classes(old_hard)), ids.alive(self.pruned_classes(include_soft=False)),
-                    ids.alive(self.pruned_classes()))  # fmt: skip
-
-        changed = self.compensator.step(
-            self.model, self.analysis, self.prunable, self.masks, old_hard, alive, self._run_calibration
-        )
-        if replicated():
-            for name in sorted(set(changed)):  # the same order on every rank
-                module = self.model.get_submodule(name)
-                broadcast_from_rank0((module.weight, getattr(module, "bias", None)))
 
     def _dead_inputs(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
         if self.mask_scope == "filter":  # the papers' scope masks convolution weights only
@@ -543,7 +522,8 @@ class Pruner:
         old_hard = [m.hard.clone() for m in self.masks]
         for mask in self.masks:
             mask.hard = mask.pruned.clone()
-        self._compensate(old_hard)
+        for plugin in self.plugins:
+            plugin.after_selection(self.view, old_hard)
         if self._soft is not None:
             self._soft.remove()
         for group, mask in zip(self.prunable, self.masks):
@@ -632,7 +612,7 @@ class Pruner:
             "plugins": [
                 {"kind": p.name, **p.options(), "state": p.state_dict()}
                 for p in self.plugins
-                if p is not self.regularizer
+                if p not in self._from_settings
             ],
         }
 
@@ -680,7 +660,7 @@ class Pruner:
         saved_reg = state.get("regularizer")
         if self.regularizer is not None and saved_reg:
             self.regularizer.load_state_dict(saved_reg.get("state", {}))
-        others = [p for p in self.plugins if p is not self.regularizer]
+        others = [p for p in self.plugins if p not in self._from_settings]
         saved = state.get("plugins", [])
         if [p.get("kind") for p in saved] != [p.name for p in others]:
             raise SoftpruneError(

@@ -1,8 +1,8 @@
 """Methods by name: the soft-to-hard presets and the literature's methods, each a named recipe.
 
 A method is a preset (the policy: rate, decay and hardness schedules, softprune.policy) plus the
-settings it needs (criterion, budget, regularizer, compensation, ...; softprune.settings) and, for
-the training command only, training-side keys (Tick's batches). ``Pruner(model, method="hrank")``
+settings it needs (criterion, budget, regularizer, compensation, plugins such as Tick, ...;
+softprune.settings). ``Pruner(model, method="hrank")``
 and a config's ``prune: {method: hrank}`` resolve a method the same way: its settings first, then
 whatever the caller set. Where a method comes from (paper, code, reconstructed) is in its ``source``.
 
@@ -25,7 +25,6 @@ class Method:
     summary: str  # one line: what it does
     source: str = ""  # paper and code, and what softprune reconstructed
     settings: dict[str, Any] = field(default_factory=dict)  # PruneSettings keys
-    training: dict[str, Any] = field(default_factory=dict)  # run-config keys of the prune section only
     # pruning steps a training run takes at least (a short run spreads them over its iterations)
     min_steps: int = 1
 
@@ -33,13 +32,14 @@ class Method:
     def criterion(self) -> str:
         return self.settings.get("criterion", "l2")
 
-    def resolve(self, given: dict[str, Any], training: bool = False) -> dict[str, Any]:
-        """The method's settings (and, for a run config, its training keys) under the ``given`` ones;
-        plugins add up: the method's first, then the given ones."""
-        own = {**self.settings, **(self.training if training else {})}
-        merged = {**own, **given}
-        if own.get("plugins") and given.get("plugins"):
-            merged["plugins"] = [*own["plugins"], *given["plugins"]]
+    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The method's settings under the ``given`` ones; plugins add up: the method's first, then
+        the given ones that are not among them (so settings resolved once, such as a saved run
+        config's, resolve to themselves)."""
+        merged = {**self.settings, **given}
+        own, extra = self.settings.get("plugins") or [], given.get("plugins") or []
+        if own and extra:
+            merged["plugins"] = [*own, *(p for p in extra if p not in own)]
         return merged
 
 

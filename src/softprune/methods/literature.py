@@ -59,8 +59,8 @@ register_method(Method(
     "You et al., NeurIPS 2019; hard steps that grow until the MACs budget is met",
     settings={"keep_first": False, "rate_schedule": {"kind": "linear", "ramp": 0.67}, "criterion": "taylor",
               "budget": "macs", "max_rate": 0.8,
-              "regularizer": {"kind": "bn_l1", "strength": 1e-4, "until": "end"}},
-    training={"tick_batches": 20, "tick_lr": 0.01},
+              "regularizer": {"kind": "bn_l1", "strength": 1e-4, "until": "end"},
+              "plugins": [{"kind": "tick", "batches": 20, "lr": 0.01}]},
 ))  # fmt: skip
 register_method(Method(
     "random", "ghfp", "the baseline: GHFP's schedule with filters chosen at random (seeded per step)",

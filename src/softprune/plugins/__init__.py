@@ -11,26 +11,34 @@ model, the groups, their mask state and the step), never the Pruner itself.
 | attach(view)           | the Pruner is built, or hooked to another optimizer               |
 | before_optimizer_step  | before every step of the hooked optimizer (gradients are there)   |
 | after_optimizer_step   | after it                                                        |
+| before_pruning_step    | at the start of each pruning step, before scoring (Tick trains the gates here) |
+| after_selection        | the step has chosen its masks, the weights are not masked yet (``previous_hard``: each group's hard units before it; compensation folds the new ones here) |
 | after_pruning_step     | after each pruning step has set the masks (``report``: its counts) |
 | before_compaction      | before the masked model becomes a smaller one                     |
 | state_dict / load_state_dict | saved and restored with the Pruner (checkpoints, resume)     |
 
 Plugins are registered by name (``PLUGINS``) and built from a name or a mapping
-``{kind: name, **options}``; ``Pruner(..., plugins=[...])`` adds them after the method's own.
+``{kind: name, **options}``; ``Pruner(..., plugins=[...])`` adds them after the method's own. Here:
+the regularizers (``regularizers.py``), weight compensation (``compensation.py``, built from the
+``compensate`` setting) and Gate Decorator's Tick (``tick.py``); the hard-zero keeper every Pruner
+runs first lives with the masks (``softprune.masks.HardKeeper``).
 docs/writing_a_method.md walks through one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..calibrate import calibration_batches
+from ..errors import SoftpruneError
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..graph import ChannelGroup
+    from ..graph import Analysis, ChannelGroup
     from ..masks import GroupMask
 
 
@@ -84,15 +92,70 @@ class PruningView:
     def mask_scope(self) -> str:
         return self._owner.settings.mask_scope
 
+    @property
+    def analysis(self) -> Analysis:
+        """The channel graph of the model (ids, members), for plugins that follow channels to their
+        consumers."""
+        return self._owner.analysis
+
+    @property
+    def loss_fn(self) -> Any:
+        return self._owner.loss_fn
+
+    @property
+    def criterion_needs(self) -> str:
+        """What the criterion scores from: "weights", "activations" or "gradients"."""
+        return self._owner.criterion.needs
+
+    @property
+    def interval(self) -> int | None:
+        """Optimizer steps between pruning steps (None: steps are called by the training loop)."""
+        return self._owner.interval
+
+    @property
+    def has_calibration(self) -> bool:
+        return self._owner.calibration is not None and self._owner.calibration_batches > 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._owner._device()
+
     def counts(self) -> tuple[int, int, int]:
         """Units kept, soft and hard, over all groups."""
         return self._owner.counts()
+
+    def alive(self, removed: list[torch.Tensor]) -> torch.Tensor:
+        """Per channel id of the graph, whether it survives removing these units (one boolean mask
+        per group)."""
+        return self._owner.analysis.ids.alive(self._owner._classes(removed))
+
+    def calibration_data(self, limit: int) -> Iterable:
+        """Up to ``limit`` calibration batches as (inputs, targets or None)."""
+        return calibration_batches(self._owner.calibration, limit)
+
+    def run_calibration(self, gradients: bool = False) -> int:
+        """Forward (and, with ``gradients``, backward) passes over the calibration batches in eval mode;
+        returns the number of batches."""
+        return self._owner._run_calibration(gradients=gradients)
+
+    def restart_scores(self) -> None:
+        """A gradient criterion forgets what it accumulated and scores the batches from here on."""
+        self._owner.criterion.start(self._owner.prunable)
+
+    def enforce_hard(self) -> None:
+        """Zero the hard units now (as after every step of the hooked optimizer)."""
+        self._owner.enforce()
 
 
 class Plugin:
     """Base class: every hook does nothing; a plugin overrides the ones it needs."""
 
     name = "plugin"
+    # a plugin that trains on batches of its own before each pruning step asks for the steps at epoch
+    # ends: the training command then does not spread them over the iterations (prune.min_steps)
+    steps_at_epoch_ends = False
+    # what the criterion must score from for the plugin to make sense (None: any)
+    criterion_needs: str | None = None
 
     def attach(self, view: PruningView) -> None:
         pass
@@ -101,6 +164,12 @@ class Plugin:
         pass
 
     def after_optimizer_step(self, view: PruningView) -> None:
+        pass
+
+    def before_pruning_step(self, view: PruningView) -> None:
+        pass
+
+    def after_selection(self, view: PruningView, previous_hard: list[torch.Tensor]) -> None:
         pass
 
     def after_pruning_step(self, view: PruningView, report: Any) -> None:
@@ -132,4 +201,19 @@ def make_plugin(spec: str | dict | Plugin) -> Plugin:
     return PLUGINS.build(spec)
 
 
-from . import regularizers  # noqa: E402,F401  (registers the regularizers)
+def check_fits(plugin: Plugin, criterion: str, criterion_needs: str, per_iterations: bool) -> None:
+    """The plugin can run with this criterion (its name and what it scores from) and with pruning
+    steps every k iterations (``per_iterations``) or not."""
+    if plugin.criterion_needs is not None and criterion_needs != plugin.criterion_needs:
+        raise SoftpruneError(
+            f"the {plugin.name} plugin needs a criterion that scores {plugin.criterion_needs}; criterion "
+            f"{criterion!r} does not use them"
+        )
+    if plugin.steps_at_epoch_ends and per_iterations:
+        raise SoftpruneError(
+            f"the {plugin.name} plugin runs before pruning steps at epoch ends, not with steps every k "
+            "iterations (every_iterations, interval)"
+        )
+
+
+from . import compensation, regularizers, tick  # noqa: E402,F401  (registers their plugins)

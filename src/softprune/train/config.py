@@ -72,8 +72,9 @@ class PruneConfig(PruneSettings):
     every_iterations: int | None = None  # ... or every k optimizer steps
     # at least this many pruning steps: where one per epoch gives fewer (a short run), the steps are
     # spread evenly over the iterations instead, so each step changes less (docs/methods.md, "Steps").
-    # None: the method's, 24 for ghfp and 1 (one step per epoch) for the others. Not with every_epochs > 1, tick_batches or compact_during_training, which ask
-    # for steps at epoch ends.
+    # None: the method's, 24 for ghfp and 1 (one step per epoch) for the others. Not with
+    # every_epochs > 1, compact_during_training or a plugin that trains before each step (tick), which
+    # ask for steps at epoch ends.
     min_steps: int | None = None
     # one more pruning step before the first epoch, as SFP's and GHFP's released code do; off by
     # default: on the methods benchmark it cost GHFP 0.7 points and did not help SFP (docs/methods.md)
@@ -86,10 +87,6 @@ class PruneConfig(PruneSettings):
     # BatchNorm statistics re-estimated on this many training batches after each pruning step and
     # before evaluation (0: off, the papers' protocol). It changes no weight and no training step.
     recalibrate_bn: int = 20
-    # Gate Decorator's Tick: before each step, this many batches training only BN scales and biases
-    # while a gradient criterion (taylor) scores the channels
-    tick_batches: int = 0
-    tick_lr: float = 0.01
 
     def pruner_settings(self) -> dict:
         """The keyword settings of softprune.Pruner."""
@@ -169,31 +166,22 @@ def _validate(config: RunConfig) -> None:
         raise SoftpruneError(f"config key 'data.cutout' must be >= 0 (pixels; 0 is off), got {d.cutout!r}")
     if p.recalibrate_bn < 0:
         raise SoftpruneError(f"config key 'prune.recalibrate_bn' must be >= 0, got {p.recalibrate_bn!r}")
-    if p.tick_batches < 0:
-        raise SoftpruneError(f"config key 'prune.tick_batches' must be >= 0, got {p.tick_batches!r}")
-    positive("prune.tick_lr", p.tick_lr)
     p.check(noun="config key", prefix="prune.")
     if p.method != "dense":
         from ..criteria import make_criterion
-        from ..plugins import make_plugin
+        from ..plugins import check_fits, make_plugin
         from ..plugins.regularizers import make_regularizer
 
         criterion = make_criterion(p.criterion, **p.criterion_options)
         make_regularizer(p.regularizer)
-        for spec in p.plugins:  # an unknown plugin or option fails here, before training starts
-            make_plugin(spec)
+        # an unknown plugin or option fails here, before training starts
+        plugins = [make_plugin(spec) for spec in p.plugins]
         if criterion.needs == "activations" and p.calibration_batches < 1:
             raise SoftpruneError(
                 f"criterion {p.criterion!r} scores feature maps: prune.calibration_batches must be >= 1"
             )
-        if p.tick_batches and p.every_iterations is not None:
-            raise SoftpruneError(
-                "prune.tick_batches runs before pruning steps at epoch ends, not with prune.every_iterations"
-            )
-        if p.tick_batches and criterion.needs != "gradients":
-            raise SoftpruneError(
-                f"prune.tick_batches scores channels by their gradients; criterion {p.criterion!r} does not use them"
-            )
+        for plugin in plugins:
+            check_fits(plugin, p.criterion, criterion.needs, p.every_iterations is not None)
     positive("prune.every_iterations", p.every_iterations, allow_none=True)
     positive("prune.min_steps", p.min_steps)
     positive("data.train_limit", d.train_limit, allow_none=True)
@@ -300,6 +288,9 @@ def config_from_dict(data: Any, overrides: list[str] = ()) -> RunConfig:
         raise SoftpruneError(f"the config must be a mapping of sections, got {type(data).__name__}")
     data = merge(data, list(overrides))
     prune = data.get("prune")
+    if isinstance(prune, dict) and ("tick_batches" in prune or "tick_lr" in prune):
+        data = {**data, "prune": _tick_keys_as_plugin(prune)}
+        prune = data["prune"]
     method = prune.get("method", PruneConfig.method) if isinstance(prune, dict) else None
     if isinstance(method, str) and method != "dense":
         if method not in METHODS:
@@ -311,7 +302,7 @@ def config_from_dict(data: Any, overrides: list[str] = ()) -> RunConfig:
             )
         # a method's own settings first, then the config's: the same resolution as Pruner(method=...)
         recipe = get_method(method)
-        data = {**data, "prune": recipe.resolve(prune, training=True)}
+        data = {**data, "prune": recipe.resolve(prune)}
     config = _build(RunConfig, data, "")
     if config.prune.criterion is None:  # the method's, written out so that the saved config says what ran
         dense = config.prune.method == "dense"
@@ -320,6 +311,17 @@ def config_from_dict(data: Any, overrides: list[str] = ()) -> RunConfig:
         config.prune.min_steps = default_min_steps(config.prune.method)
     _validate(config)
     return config
+
+
+def _tick_keys_as_plugin(prune: dict) -> dict:
+    """Configs written before Tick became a plugin (run folders saved by softprune 0.1 keep them):
+    ``tick_batches: N, tick_lr: lr`` read as ``plugins: [{kind: tick, batches: N, lr: lr}]``."""
+    prune = dict(prune)
+    batches, lr = prune.pop("tick_batches", 0), prune.pop("tick_lr", 0.01)
+    if batches:
+        tick = {"kind": "tick", "batches": batches, "lr": lr}
+        prune["plugins"] = [*(prune.get("plugins") or []), tick]
+    return prune
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -38,6 +38,7 @@ from ..data import DATASETS, BatchLoader, load_dataset
 from ..errors import SoftpruneError
 from ..models import create_model
 from ..modes import training_mode
+from ..plugins import make_plugin
 from ..pruner import Pruner, rebind_scheduler
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import PruneConfig, RunConfig, config_from_dict, default_min_steps
@@ -325,14 +326,6 @@ class Run:
                 y.to(self.device, non_blocking=True),
             )
 
-    def tick(self) -> None:
-        """Gate Decorator's Tick before a pruning step (prune.tick_batches > 0)."""
-        n = self.config.prune.tick_batches
-        if n <= 0:
-            return
-        batches = ((x, y) for i, (x, y) in enumerate(self.calibration_data()) if i < n)
-        self.pruner.tick(batches, F.cross_entropy, lr=self.config.prune.tick_lr)
-
     def compact_hard(self) -> None:
         """Remove the hard filters now; train the smaller network from here on (see Pruner.compact_hard)."""
         small = self.pruner.compact_hard()
@@ -362,7 +355,6 @@ class Run:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if self.pruner is not None and cfg.prune.initial_step and self.pruner.t == 0:
-            self.tick()
             self.pruner.step()  # before the first epoch, on the model as it starts
         while self.epoch < cfg.train.epochs:
             start = time.time()
@@ -382,7 +374,6 @@ class Run:
                     and (self.epoch + 1) % p.every_epochs == 0
                     and self.pruner.t < self.pruner.total_steps
                 ):
-                    self.tick()
                     self.pruner.step()
                     if p.compact_during_training:
                         self.compact_hard()
@@ -533,7 +524,8 @@ def pruning_interval(p: PruneConfig, pruning_epochs: int, per_epoch: int) -> int
     iteration apart)."""
     if p.every_iterations is not None:
         return p.every_iterations
-    epoch_end = p.every_epochs > 1 or p.tick_batches > 0 or p.compact_during_training
+    trains_before_steps = any(make_plugin(spec).steps_at_epoch_ends for spec in p.plugins)
+    epoch_end = p.every_epochs > 1 or trains_before_steps or p.compact_during_training
     min_steps = default_min_steps(p.method) if p.min_steps is None else p.min_steps
     if epoch_end or pruning_epochs >= min_steps:
         return None

@@ -13,8 +13,8 @@ input channels, the same A corrects every kernel position. Two sources for A:
   path from the filters to the consumer is linear; no data needed.
 
 Compensation runs when units become hard (soft units may come back, so nothing is folded for them),
-before their consumers' columns are zeroed. Grouped convolutions and attention inputs are left as
-they are.
+before their consumers' columns are zeroed: the plugin's ``after_selection`` hook. The Pruner adds it
+for the ``compensate`` setting. Grouped convolutions and attention inputs are left as they are.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import check_choice
-from .graph import Analysis, ChannelGroup, Role
+from ..criteria import ridged
+from ..distributed import broadcast_from_rank0, replicated
+from ..errors import SoftpruneError, check_choice
+from ..graph import Analysis, ChannelGroup, Role
+from . import PLUGINS, Plugin, PruningView
 
 SOURCES = ("activations", "weights")
 
@@ -36,14 +39,6 @@ def _compensable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def ridged(gram: torch.Tensor, ridge: float) -> torch.Tensor:
-    """gram + ridge * (its mean diagonal) * I: a ridge that scales with the data, so the same
-    ``ridge`` suits activations of any magnitude (float64 in, float64 out)."""
-    n = gram.shape[0]
-    scale = float(gram.diagonal().mean()) if n else 1.0
-    return gram + ridge * max(scale, 1e-30) * torch.eye(n, dtype=gram.dtype)
-
-
 def _fold(weight: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor, a: torch.Tensor) -> None:
     """weight[:, kept] += weight[:, removed] contracted with a [|removed|, |kept|] (column dim 1)."""
     w_r = weight.index_select(1, removed).double()
@@ -51,11 +46,37 @@ def _fold(weight: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor, a: to
     weight.index_add_(1, kept, add.to(weight.dtype))
 
 
-class Compensator:
+class Compensator(Plugin):
+    """Folds the units that become hard at a pruning step into their consumers (see the module doc)."""
+
+    name = "compensate"
+
     def __init__(self, source: str = "activations", ridge: float = 1e-4) -> None:
         check_choice("compensation source", source, SOURCES)
         self.source = source
         self.ridge = ridge
+
+    def options(self) -> dict:
+        return {"source": self.source, "ridge": self.ridge}
+
+    def attach(self, view: PruningView) -> None:
+        if self.source == "activations" and not view.has_calibration:
+            raise SoftpruneError(
+                "compensate='activations' fits the next layers on calibration data: pass calibration=..."
+            )
+
+    @torch.no_grad()
+    def after_selection(self, view: PruningView, previous_hard: list[torch.Tensor]) -> None:
+        def alive() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # before, hard only, all pruned
+            return (view.alive(previous_hard), view.alive([m.hard for m in view.masks]),
+                    view.alive([m.pruned for m in view.masks]))  # fmt: skip
+
+        changed = self.step(view.model, view.analysis, view.groups, view.masks, previous_hard, alive,
+                            view.run_calibration)  # fmt: skip
+        if replicated():
+            for name in sorted(set(changed)):  # the same order on every rank
+                module = view.model.get_submodule(name)
+                broadcast_from_rank0((module.weight, getattr(module, "bias", None)))
 
     def step(
         self,
@@ -209,3 +230,6 @@ def _unit_positions(unit: torch.Tensor, size: int) -> torch.Tensor | None:
     slot = torch.arange(units.numel()) - (torch.cumsum(counts, 0) - counts)[units]
     out[units, slot] = cols
     return out
+
+
+PLUGINS.register(Compensator.name, Compensator)
