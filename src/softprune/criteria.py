@@ -105,8 +105,16 @@ class Criterion:
 
     # -- helpers shared by weight criteria ------------------------------------------------------
     def _per_member(
-        self, group: ChannelGroup, model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        group: ChannelGroup,
+        model: nn.Module,
+        fn: Callable[..., torch.Tensor],
+        among_present: bool = False,
     ) -> torch.Tensor:
+        """``fn`` of each filter member's rows, aggregated over the members that have the unit.
+        ``among_present``: ``fn(rows, found)`` sees only the rows of the units the member has
+        (``found``, a mask over the group), for criteria that compare a filter with the others of its
+        layer: a zero-padded shortcut's units absent from a layer are not zero filters of it."""
         members = group.members_with(Role.FILTER)
         if not members:
             raise SoftpruneError(f"group '{group.name}' has no filters to score")
@@ -115,8 +123,14 @@ class Criterion:
         values, present = [], []
         for member in members:
             rows = group.unit_matrix(model, member).float()
-            values.append(fn(rows))
-            present.append(_present(group, member))
+            found = _present(group, member)
+            if among_present:  # the units this member has (a zero-padded shortcut has fewer)
+                value = torch.zeros(group.size)
+                value[found] = fn(rows[found], found)
+                values.append(value)
+            else:
+                values.append(fn(rows))
+            present.append(found)
         v = torch.stack(values)
         p = torch.stack(present)
         if self.aggregate == "max":
@@ -148,6 +162,12 @@ class L2(Criterion):
         return self._per_member(group, model, lambda rows: rows.norm(dim=1))
 
 
+def _mean_distances(rows: torch.Tensor, metric: str) -> torch.Tensor:
+    """Each row's mean distance to the other rows (FPGM's sum over the layer, divided by its n - 1
+    so that members of one group with different numbers of units are on one scale)."""
+    return _distance_sums(rows, metric) / max(rows.shape[0] - 1, 1)
+
+
 def _distance_sums(rows: torch.Tensor, metric: str) -> torch.Tensor:
     if metric == "l2":
         d = torch.cdist(rows[None], rows[None])[0]
@@ -163,7 +183,9 @@ METRICS = ("l2", "l1", "cosine")
 
 
 class FPGM(Criterion):
-    """Filters near the geometric median of their layer are the most replaceable: g(F_i) = sum_j ||F_i - F_j||."""
+    """Filters near the geometric median of their layer are the most replaceable: g(F_i) = sum_j ||F_i - F_j||
+    over the filters F_j of the layer, divided by their number minus one (the same order within a
+    layer; members of a coupled group with fewer units, behind a zero-padded shortcut, on one scale)."""
 
     name = "fpgm"
 
@@ -174,7 +196,9 @@ class FPGM(Criterion):
         self.metric = metric
 
     def scores(self, group, model):
-        return self._per_member(group, model, lambda rows: _distance_sums(rows, self.metric))
+        return self._per_member(
+            group, model, lambda rows, found: _mean_distances(rows, self.metric), among_present=True
+        )
 
     def options(self) -> dict:
         return {**super().options(), "metric": self.metric}
@@ -202,12 +226,13 @@ class FPGMMix(FPGM):
         keep = torch.ones(group.size, dtype=torch.bool)
         keep[first] = False
 
-        def among_rest(rows: torch.Tensor) -> torch.Tensor:
+        def among_rest(rows: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
             out = torch.full((rows.shape[0],), math.inf)
-            out[keep] = _distance_sums(rows[keep], self.metric)
+            rest_here = keep[found]
+            out[rest_here] = _mean_distances(rows[rest_here], self.metric)
             return out
 
-        dist = self._per_member(group, model, among_rest)
+        dist = self._per_member(group, model, among_rest, among_present=True)
         rest = rest[torch.argsort(dist[rest], stable=True)]
         return torch.cat([first, rest])
 
