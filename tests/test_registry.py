@@ -5,6 +5,7 @@ import pytest
 import softprune
 from softprune.errors import SoftpruneError
 from softprune.registry import Registry
+from softprune.schedules import schedule_from_dict
 
 
 class Thing:
@@ -36,6 +37,8 @@ def test_errors_name_the_registry_the_choices_and_the_option():
         things.build("thing", color="blue")
     with pytest.raises(SoftpruneError, match="needs 'kind'"):
         things.build({"size": 2})
+    with pytest.raises(SoftpruneError, match="schedule kind 'linear' needs the option 'value'"):
+        schedule_from_dict({"kind": "linear", "ramp": 0.5})  # a required option, not a TypeError
     with pytest.raises(SoftpruneError, match="already registered"):
         things.register("thing", dict)
     things.register("thing", dict, replace=True)

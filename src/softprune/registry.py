@@ -134,4 +134,13 @@ def call_with_options(builder: Callable[..., T], options: dict[str, Any], what: 
             raise SoftpruneError(
                 f"{what} has no option {unknown[0]!r}; its options are: {', '.join(allowed) or 'none'}"
             )
+    missing = [
+        p.name
+        for p in params
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in options
+    ]
+    if missing:
+        raise SoftpruneError(f"{what} needs the option {missing[0]!r}")
     return builder(**options)

@@ -13,7 +13,7 @@ for configs and checkpoints, and :func:`schedule_from_dict` rebuilds it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from .errors import SoftpruneError
@@ -175,16 +175,10 @@ def schedule_from_dict(data: dict | float | int | Schedule) -> Schedule:
         raise SoftpruneError(f"a schedule is a number or a mapping with 'kind', got {data!r}")
     if isinstance(data, (int, float)):
         return Constant(float(data))
-    data = dict(data)
-    kind = data.pop("kind", None)
-    cls = SCHEDULES[kind]
-    allowed = {f.name for f in fields(cls)}
-    unknown = set(data) - allowed
-    if unknown:
-        raise SoftpruneError(
-            f"schedule {kind!r} has no option {sorted(unknown)[0]!r}; its options are: {', '.join(sorted(allowed))}"
-        )
-    for key, value in data.items():
+    options = {k: v for k, v in data.items() if k != "kind"}
+    for key, value in options.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SoftpruneError(f"schedule {kind!r} option {key!r} must be a number, got {value!r}")
-    return cls(**{k: float(v) for k, v in data.items()})
+            raise SoftpruneError(
+                f"schedule {data.get('kind')!r} option {key!r} must be a number, got {value!r}"
+            )
+    return SCHEDULES.build({"kind": data.get("kind"), **{k: float(v) for k, v in options.items()}})
