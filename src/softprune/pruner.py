@@ -109,7 +109,6 @@ class Pruner:
         self.criterion = s.make_criterion(self.method.criterion)
         self.budget = s.make_budget()
         self.calibration = calibration
-        self.calibration_batches = s.calibration_batches
         self.loss_fn = loss_fn
         have_calibration = calibration is not None and s.calibration_batches > 0
         if self.criterion.needs == "activations" and not have_calibration:
@@ -125,19 +124,17 @@ class Pruner:
         self._from_settings = [p for p in (self.regularizer, self.compensator) if p is not None]
         self.plugins: list[Plugin] = [*self._from_settings, *(make_plugin(p) for p in s.plugins)]
         self.view = PruningView(self)
-        layers, ignore, residual, mask_scope = s.layers, list(s.ignore), s.residual, s.mask_scope
         self.model = model
         # how to build the original model again (softprune.load), kept across compact_hard()
         self.model_spec = getattr(model, "softprune_spec", None)
         self.total_steps = total_steps
         self.interval = interval
-        self.mask_scope = mask_scope
-        self.residual = residual
         self.example_inputs = example_inputs_for(model, example_inputs)
-        ignore = list(ignore)
-        self.ignore = ignore
-        self.analysis: Analysis = analyze(model, self.example_inputs, residual=residual, leaf_modules=ignore)
-        self.groups: list[ChannelGroup] = build_groups(self.analysis, selector(layers, ignore), ignore)
+        ignore = self.ignore
+        self.analysis: Analysis = analyze(
+            model, self.example_inputs, residual=s.residual, leaf_modules=ignore
+        )
+        self.groups: list[ChannelGroup] = build_groups(self.analysis, selector(s.layers, ignore), ignore)
         self.prunable = [g for g in self.groups if g.prunable]
         if not self.prunable:
             reasons = sorted(
@@ -150,7 +147,6 @@ class Pruner:
         self.masks = [GroupMask(g.size) for g in self.prunable]
         self._quotas = [Quota.of(g) for g in self.prunable]  # what selection must leave in each layer
         self.first: list[torch.Tensor | None] = [None] * len(self.prunable)
-        self._layers = layers
         # after compact_hard(), counts still refer to the original widths: per group, its original size,
         # the original index of every current unit, the original units removed, and per constraint row
         # the units it lost
@@ -161,7 +157,7 @@ class Pruner:
         self.t = 0
         self.history: list[StepReport] = []
         self._optimizer_steps = 0
-        self._keeper = HardKeeper(model, mask_scope)
+        self._keeper = HardKeeper(model, s.mask_scope)
         self._soft: SoftMasks | None = None  # forward masks of soft units (channel scope)
         self.alpha = 1.0  # the soft factor of the latest step
         self._handles: list[Any] = []  # the optimizer's hooks
@@ -176,6 +172,23 @@ class Pruner:
         for plugin in self.plugins:
             check_fits(plugin, self.criterion.name, self.criterion.needs, interval is not None)
             plugin.attach(self.view)
+
+    # the settings the rest of the Pruner reads often
+    @property
+    def mask_scope(self) -> str:
+        return self.settings.mask_scope
+
+    @property
+    def residual(self) -> str:
+        return self.settings.residual
+
+    @property
+    def ignore(self) -> list[str]:
+        return list(self.settings.ignore)
+
+    @property
+    def calibration_batches(self) -> int:
+        return self.settings.calibration_batches
 
     # -- optimizer hooks ------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -478,7 +491,7 @@ class Pruner:
             else None
         )
         analysis = analyze(small, self.example_inputs, residual=self.residual, leaf_modules=self.ignore)
-        groups = build_groups(analysis, selector(self._layers, self.ignore), self.ignore)
+        groups = build_groups(analysis, selector(self.settings.layers, self.ignore), self.ignore)
         by_name = {g.name: i for i, g in enumerate(old_groups)}
         prunable, masks, first, original, origin, gone, quotas = [], [], [], [], [], [], []
         for g in groups:
