@@ -1,5 +1,6 @@
 """Criteria: scores against hand computations on small groups."""
 
+import copy
 import math
 
 import pytest
@@ -30,34 +31,42 @@ def test_l1_and_l2_are_filter_norms():
     assert torch.allclose(make_criterion("l2").scores(group, model), w.flatten(1).norm(dim=1))
 
 
-def test_fpgm_scores_are_mean_distances_and_pick_the_filter_at_the_median():
+def test_fpgm_scores_are_relative_distance_sums_and_pick_the_filter_at_the_median():
     torch.manual_seed(0)
     w = torch.randn(5, 2, 3, 3) * 3
     w[4] = w[:4].mean(0)  # the geometric median of a symmetric set is near the mean
     model, group = _group(w)
     flat = w.flatten(1)
-    expected = torch.cdist(flat, flat).sum(1) / 4  # to the 4 other filters
+    sums = torch.cdist(flat, flat).sum(1)
+    expected = sums / sums.mean()
     scores = make_criterion("fpgm").scores(group, model)
     assert torch.allclose(scores, expected, rtol=1e-5)
     assert int(scores.argmin()) == 4
     # the norm criterion would not pick it: the mean of random filters has a small norm, but not the smallest here
     cosine = make_criterion("fpgm", metric="cosine").scores(group, model)
     unit = flat / flat.norm(dim=1, keepdim=True)
-    assert torch.allclose(cosine, (1 - unit @ unit.T).sum(1) / 4, atol=1e-5)
+    cosine_sums = (1 - unit @ unit.T).sum(1)
+    assert torch.allclose(cosine, cosine_sums / cosine_sums.mean(), atol=1e-5)
 
 
 def test_fpgm_compares_a_filter_only_with_the_filters_its_layer_has():
     # ResNet-20's residual stream is one group of 64 units; the 16-wide layers behind zero-padded
     # shortcuts have units 0..15 only. The stem's units are scored among the stem's 16 filters, not
-    # against 48 zero rows (which would add 48 times each filter's norm to its score).
+    # against 48 zero rows (which would add 48 times each filter's norm to its score), and each
+    # member's scores are relative to its own mean, so members of other widths and scales weigh alike.
     torch.manual_seed(0)
     model = softprune.create_model("resnet20")
     pruner = softprune.Pruner(model, "sfp", 0.4, 1, residual="coupled")
     stream = max(pruner.prunable, key=lambda g: len(g.producers))
     first = make_criterion("fpgm", aggregate="first").scores(stream, model)
     stem = model.conv1.weight.detach().flatten(1)
-    assert torch.allclose(first[:16], torch.cdist(stem, stem).sum(1) / 15, rtol=1e-5)
+    sums = torch.cdist(stem, stem).sum(1)
+    assert torch.allclose(first[:16], sums / sums.mean(), rtol=1e-5)
     assert torch.all(first[16:] == 0)  # the stem has no such units
+    scaled = copy.deepcopy(model)
+    scaled.layer3[2].conv2.weight.data *= 10  # a member's weight scale does not change the scores
+    mean = make_criterion("fpgm").scores(stream, model)
+    assert torch.allclose(make_criterion("fpgm").scores(stream, scaled), mean, rtol=1e-4)
 
 
 def test_fpgm_mix_takes_a_share_by_norm_then_the_rest_by_distance():

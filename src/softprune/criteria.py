@@ -162,10 +162,12 @@ class L2(Criterion):
         return self._per_member(group, model, lambda rows: rows.norm(dim=1))
 
 
-def _mean_distances(rows: torch.Tensor, metric: str) -> torch.Tensor:
-    """Each row's mean distance to the other rows (FPGM's sum over the layer, divided by its n - 1
-    so that members of one group with different numbers of units are on one scale)."""
-    return _distance_sums(rows, metric) / max(rows.shape[0] - 1, 1)
+def _relative_distances(rows: torch.Tensor, metric: str) -> torch.Tensor:
+    """Each row's distance sum to the other rows over the layer's mean of them: FPGM's order within
+    a layer, on a scale shared by the members of a coupled group whatever their width and the size
+    of their weights (a layer's filters are compared with each other, not with another layer's)."""
+    sums = _distance_sums(rows, metric)
+    return sums / sums.mean().clamp(min=1e-12) if sums.numel() else sums
 
 
 def _distance_sums(rows: torch.Tensor, metric: str) -> torch.Tensor:
@@ -184,8 +186,9 @@ METRICS = ("l2", "l1", "cosine")
 
 class FPGM(Criterion):
     """Filters near the geometric median of their layer are the most replaceable: g(F_i) = sum_j ||F_i - F_j||
-    over the filters F_j of the layer, divided by their number minus one (the same order within a
-    layer; members of a coupled group with fewer units, behind a zero-padded shortcut, on one scale)."""
+    over the filters F_j of the layer, divided by the layer's mean of g (the same order within a
+    layer; the members of a coupled group, of different widths behind zero-padded shortcuts and of
+    different weight scales, each compare their own filters and weigh the same)."""
 
     name = "fpgm"
 
@@ -197,7 +200,7 @@ class FPGM(Criterion):
 
     def scores(self, group, model):
         return self._per_member(
-            group, model, lambda rows, found: _mean_distances(rows, self.metric), among_present=True
+            group, model, lambda rows, found: _relative_distances(rows, self.metric), among_present=True
         )
 
     def options(self) -> dict:
@@ -229,7 +232,7 @@ class FPGMMix(FPGM):
         def among_rest(rows: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
             out = torch.full((rows.shape[0],), math.inf)
             rest_here = keep[found]
-            out[rest_here] = _mean_distances(rows[rest_here], self.metric)
+            out[rest_here] = _relative_distances(rows[rest_here], self.metric)
             return out
 
         dist = self._per_member(group, model, among_rest, among_present=True)
