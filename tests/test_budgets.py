@@ -7,7 +7,7 @@ from softprune.budgets import Quota
 
 
 def _quota_oracle(owners, is_producer, gone, order, hard, frozen, rate, n_sel):
-    """The selection rule of Pruner._within_quota written out unit by unit, row by row."""
+    """The selection rule of Quota.pick written out unit by unit, row by row."""
     width = owners.sum(1)
     quota = torch.where(is_producer, torch.floor((width + gone) * rate + 1e-9).long() - gone, width)
     quota = torch.minimum(quota, width - 1).clamp(min=0)
