@@ -164,6 +164,21 @@ def test_the_tick_plugin_refuses_what_it_cannot_do(settings, message):
         make_plugin({"kind": "tick", "batches": 0})
 
 
+def test_a_refused_pruner_leaves_the_optimizer_unhooked():
+    # a plugin that refuses at attach comes after the regularizer: the user's optimizer must not be
+    # left calling a half-built pruner (here: adding its L1 penalty to every later step)
+    net = _gate_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with pytest.raises(SoftpruneError, match="needs a criterion that scores gradients"):
+        softprune.Pruner(net, "hfp", 0.5, 2, opt, example_inputs=torch.randn(1, 3, 6, 6), plugins=["tick"],
+                         regularizer={"kind": "bn_l1", "strength": 0.5})  # fmt: skip
+    opt.zero_grad()
+    net(torch.randn(2, 3, 6, 6)).square().mean().backward()
+    before = net[1].weight.grad.clone()
+    opt.step()
+    assert torch.equal(net[1].weight.grad, before)
+
+
 def test_plugin_state_is_saved_and_a_different_set_of_plugins_is_refused():
     x = torch.randn(1, 3, 6, 6)
     net = _net()

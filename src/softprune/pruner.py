@@ -168,10 +168,11 @@ class Pruner:
         if self.budget.kind in ("macs", "params"):
             self.dense_cost = self._costs().cost(self._classes([]))  # nothing pruned
         self._watch()
-        self.attach(optimizer)
         for plugin in self.plugins:
             check_fits(plugin, self.criterion.name, self.criterion.needs, interval is not None)
             plugin.attach(self.view)
+        # last: a pruner refused above must not leave the caller's optimizer calling into it
+        self.attach(optimizer)
 
     # the settings the rest of the Pruner reads often
     @property
