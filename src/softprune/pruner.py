@@ -110,13 +110,12 @@ class Pruner:
         self.budget = s.make_budget()
         self.calibration = calibration
         self.loss_fn = loss_fn
-        have_calibration = calibration is not None and s.calibration_batches > 0
-        if self.criterion.needs == "activations" and not have_calibration:
+        if self.criterion.needs == "activations" and not self.has_calibration:
             raise SoftpruneError(
                 f"criterion {self.criterion.name!r} scores feature maps: pass calibration= (a few batches of "
                 "training data, e.g. a DataLoader) and calibration_batches >= 1"
             )
-        compensate = s.compensation_source(have_calibration)
+        compensate = s.compensation_source(self.has_calibration)
         self.compensator = None if compensate is None else Compensator(compensate)
         self.regularizer = s.make_regularizer()
         # the hard-zero keeper runs first after every optimizer step, then these, in order; the ones
@@ -190,6 +189,11 @@ class Pruner:
     @property
     def calibration_batches(self) -> int:
         return self.settings.calibration_batches
+
+    @property
+    def has_calibration(self) -> bool:
+        """Calibration batches are given and the settings use some."""
+        return self.calibration is not None and self.calibration_batches > 0
 
     # -- optimizer hooks ------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer | None) -> None:

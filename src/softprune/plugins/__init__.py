@@ -90,7 +90,7 @@ class PruningView:
 
     @property
     def mask_scope(self) -> str:
-        return self._owner.settings.mask_scope
+        return self._owner.mask_scope
 
     @property
     def analysis(self) -> Analysis:
@@ -114,7 +114,7 @@ class PruningView:
 
     @property
     def has_calibration(self) -> bool:
-        return self._owner.calibration is not None and self._owner.calibration_batches > 0
+        return self._owner.has_calibration
 
     @property
     def device(self) -> torch.device:
