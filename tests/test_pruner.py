@@ -331,3 +331,31 @@ def test_analysis_calibration_and_checks_give_every_module_its_own_training_mode
     pruner.compact()  # the equivalence check runs both models in eval mode
     modes += [model.training, model.layer1[0].bn1.training, model.bn1.training]
     assert modes == [True, True, False] * 3
+
+
+def test_default_selection_adds_linear_layers_only_where_the_compute_is():
+    from torchvision.models import VisionTransformer
+
+    from softprune.graph import DENSE_LAYERS
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                            num_classes=10)  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    pruner = softprune.Pruner(vit, "hfp", 0.5, 1, example_inputs=x)
+    assert pruner.layers == list(DENSE_LAYERS)
+    names = {p for g in pruner.prunable for p in g.producers}
+    assert {"encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_1.mlp.0"} <= names
+    assert "heads.head" not in names  # the classifier never
+    pruner.step()
+    small = pruner.compact()
+    assert small.encoder.layers.encoder_layer_0.mlp[0].out_features == 32
+    assert pruner.last_verification["max_abs_diff"] < 1e-5
+    # a CNN with a hidden Linear layer in its head: the convolutions dominate, only they are selected
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
+    )  # fmt: skip
+    pruner = softprune.Pruner(cnn, "hfp", 0.5, 1, example_inputs=x)
+    assert pruner.layers is None
+    assert {p for g in pruner.prunable for p in g.producers} == {"0", "2"}

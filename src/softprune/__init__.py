@@ -14,9 +14,9 @@ from .cost import latency, paper_flops_cifar_resnet, profile
 from .criteria import CRITERIA, Criterion, make_criterion, register_criterion
 from .errors import SoftpruneError
 from .graph import RULES, Handler, analyze, build_groups, register_handler, register_op
-from .io import export_onnx, load, save
+from .io import export_onnx, save
 from .methods import METHODS, Method, get_method, list_methods, register_method
-from .models import create_model, list_models
+from .models import create_model, list_models, load
 from .plugins.compensation import Compensator
 from .plugins.regularizers import REGULARIZERS, Regularizer, make_regularizer
 from .policy import PRESETS, Policy, make_policy, register_preset

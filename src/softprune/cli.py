@@ -1,6 +1,7 @@
 """The command line: it parses, calls the library, and prints. Errors are one line, never a traceback.
 
 softprune train CONFIG.yaml [section.key=value ...] [--resume]
+softprune profile | export | report ...
 softprune demo
 """
 
@@ -38,6 +39,8 @@ def _fmt_count(n: float) -> str:
 
 def _print_result(summary: dict) -> None:
     dense = summary["dense"]
+    if summary.get("start"):
+        _echo(f"started from a trained model: test accuracy {summary['start']['test_acc']:.2f}%")
     if "compact" not in summary:
         _echo(
             f"test accuracy {summary['test_acc_masked']:.2f}%  params {_fmt_count(dense['params'])}  MACs {_fmt_count(dense['macs'])}"
@@ -90,10 +93,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_profile(target: str, input_size: int | None, num_classes: int, in_channels: int):
-    """A model name, a .safetensors file saved by softprune, or a run folder (its compact model)."""
-    from .io import load, read_plan
-    from .models import create_model
+def load_for_profile(
+    target: str, input_size: int | None, num_classes: int, in_channels: int, factory: str | None = None
+):
+    """A model name, a .safetensors file saved by softprune, or a run folder (its compact model).
+    ``factory``: the package.module:function a file was built with, named by the user (a file never
+    decides which code is imported)."""
+    from .io import read_plan
+    from .models import create_model, load
 
     path = Path(target)
     if path.is_dir():
@@ -109,8 +116,20 @@ def load_for_profile(target: str, input_size: int | None, num_classes: int, in_c
                 "or a run's compact.safetensors), a run folder, or a model name"
             )
         plan = read_plan(path)
-        model = load(path)
         spec = plan.get("model") or {}
+        builder = None
+        if factory is not None:
+            if spec.get("name") != factory:
+                raise SoftpruneError(
+                    f"{str(path)!r} was built by {spec.get('name')!r}, not by --model {factory!r}"
+                )
+            builder = lambda: create_model(**spec)  # noqa: E731
+        elif ":" in str(spec.get("name", "")) and not str(spec["name"]).startswith("timm:"):
+            raise SoftpruneError(
+                f"{str(path)!r} was built by your factory {spec['name']!r}; name it to rebuild the model: "
+                f"--model {spec['name']}"
+            )
+        model = load(path, builder)
         shape = plan["inputs"][0]["shape"] if plan.get("inputs") else None
         if shape is None:
             size = (
@@ -156,6 +175,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .io import export_onnx
+
+    model, shape, source = load_for_profile(args.target, args.input_size, 10, 3, args.model)
+    out = Path(args.onnx) if args.onnx else Path(source).with_suffix(".onnx")
+    result = export_onnx(model, torch.randn(*shape), out, check=not args.no_check)
+    _echo(f"{source} -> {result['path']}  input {'x'.join(str(d) for d in shape)} (batch dynamic)")
+    if result["max_abs_diff"] is not None:
+        _echo(
+            f"onnxruntime vs PyTorch: max |difference| {result['max_abs_diff']:.2e} "
+            f"(outputs up to {result['output_scale']:.3g})"
+        )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import make_report
 
@@ -193,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("export", help="write a saved or pruned model as ONNX, checked in onnxruntime")
+    p.add_argument(
+        "target", help="a .safetensors file saved by softprune, or a run folder (its compact model)"
+    )
+    p.add_argument("--onnx", default=None, help="the ONNX file to write (default: next to the input)")
+    p.add_argument(
+        "--input-size", type=int, default=None, help="image side (default: the one it was pruned at)"
+    )
+    p.add_argument(
+        "--model", default=None, help="package.module:function, for a model built by your own factory"
+    )
+    p.add_argument("--no-check", action="store_true", help="skip running the file in onnxruntime")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="Markdown report with plots of one or several run folders")
     p.add_argument("runs", nargs="+", help="run folders written by softprune train")

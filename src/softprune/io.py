@@ -55,6 +55,7 @@ def make_plan(
             )
         ],
         "model": model_spec or pruner.model_spec,
+        "base": getattr(pruner, "base_plan", None),
     }
 
 
@@ -115,64 +116,25 @@ def read_plan(path: str | Path) -> dict:
 
 
 def load(
-    path: str | Path, model_factory: Callable[[], nn.Module] | None = None, map_location: str = "cpu"
+    path: str | Path, model_factory: Callable[[], nn.Module], map_location: str = "cpu"
 ) -> nn.Module:
     """Rebuild a saved (pruned) model: ``model_factory()`` gives the original, unpruned architecture.
 
-    For softprune's own models the factory may be omitted: the plan records ``create_model``'s arguments.
+    ``softprune.load`` (softprune.models.load) supplies the factory for models softprune can build
+    from the plan's record; this module builds none itself.
     """
-    from .compact import compact_model
-    from .graph import analyze, build_groups, selector
-
     plan = read_plan(path)
-    if model_factory is None:
-        spec = plan.get("model")
-        if not spec:
-            raise SoftpruneError(f"{str(path)!r} does not say how to build its model; pass model_factory=")
-        from .models import create_model
-
-        model = create_model(**spec)
-    else:
-        model = model_factory()
+    model = model_factory()
     if not isinstance(model, nn.Module):
         raise SoftpruneError(f"model_factory must return a torch.nn.Module, got {type(model).__name__}")
     try:
         state = load_file(str(path), device=map_location)
     except (SafetensorError, OSError) as exc:
         raise SoftpruneError(f"cannot read the weights of {str(path)!r}: {exc}") from None
-    if plan.get("groups"):
-        dtypes = {
-            "float32": torch.float32,
-            "float16": torch.float16,
-            "bfloat16": torch.bfloat16,
-            "float64": torch.float64,
-        }
-        inputs = tuple(
-            torch.zeros(spec["shape"], dtype=dtypes.get(spec["dtype"], torch.float32))
-            for spec in plan["inputs"]
-        )
-        analysis = analyze(
-            model, inputs, residual=plan.get("residual", "coupled"), leaf_modules=plan.get("ignore", [])
-        )
-        groups = build_groups(analysis, selector(), plan.get("ignore", []))
-        by_name = {g.name: g for g in groups}
-        label = analysis.ids.label
-        pruned = torch.zeros(int(label.max()) + 1, dtype=torch.bool)
-        for saved in plan["groups"]:
-            group = by_name.get(saved["name"])
-            if group is None or group.size != saved["size"]:
-                raise SoftpruneError(
-                    f"{str(path)!r} was pruned from a different architecture: group {saved['name']!r} "
-                    f"({saved['size']} channels) is not in the model the factory built"
-                )
-            units = torch.tensor(saved["pruned"], dtype=torch.long)
-            if units.numel() and (units.min() < 0 or units.max() >= group.size):
-                raise SoftpruneError(
-                    f"{str(path)!r} has a corrupt plan: unit index out of range in {saved['name']!r}"
-                )
-            pruned[group.classes[units]] = True
-        model = compact_model(model, analysis, pruned)
-        model.softprune_plan = plan
+    spec = getattr(model, "softprune_spec", None)
+    model = _replay(model, plan, str(path))
+    if spec is not None:
+        model.softprune_spec = spec
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -181,6 +143,47 @@ def load(
             f"the weights in {str(path)!r} do not fit the rebuilt model: {first[1].strip() if len(first) > 1 else first[0]}"
         ) from None
     return model.to(map_location)
+
+
+def _replay(model: nn.Module, plan: dict, path: str) -> nn.Module:
+    """The compaction a plan records, applied to the original model; a plan made by pruning an
+    already pruned model (``base``) replays that first pruning before its own."""
+    from .compact import compact_model
+    from .graph import analyze, build_groups, selector
+
+    if plan.get("base"):
+        model = _replay(model, plan["base"], path)
+    if not plan.get("groups"):
+        return model
+    dtypes = {
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float64": torch.float64,
+    }
+    inputs = tuple(
+        torch.zeros(spec["shape"], dtype=dtypes.get(spec["dtype"], torch.float32)) for spec in plan["inputs"]
+    )
+    analysis = analyze(
+        model, inputs, residual=plan.get("residual", "coupled"), leaf_modules=plan.get("ignore", [])
+    )
+    groups = build_groups(analysis, selector(), plan.get("ignore", []))
+    by_name = {g.name: g for g in groups}
+    pruned = torch.zeros(int(analysis.ids.label.max()) + 1, dtype=torch.bool)
+    for saved in plan["groups"]:
+        group = by_name.get(saved["name"])
+        if group is None or group.size != saved["size"]:
+            raise SoftpruneError(
+                f"{path!r} was pruned from a different architecture: group {saved['name']!r} "
+                f"({saved['size']} channels) is not in the model the factory built"
+            )
+        units = torch.tensor(saved["pruned"], dtype=torch.long)
+        if units.numel() and (units.min() < 0 or units.max() >= group.size):
+            raise SoftpruneError(f"{path!r} has a corrupt plan: unit index out of range in {saved['name']!r}")
+        pruned[group.classes[units]] = True
+    model = compact_model(model, analysis, pruned)
+    model.softprune_plan = plan
+    return model
 
 
 def export_onnx(

@@ -27,7 +27,7 @@ from .criteria import L2
 from .distributed import agree_on_masks, replicated
 from .errors import SoftpruneError
 from .features import FeatureTap, find_sites
-from .graph import Analysis, ChannelGroup, analyze, build_groups, selector
+from .graph import Analysis, ChannelGroup, analyze, build_groups, default_layers, selector
 from .masks import GroupMask, HardKeeper, apply, clear_optimizer_state, dead_inputs, zero_units
 from .methods import get_method
 from .optim import rebind_scheduler, rebuild_optimizer  # noqa: F401  (rebind_scheduler: part of the API here)
@@ -126,6 +126,8 @@ class Pruner:
         self.model = model
         # how to build the original model again (softprune.load), kept across compact_hard()
         self.model_spec = getattr(model, "softprune_spec", None)
+        # a model that was pruned before (softprune.load of a compact file): its plan comes first
+        self.base_plan = getattr(model, "softprune_plan", None)
         self.total_steps = total_steps
         self.interval = interval
         self.example_inputs = example_inputs_for(model, example_inputs)
@@ -133,7 +135,10 @@ class Pruner:
         self.analysis: Analysis = analyze(
             model, self.example_inputs, residual=s.residual, leaf_modules=ignore
         )
-        self.groups: list[ChannelGroup] = build_groups(self.analysis, selector(s.layers, ignore), ignore)
+        # what is selected: the settings' layers, or by default every convolution, with the hidden
+        # Linear layers and attention heads of a model whose compute is mostly there (a ViT)
+        self.layers = s.layers if s.layers is not None else default_layers(model, self.example_inputs)
+        self.groups: list[ChannelGroup] = build_groups(self.analysis, selector(self.layers, ignore), ignore)
         self.prunable = [g for g in self.groups if g.prunable]
         if not self.prunable:
             reasons = sorted(

@@ -34,9 +34,10 @@ class PruneSettings:
     # coupled: one mask across a residual stream (the stream narrows too; the fastest compact model);
     # independent: each branch prunes its own filters and adds its kept channels back at their indices
     residual: Literal["coupled", "independent"] = "coupled"
-    # producer layers that may be pruned: None = every convolution (the papers' choice); "all" (every
-    # convolution, Linear, attention and embedding layer); names, glob or "re:" patterns, or (from
-    # Python) module types
+    # producer layers that may be pruned: None = every convolution (the papers' choice), and also the
+    # hidden Linear layers and attention heads when most of the model's MACs are outside convolutions
+    # (a ViT, Swin, ConvNeXt); "all" (every convolution, Linear, attention and embedding layer); names,
+    # glob or "re:" patterns, or (from Python) module types
     layers: Literal["all"] | list[str | type] | None = None
     ignore: list[str] = field(default_factory=list)  # modules kept whole (names or patterns)
     mask_scope: Literal["channel", "filter"] = "channel"  # filter: the papers' code, conv weights only

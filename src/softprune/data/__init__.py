@@ -1,8 +1,10 @@
-"""In-memory image data sets and a vectorized, resumable, rank-aware batch loader.
+"""In-memory image data sets, image folders, and a resumable, rank-aware batch loader.
 
-Built for small machines: a data set is held as one uint8 tensor, and a batch is cut, augmented (random
-crop with zero padding, horizontal flip) and normalized with a handful of whole-batch tensor operations,
-with no per-sample Python, no torchvision transforms and no worker processes. Every random choice comes
+The small sets (CIFAR, MNIST, Fashion-MNIST) are built for small machines: a data set is held as one
+uint8 tensor, and a batch is cut, augmented (random crop with zero padding, horizontal flip) and
+normalized with a handful of whole-batch tensor operations, with no per-sample Python, no torchvision
+transforms and no worker processes. An image folder is read from disk by worker processes
+(data/folder.py) through the same loader, in the same order. Every random choice comes
 from a generator seeded by (seed, epoch[, rank, batch]) so that a run resumed mid-epoch sees exactly the
 batches it would have seen.
 """
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import SoftpruneError, check_choice, choice_error
 from .cifar import load_cifar, one_line
+from .folder import ImageFolderSet, check_same_classes, folder_batches
 from .idx import find_idx_files, idx_search_dirs, load_idx_split
 
 __all__ = [
@@ -27,12 +30,15 @@ __all__ = [
     "BatchLoader",
     "DatasetSpec",
     "ImageDataset",
+    "ImageFolderSet",
     "augment_batch",
+    "check_same_classes",
     "load_dataset",
     "seeded_generator",
 ]
 
 SPLITS = ("train", "test")
+FOLDER_IMAGE_SIZE = 224  # an image folder's side when none is given (ImageNet's)
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,14 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
 
 def _check_limit(limit: int | None) -> int | None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -196,13 +210,23 @@ def load_dataset(
     split: str = "train",
     limit: int | None = None,
     download: bool = False,
-) -> ImageDataset:
-    """Load one split of a registered data set into memory (the first ``limit`` samples when given)."""
-    spec = DATASETS.get(name)
-    if spec is None:
-        raise choice_error("dataset", name, DATASETS)
+    image_size: int | None = None,
+) -> ImageDataset | ImageFolderSet:
+    """Load one split of a registered data set into memory (the first ``limit`` samples when given),
+    or open one of an image folder (``name="imagefolder"``: ``root/train``, ``root/val``; images
+    read as batches are drawn, at ``image_size``, 224 by default; ``limit`` samples spread over
+    the classes)."""
     check_choice("split", split, SPLITS)
     _check_limit(limit)
+    if name == "imagefolder":
+        if root is None:
+            raise SoftpruneError(
+                "data.name=imagefolder needs data.root: a folder holding train/<class>/ and val/<class>/"
+            )
+        return ImageFolderSet(root, split, image_size or FOLDER_IMAGE_SIZE, limit)
+    spec = DATASETS.get(name)
+    if spec is None:
+        raise choice_error("dataset", name, [*DATASETS, "imagefolder"])
     root_path = Path(spec.default_root if root is None else root)
     if spec.source == "idx":
         images, labels = _load_idx(spec, root_path, split, limit, download)
@@ -288,6 +312,7 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         padding: int = 4,
         cutout: int = 0,
+        workers: int = 0,
     ) -> None:
         for what, value, low in (
             ("batch_size", batch_size, 1),
@@ -304,6 +329,8 @@ class BatchLoader:
             raise SoftpruneError(f"padding must be >= 0, got {padding}")
         if isinstance(cutout, bool) or not isinstance(cutout, int) or cutout < 0:
             raise SoftpruneError(f"cutout must be an integer >= 0 (pixels), got {cutout!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise SoftpruneError(f"workers must be an integer >= 0 (processes), got {workers!r}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -315,6 +342,7 @@ class BatchLoader:
         self.device = torch.device(device)
         self.padding = padding
         self.cutout = cutout
+        self.workers = workers  # processes reading an image folder (in-memory sets need none)
         self.epoch = 0
         n = len(dataset)
         self.samples_per_rank = n // world_size if drop_last else math.ceil(n / world_size)
@@ -323,7 +351,7 @@ class BatchLoader:
                 f"dataset {dataset.name!r} has {n} samples, too few for one batch of {batch_size} on each of "
                 f"{world_size} rank(s) with drop_last={drop_last}; use a smaller batch size or drop_last=False"
             )
-        channels = dataset.images.shape[1]
+        channels = dataset.channels
         std = torch.tensor(dataset.std, dtype=torch.float32).view(1, channels, 1, 1)
         mean = torch.tensor(dataset.mean, dtype=torch.float32).view(1, channels, 1, 1)
         # (x / 255 - mean) / std folded into one multiply and one subtract.
@@ -375,6 +403,9 @@ class BatchLoader:
     def _batches(
         self, indices: torch.Tensor, epoch: int, start_batch: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(self.dataset, ImageFolderSet):  # read from disk, transformed per image
+            yield from folder_batches(self, indices, epoch, start_batch)
+            return
         for batch in range(start_batch, self.batches_per_epoch):
             chosen = indices[batch * self.batch_size : (batch + 1) * self.batch_size]
             images = self.dataset.images[chosen].to(self.device, non_blocking=True)

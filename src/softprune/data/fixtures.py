@@ -1,7 +1,8 @@
 """Writers of tiny data sets in the real on-disk formats, for tests and demos that cannot download.
 
-``write_idx`` writes MNIST-style IDX files and ``write_cifar_folder`` an official-style CIFAR python
-folder; the readers in :mod:`softprune.data` read both back unchanged.
+``write_idx`` writes MNIST-style IDX files, ``write_cifar_folder`` an official-style CIFAR python
+folder and ``write_image_folder`` a train/val image folder of PNGs; the readers in
+:mod:`softprune.data` read them back unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..errors import SoftpruneError
 from .cifar import CIFAR_FOLDERS, cifar_files
 from .idx import IMAGES_MAGIC, LABELS_MAGIC
 
-__all__ = ["write_cifar_folder", "write_idx", "write_idx_file"]
+__all__ = ["write_cifar_folder", "write_idx", "write_idx_file", "write_image_folder"]
 
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 
@@ -142,3 +143,31 @@ def write_cifar_folder(
         with open(folder / name, "wb") as stream:
             pickle.dump(content, stream, protocol=2)
     return folder
+
+
+def write_image_folder(
+    root: str | Path,
+    classes: int = 3,
+    per_class: dict[str, int] | None = None,
+    size: tuple[int, int] = (40, 48),
+    seed: int = 0,
+) -> Path:
+    """``root/train/class_k/*.png`` and ``root/val/class_k/*.png``: RGB PNGs whose colour and a bright
+    square's place depend on the class (learnable in a few steps), of varying sizes around ``size``."""
+    from PIL import Image
+
+    per_class = per_class or {"train": 8, "val": 4}
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, count in per_class.items():
+        for k in range(classes):
+            folder = root / split / f"class_{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                h, w = size[0] + int(rng.integers(0, 9)), size[1] + int(rng.integers(0, 9))
+                image = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+                image[..., k % 3] += 120
+                top = (k * h) // (classes + 1)
+                image[top : top + h // 4, w // 4 : w // 2] = 250
+                Image.fromarray(image).save(folder / f"{i}.png")
+    return root

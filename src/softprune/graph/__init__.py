@@ -10,7 +10,16 @@ from .groups import ChannelGroup, Member, Role
 from .handlers import HANDLERS, Handler, KeepWhole, register_handler
 from .ids import CONST, ZERO, Context
 from .ops import RULES, register_op
-from .trace import ALL_LAYERS, Analysis, analyze, build_groups, example_batch1, selector
+from .trace import (
+    ALL_LAYERS,
+    DENSE_LAYERS,
+    Analysis,
+    analyze,
+    build_groups,
+    default_layers,
+    example_batch1,
+    selector,
+)
 
 __all__ = [
     "ALL_LAYERS",
@@ -31,4 +40,6 @@ __all__ = [
     "register_handler",
     "register_op",
     "selector",
+    "default_layers",
+    "DENSE_LAYERS",
 ]

@@ -513,10 +513,29 @@ def build_groups(
 ALL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention, nn.Embedding)
 
 
+# What the default selection adds when a model computes mostly outside convolutions (a ViT, Swin,
+# ConvNeXt, an MLP): hidden Linear layers and attention heads. Embedding widths stay whole.
+DENSE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)
+
+
+def default_layers(model: nn.Module, example_inputs: tuple) -> list[type] | None:
+    """The default selection: None (every convolution, the papers' choice for CNNs) unless most of
+    the model's MACs are outside convolutions; then convolutions, Linear layers and attention heads
+    (DENSE_LAYERS). A model whose only Linear layer is its classifier is not measured."""
+    linear = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention))]
+    if len(linear) <= 1:
+        return None
+    from ..cost import measure_macs  # one forward pass under torch.utils.flop_counter
+
+    macs = measure_macs(model, example_batch1(example_inputs))
+    return list(DENSE_LAYERS) if macs["conv_macs"] < 0.5 * macs["macs"] else None
+
+
 def selector(layers: Any = None, ignore: Iterable[str] = ()) -> Callable[[str, nn.Module], bool]:
     """Which producer layers may be pruned.
 
-    ``layers`` is None (every convolution: the papers' choice), "all" (convolutions, Linear layers,
+    ``layers`` is None (every convolution: the papers' choice; the Pruner passes default_layers()
+    instead when a model computes mostly outside convolutions), "all" (convolutions, Linear layers,
     attention heads and embeddings: what a transformer needs), or a list whose items are module names,
     glob/regex patterns (``"layer1.*"``, ``"re:layer[12]\\..*conv1"``) or module types (``nn.Conv2d``,
     ``nn.Linear``). ``ignore`` removes names or patterns from the selection. The classifier is never

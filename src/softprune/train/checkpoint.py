@@ -48,7 +48,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling refused"
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "unsupported global" in str(exc).lower():  # names a class or function, not a tensor
             raise SoftpruneError(
                 f"refusing to load {str(path)!r}: it holds Python objects that could run code when loaded "
                 f"({first[:160]}). Only trusted files should be opened with plain torch.load"

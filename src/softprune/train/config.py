@@ -22,8 +22,10 @@ from ..settings import PruneSettings, build_dataclass
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"
+    name: str = "fashion_mnist"  # cifar10, cifar100, mnist, fashion_mnist, or imagefolder (with root)
     root: str | None = None
+    image_size: int | None = None  # an image folder's training and evaluation side (default 224)
+    workers: int = 4  # processes reading an image folder (the in-memory sets use none)
     train_limit: int | None = None  # keep the first N training samples (quick runs, tests)
     test_limit: int | None = None
     augment: bool | None = None  # None: the data set's default (the papers' crop+flip for CIFAR)
@@ -33,8 +35,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # softprune's, torchvision's, timm:NAME, or package.module:function (your factory, on PYTHONPATH)
     name: str = "resnet20"
     input_size: int | None = None  # None: the data set's image size
+    checkpoint: str | None = None  # start from these weights: .pt/.pth state_dict, .safetensors
+    weights: str | None = None  # or from published ones: torchvision's (DEFAULT, ...), timm's (pretrained)
 
 
 @dataclass
@@ -187,6 +192,13 @@ def _validate(config: RunConfig) -> None:
     positive("data.train_limit", d.train_limit, allow_none=True)
     positive("data.test_limit", d.test_limit, allow_none=True)
     positive("model.input_size", config.model.input_size, allow_none=True)
+    positive("data.image_size", d.image_size, allow_none=True)
+    if d.workers < 0:
+        raise SoftpruneError(f"config key 'data.workers' must be >= 0, got {d.workers!r}")
+    if config.model.checkpoint is not None and config.model.weights is not None:
+        raise SoftpruneError(
+            "set model.checkpoint or model.weights, not both: a run starts from one set of weights"
+        )
     positive("checkpoint.every_epochs", config.checkpoint.every_epochs)
     positive("checkpoint.every_iterations", config.checkpoint.every_iterations, allow_none=True)
     positive("report.latency_batch", config.report.latency_batch)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .. import io as sp_io
 from ..calibrate import recalibrate_batchnorm
 from ..cost import compare_latency, paper_flops_cifar_resnet, profile
-from ..data import DATASETS, BatchLoader, load_dataset
+from ..data import DATASETS, BatchLoader, ImageFolderSet, check_same_classes, load_dataset
 from ..errors import SoftpruneError
 from ..models import create_model
 from ..modes import training_mode
@@ -112,34 +112,38 @@ class Run:
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.seed)
-        spec = DATASETS.get(config.data.name)
-        self.train_set = load_dataset(
-            config.data.name,
-            config.data.root,
-            "train",
-            limit=config.data.train_limit,
-            download=config.data.download,
+        d = config.data
+        spec = DATASETS.get(d.name)
+        size = d.image_size or config.model.input_size  # an image folder's side
+        self.train_set, self.test_set = (
+            load_dataset(d.name, d.root, split, limit=limit, download=d.download, image_size=size)
+            for split, limit in (("train", d.train_limit), ("test", d.test_limit))
         )
-        self.test_set = load_dataset(
-            config.data.name,
-            config.data.root,
-            "test",
-            limit=config.data.test_limit,
-            download=config.data.download,
-        )
-        augment = spec.augment if config.data.augment is None else config.data.augment
+        if isinstance(self.train_set, ImageFolderSet):
+            check_same_classes(self.train_set, self.test_set)
+        augment = (spec.augment if spec else True) if d.augment is None else d.augment
         self.train_loader = BatchLoader(
             self.train_set, t.batch_size // self.world, shuffle=True, augment=augment, seed=config.seed,
-            rank=self.rank, world_size=self.world, cutout=config.data.cutout,
+            rank=self.rank, world_size=self.world, cutout=d.cutout, workers=d.workers,
         )  # fmt: skip
-        self.test_loader = BatchLoader(self.test_set, t.eval_batch_size, shuffle=False, augment=False)
-        channels, size = self.train_set.images.shape[1], self.train_set.images.shape[-1]
+        self.test_loader = BatchLoader(
+            self.test_set, t.eval_batch_size, shuffle=False, augment=False, workers=d.workers
+        )
+        channels, size = self.train_set.channels, self.train_set.image_size
+        m = config.model
         self.net = create_model(
-            config.model.name,
+            m.name,
             num_classes=self.train_set.num_classes,
             in_channels=channels,
-            input_size=config.model.input_size or size,
+            input_size=m.input_size or size,
+            weights=m.weights,
+            checkpoint=m.checkpoint,
         ).to(self.device)
+        head = getattr(self.net, "softprune_reset_head", None)
+        if head:
+            self.echo(f"{m.checkpoint}: the head {head!r} was trained for other classes; it starts fresh")
+        self.starts_trained = m.checkpoint is not None or m.weights is not None
+        self.start: dict[str, float] | None = None  # the starting model's test numbers, before pruning
         self.example = torch.randn(1, channels, *self.net.example_input_shape[2:], device=self.device)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.net = self.net.to(memory_format=self.memory_format)
@@ -213,6 +217,7 @@ class Run:
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
             "rng": rng_state(),
             "history": self.history,
+            "start": self.start,
             "config": self.config.to_dict(),
             "world_size": self.world,
             "seconds": time.time() - self.started,  # so a resumed run's summary counts all its training
@@ -256,6 +261,7 @@ class Run:
         self.epoch_sums = list(state.get("epoch_sums", [0, 0, 0.0]))
         self.started = time.time() - float(state.get("seconds", 0.0))
         self.history = list(state["history"])
+        self.start = state.get("start")
         # the log may hold epochs done after the checkpoint was written; keep it in step with it
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -314,6 +320,7 @@ class Run:
         loader = BatchLoader(
             self.train_set, self.train_loader.batch_size, shuffle=True, augment=self.train_loader.augment,
             seed=self.config.seed + salt, rank=self.rank, world_size=self.world,
+            workers=self.train_loader.workers,
         )  # fmt: skip
         loader.set_epoch(self.epoch)
         return loader
@@ -354,6 +361,10 @@ class Run:
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if self.starts_trained and self.start is None and self.epoch == 0 and self.batch == 0:
+            loss, acc = evaluate(self.net, self.test_loader, self.device) if self.main else (0.0, 0.0)
+            self.start = {"test_loss": loss, "test_acc": acc}
+            self.echo(f"starting model: test {loss:.3f} {acc:5.1f}%")
         if self.pruner is not None and cfg.prune.initial_step and self.pruner.t == 0:
             self.pruner.step()  # before the first epoch, on the model as it starts
         while self.epoch < cfg.train.epochs:
@@ -481,6 +492,7 @@ class Run:
             "replicas": self.replicas,
             "seconds": round(time.time() - self.started, 1),
             "dense": {**self.dense_profile},
+            "start": self.start,  # the trained model it started from (None: random initialization)
             "test_acc_masked": final.get("test_acc"),
             "history_test_acc": [r["test_acc"] for r in self.history],
         }
