@@ -1,0 +1,1 @@
+"""Bridges to training frameworks (each an optional dependency): ``softprune.integrations.lightning``."""
