@@ -8,7 +8,7 @@ from softprune.errors import SoftpruneError
 from softprune.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.name != "base.yaml")
+RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not p.name.startswith("base"))
 
 
 def test_every_paper_setting_has_a_recipe():
@@ -39,6 +39,50 @@ def test_recipe_loads_and_validates(path):
             depth = int(c.model.name[6:])
             expected = 0.4 if depth == 56 or path.stem.endswith("fpgm") else 0.3
             assert p.rate == expected
+
+
+def test_imagenet_recipes_follow_the_papers_settings():
+    names = {p.stem for p in RECIPES if "imagenet" in p.parts}
+    for depth in (18, 34, 50, 101):
+        assert f"resnet{depth}_sfp" in names and f"resnet{depth}_fpgm_pretrained" in names
+    for path in (p for p in RECIPES if "imagenet" in p.parts):
+        c = load_config(path)
+        t, p = c.train, c.prune
+        pretrained = path.stem.endswith("_pretrained")
+        assert (t.epochs, t.batch_size, t.weight_decay, t.milestones, t.gamma) == (
+            100,
+            256,
+            1e-4,
+            [30, 60, 90],
+            0.1,
+        )
+        assert t.lr == (0.01 if pretrained else 0.1) and c.model.weights == (
+            "DEFAULT" if pretrained else None
+        )
+        assert (c.data.name, c.data.image_size, p.residual, p.ignore) == (
+            "imagefolder",
+            224,
+            "independent",
+            ["*downsample*"],
+        )
+        assert p.rate == (0.4 if "fpgm40" in path.stem else 0.3) and c.model.name in path.stem
+
+
+def test_imagenet_selection_keeps_the_projection_shortcuts_whole():
+    import softprune
+
+    prune = load_config(ROOT / "configs/imagenet/resnet18_sfp.yaml").prune
+    model = softprune.create_model("resnet18", num_classes=10, input_size=64)
+    pruner = softprune.Pruner(model, prune.method, prune.rate, 2, **prune.pruner_settings())
+    producers = {name for g in pruner.prunable for name in g.producers}
+    assert len(producers) == 17 and not any(
+        "downsample" in name for name in producers
+    )  # 20 convs, 3 shortcuts
+    pruner.step()
+    pruner.step()
+    small = pruner.compact()
+    assert pruner.last_verification["max_abs_diff"] <= 1e-5 * pruner.last_verification["output_scale"]
+    assert small.layer2[0].downsample[0].out_channels == 128 and small.layer2[0].conv1.out_channels < 128
 
 
 def test_fpgm_recipes_follow_the_paper_table():
