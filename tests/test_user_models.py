@@ -91,6 +91,15 @@ def test_factory_checkpoint_and_image_folder_end_to_end(tmp_path, user_code, ima
     assert summary["compact"]["params"] == sum(p.numel() for p in small.parameters())
     assert summary["compact"]["params"] < summary["dense"]["params"]
     assert summary["equivalence"]["max_abs_diff"] < 1e-5
+    # the run resumes (one more epoch) after the starting weights are gone: checkpoint.pt holds them all
+    (tmp_path / "trained.pth").unlink()
+    (tmp_path / "run" / "summary.json").unlink()
+    rc = main([
+        "train", str(tmp_path / "run" / "config.yaml"), "train.epochs=4", "--resume", "--quiet",
+    ])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(resumed["history_test_acc"]) == 4 and resumed["start"] == summary["start"]
 
 
 def test_checkpoint_unwrapping_and_a_new_head(tmp_path, user_code):

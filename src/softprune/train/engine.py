@@ -92,7 +92,9 @@ class Run:
     training step calls: ``net`` itself, or its DistributedDataParallel wrapper under torchrun.
     """
 
-    def __init__(self, config: RunConfig, *, echo: Echo | None = None, progress: bool = True) -> None:
+    def __init__(
+        self, config: RunConfig, *, echo: Echo | None = None, progress: bool = True, resuming: bool = False
+    ) -> None:
         self.config = config
         self.dir = config.run_dir
         t, p = config.train, config.prune
@@ -136,8 +138,9 @@ class Run:
             num_classes=self.train_set.num_classes,
             in_channels=channels,
             input_size=m.input_size or size,
-            weights=m.weights,
-            checkpoint=m.checkpoint,
+            weights=None if resuming else m.weights,
+            # a resumed run's checkpoint.pt holds every weight: the starting file may be gone by now
+            checkpoint=None if resuming and m.checkpoint and not Path(m.checkpoint).exists() else m.checkpoint,
         ).to(self.device)
         head = getattr(self.net, "softprune_reset_head", None)
         if head:
@@ -585,7 +588,7 @@ def train(
             f"{str(config.run_dir)!r} already holds a run; pass --resume to continue it, or choose another name= "
             "(softprune never overwrites a run)"
         )
-    run = Run(config, echo=echo, progress=progress)
+    run = Run(config, echo=echo, progress=progress, resuming=resume)
     try:
         if resume:
             run.resume(checkpoint)
