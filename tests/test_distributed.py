@@ -29,20 +29,51 @@ def _args(data_root, out, name, *extra):
     ]  # fmt: skip
 
 
+NO_BATCHNORM_NET = """
+from torch import nn
+
+def net(num_classes=10):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, num_classes),
+    )
+"""
+
+
+def _folder_args(tmp_path):
+    """An image folder read by worker processes, and a user's factory (no BatchNorm, as LeNet-5)."""
+    from softprune.data.fixtures import write_image_folder
+
+    (tmp_path / "usernet.py").write_text(NO_BATCHNORM_NET)
+    images = write_image_folder(tmp_path / "images", classes=4, per_class={"train": 16, "val": 4})
+    # evaluation transforms for training too: the crops would differ between 1 and 2 processes
+    return ("data.name=imagefolder", f"data.root={images}", "data.image_size=24", "data.workers=1",
+            "data.augment=false", "model.name=usernet:net", "train.batch_size=16", "data.train_limit=null")  # fmt: skip
+
+
 @pytest.mark.skipif(
     shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
     reason="no torchrun",
 )
-@pytest.mark.parametrize("extra", [(), ("prune.compact_during_training=true",)], ids=["masked", "compacting"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root, extra):
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("prune.compact_during_training=true",), "imagefolder"],
+    ids=["masked", "compacting", "imagefolder"],
+)
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root, extra, monkeypatch):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "PYTHONPATH": str(Path(softprune.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    path = str(Path(softprune.__file__).parents[1])
+    if extra == "imagefolder":
+        extra = _folder_args(tmp_path)
+        path += os.pathsep + str(tmp_path)
+        monkeypatch.syspath_prepend(str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     cmd = [
         torchrun,
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(29517 + len(extra)),
+        str(29517 + len(extra) % 7),
         "-m",
         "softprune",
         *_args(data_root, tmp_path, "two", *extra),
@@ -54,6 +85,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root,
     two, one = tmp_path / "two", tmp_path / "one"
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2
+    assert summary["data"] == ("imagefolder" if "data.name=imagefolder" in extra else "fashion_mnist")
     # every rank holds rank 0's weights and masks, exactly
     assert summary["replicas"] == {"processes": 2, "max_weight_difference": 0.0, "masks_agree": True}
     # and they match one process with the same global batch (up to the order of float sums)
@@ -69,5 +101,6 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root,
     # only rank 0 wrote: one log line per epoch, not two
     rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
-    if extra:  # the replicas trained the compacted network, re-wrapped in DDP after each compaction
+    if "prune.compact_during_training=true" in extra:  # the replicas trained the compacted network,
+        # re-wrapped in DDP after each compaction
         assert rows[0]["trained_params"] > rows[-1]["trained_params"]
