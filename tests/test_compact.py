@@ -224,3 +224,10 @@ def test_apply_layout_keeps_broadcast_dimensions_broadcast():
     small = apply_layout(ids, (None, torch.tensor([0, 2, 5]), None, None))
     assert small.shape == (1, 3, 5, 7) and small.stride(2) == small.stride(3) == 0
     assert torch.equal(small, ids.contiguous().index_select(1, torch.tensor([0, 2, 5])))
+
+
+def test_a_compact_model_that_cannot_run_is_an_error_naming_the_module():
+    reference = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    broken = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    with pytest.raises(softprune.SoftpruneError, match=r"fails in '1' \(BatchNorm2d\): running_mean should contain 6"):
+        max_difference(reference, broken, (torch.randn(1, 3, 8, 8),))
