@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: help venv data test test-fast demo zoo bench lint format clean
+.PHONY: help venv data test test-fast demo zoo zoo-timm bench lint format clean
 
 help:
 	@echo "make test   - set up .venv if needed, install Fashion-MNIST where apt-get can, run the test suite"
 	@echo "make demo   - train a small ResNet on Fashion-MNIST with GHFP at 40%, compact it, compare"
 	@echo "make zoo    - prune and compact every torchvision classification model (long)"
+	@echo "make zoo-timm - the same for the smallest model of every timm CNN/hybrid family (long)"
 	@echo "make bench  - run the benchmarks under benchmarks/ (results in benchmarks/results/; ~1 h)"
 	@echo "make lint   - ruff"
 
@@ -44,6 +45,9 @@ demo: venv data
 
 zoo: venv
 	cd benchmarks && ../$(PY) zoo.py --out ../docs/zoo.md --json results/zoo.json
+
+zoo-timm: venv
+	cd benchmarks && ../$(PY) zoo_timm.py --torch-pruning --out ../docs/zoo_timm.md --json results/zoo_timm.json
 
 bench: venv data
 	cd benchmarks && ../$(PY) overhead.py

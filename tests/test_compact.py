@@ -229,5 +229,39 @@ def test_apply_layout_keeps_broadcast_dimensions_broadcast():
 def test_a_compact_model_that_cannot_run_is_an_error_naming_the_module():
     reference = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
     broken = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(6, 4, 1))
-    with pytest.raises(softprune.SoftpruneError, match=r"fails in '1' \(BatchNorm2d\): running_mean should contain 6"):
+    with pytest.raises(
+        softprune.SoftpruneError, match=r"fails in '1' \(BatchNorm2d\): running_mean should contain 6"
+    ):
         max_difference(reference, broken, (torch.randn(1, 3, 8, 8),))
+
+
+class _BatchNormCallingF(nn.BatchNorm2d):
+    """As timm's norm+act layers: a BatchNorm subclass whose forward calls F.batch_norm itself."""
+
+    def forward(self, x):
+        stats = (self.running_mean, self.running_var, self.weight, self.bias)
+        return torch.relu(F.batch_norm(x, *stats, self.training, 0.1, self.eps))
+
+
+class _GroupNormCallingF(nn.GroupNorm):
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def test_functional_norms_with_their_own_parameters_compact_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), _BatchNormCallingF(8), nn.Conv2d(8, 8, 3), _GroupNormCallingF(4, 8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1), nn.Flatten(1), nn.Linear(144, 3),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+    pruner = softprune.Pruner(model, "hfp", 0.5, 1, example_inputs=torch.randn(2, 3, 10, 10))
+    frozen = {g.name: g.prunable for g in pruner.groups}
+    # F.batch_norm's tensors follow the channels; F.group_norm's fixed number of groups keeps them whole
+    assert frozen["0"] and not frozen["2"]
+    pruner.step()
+    small = pruner.compact()
+    assert small.get_submodule("1").running_mean.numel() == 4 and small.get_submodule("2").out_channels == 8
+    assert pruner.last_verification["max_abs_diff"] < 1e-6

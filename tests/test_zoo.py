@@ -68,3 +68,38 @@ def test_transformers_prune_heads_and_mlps(name):
     diff, scale = max_difference(model, small, (torch.randn_like(x),))
     assert scale > 0 and diff <= 1e-5 * scale
     assert softprune.profile(small, x[:1])["params"] < 0.8 * softprune.profile(model, x[:1])["params"]
+
+
+# timm's trickiest layer kinds, one small model each (the full zoo: make zoo-timm -> docs/zoo_timm.md)
+TIMM_MODELS = [
+    ("resnet10t", "deep stem, BatchNormAct2d"),
+    ("mixnet_s", "mixed convolutions: channel splits by sizes"),
+    ("cspresnet50", "cross-stage partial: split and partial concat"),
+    ("dpn48b", "dual path: residual and dense paths sliced from one tensor"),
+    ("repvgg_a0", "re-parameterizable branches"),
+    ("ghostnet_050", "Ghost modules, timm's Linear"),
+    ("skresnet18", "selective kernel attention"),
+    ("resnest14d", "split attention"),
+    ("regnetx_002", "grouped bottlenecks with norm+act layers"),
+    ("convnext_atto", "LayerNorm2d, layer scale"),
+    ("efficientnet_b0", "SE, BatchNormAct2d"),
+    ("rexnet_100", "a residual added to the first channels only"),
+]
+
+
+@pytest.mark.parametrize("name,what", TIMM_MODELS, ids=[m[0] for m in TIMM_MODELS])
+def test_timm_model_prunes_and_compacts_exactly(name, what):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=7).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 0 and not p.any():
+                p.normal_(0, 0.02)
+    x = torch.randn(1, 3, 96, 96)
+    pruner = softprune.Pruner(model, "sfp", 0.4, 1, example_inputs=x)
+    pruner.step()
+    small = pruner.compact()
+    diff, scale = max_difference(model, small, (torch.randn_like(x),))
+    assert diff <= 1e-5 * scale, what
+    assert sum(p.numel() for p in small.parameters()) < 0.9 * sum(p.numel() for p in model.parameters())

@@ -115,9 +115,7 @@ def read_plan(path: str | Path) -> dict:
     return plan
 
 
-def load(
-    path: str | Path, model_factory: Callable[[], nn.Module], map_location: str = "cpu"
-) -> nn.Module:
+def load(path: str | Path, model_factory: Callable[[], nn.Module], map_location: str = "cpu") -> nn.Module:
     """Rebuild a saved (pruned) model: ``model_factory()`` gives the original, unpruned architecture.
 
     ``softprune.load`` (softprune.models.load) supplies the factory for models softprune can build

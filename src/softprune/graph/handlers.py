@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import copyreg
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -491,6 +492,28 @@ def _torchvision_modules() -> None:
 _torchvision_modules()
 HANDLERS[PrunedMultiheadAttention] = PrunedAttentionHandler()  # a compact model analysed again
 HANDLERS[ChannelRemap] = ChannelRemapHandler()
+
+
+def register_optional_modules() -> None:
+    """Handlers for layers of libraries the user has imported (never imported here): timm's
+    norm+activation layers and its Linear are their torch.nn twins followed by an elementwise
+    activation, so the twin's handler is exact for them. Traced through instead, their forward calls
+    F.batch_norm with their own parameters, whose channels the trace could not follow."""
+    layers = sys.modules.get("timm.layers")
+    if layers is None or getattr(layers, "_softprune_registered", False):
+        return
+    twins = {
+        "BatchNormAct2d": BatchNormHandler,
+        "SyncBatchNormAct": BatchNormHandler,
+        "GroupNormAct": GroupNormHandler,
+        "GroupNorm1Act": GroupNormHandler,
+        "Linear": LinearHandler,
+    }
+    for name, handler in twins.items():
+        cls = getattr(layers, name, None)
+        if isinstance(cls, type):
+            HANDLERS.setdefault(cls, handler())
+    layers._softprune_registered = True
 
 
 def register_handler(module_type: type, handler: Handler) -> None:

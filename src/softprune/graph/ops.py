@@ -426,19 +426,33 @@ def _layer_norm_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
 
 
 def _group_norm_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
-    """F.group_norm(x, num_groups, ...): channels of one group are pruned together."""
+    """F.group_norm(x, num_groups, ...) called by code, not by a GroupNorm module: the number of
+    groups is a constant of the graph, which compaction cannot change, and a group's statistics mix
+    its channels, so removing any channel would change the others. The channels are kept whole.
+    (nn.GroupNorm modules are handled by their handler, which removes whole groups exactly.)"""
     x = arg_ids[0]
-    groups = args[1] if len(args) > 1 else kwargs["num_groups"]
     c = ctx.channels(x, 1)
-    for row in c.view(groups, -1):
-        ctx.ids.union_all(row)
+    ctx.freeze(c, f"is normalized together with other channels by {ctx.where()} (a fixed number of groups)")
+    _channel_params(ctx, c, arg_ids, kwarg_ids, 2, ("weight", "bias"))
     return x
 
 
+def _channel_params(ctx: Context, channels: torch.Tensor, arg_ids, kwarg_ids, first: int, names) -> None:
+    """A functional norm's per-channel tensors (statistics, scale, shift) belong to the channels."""
+    given = [*arg_ids[first : first + len(names)], *(kwarg_ids.get(n) for n in names)]
+    for ids in given:
+        if isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.numel() == channels.numel():
+            ctx.union(channels, ids)
+
+
 def _batch_norm_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
-    """F.batch_norm: channel-wise; a channel that is always zero comes out constant."""
+    """F.batch_norm(x, running_mean, running_var, weight, bias, ...): channel-wise, its tensors follow
+    the channels (a module calling it with its own parameters, as timm's norm+act layers do); a channel
+    that is always zero comes out constant."""
     x = arg_ids[0]
-    ctx.channels(x, 1 if x.dim() > 1 else 0)
+    c = ctx.channels(x, 1 if x.dim() > 1 else 0)
+    names = ("running_mean", "running_var", "weight", "bias")
+    _channel_params(ctx, c, arg_ids, kwarg_ids, 1, names)
     return torch.where(x == ZERO, torch.full_like(x, CONST), x)
 
 

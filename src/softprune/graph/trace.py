@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import SoftpruneError
 from ..modes import training_mode
 from .groups import ChannelGroup, Member, Role
-from .handlers import HANDLERS
+from .handlers import HANDLERS, register_optional_modules
 from .ids import (
     CONST,
     Context,
@@ -124,6 +124,7 @@ def analyze(
     give zeros of their output's shape instead of computing it (see :func:`shape_without_arithmetic`).
     """
 
+    register_optional_modules()
     handlers = {**HANDLERS, **(handlers or {})}
     gm = gm if gm is not None else Traced(model, _trace_graph(model, handlers, MODULE_RULES, leaf_modules))
     return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules)

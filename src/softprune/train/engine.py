@@ -140,7 +140,9 @@ class Run:
             input_size=m.input_size or size,
             weights=None if resuming else m.weights,
             # a resumed run's checkpoint.pt holds every weight: the starting file may be gone by now
-            checkpoint=None if resuming and m.checkpoint and not Path(m.checkpoint).exists() else m.checkpoint,
+            checkpoint=None
+            if resuming and m.checkpoint and not Path(m.checkpoint).exists()
+            else m.checkpoint,
         ).to(self.device)
         head = getattr(self.net, "softprune_reset_head", None)
         if head:

@@ -1,0 +1,274 @@
+"""timm's CNNs and conv/attention hybrids through softprune: prune, compact, check; Torch-Pruning beside.
+
+A family is a model name's leading word once framework prefixes are dropped (``tf_mixnet_s`` ->
+mixnet, ``seresnext26d_32x4d`` -> seresnext). For each family the smallest variant by parameter
+count (counted on the meta device, nothing allocated) is taken, if the family is a CNN or a hybrid:
+three or more convolutions in the model (a plain ViT or MLP-Mixer has one, its patch embedding).
+Every model's size is cached in results/zoo_timm_families.json (``--rescan`` counts again).
+
+Each model: SFP at ``--rate`` (40%) with the default layer selection, one pruning step, compaction,
+and the compact model's outputs against the masked model's on a fresh input (max difference at most
+1e-5 of the output scale). A failure is recorded with its exception type: a SoftpruneError is a
+refusal with a reason, anything else a bug. With ``--torch-pruning`` the same models go through
+Torch-Pruning's MagnitudePruner at the same rate (classifier ignored), passing when the pruned model
+runs and keeps its output shape.
+
+    python benchmarks/zoo_timm.py [--families resnet mixnet] [--smoke] [--torch-pruning]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+import softprune
+from common import RESULTS, machine
+from softprune.compact import max_difference
+
+PREFIXES = ("tf_", "gluon_", "legacy_", "ssl_", "swsl_", "ig_", "timm_")
+# families named by two words (inception_v3, inception_resnet, wide_resnet, ...)
+TWO_WORDS = ("inception", "wide", "efficientvit", "efficientformer", "swin", "vit", "eca", "nf")
+FAMILIES_FILE = RESULTS / "zoo_timm_families.json"
+# The CI subset (tests/test_zoo.py): the trickiest layer kinds, one model each.
+SMOKE = [
+    "resnet", "mixnet", "cspresnet", "dpn", "repvgg", "ghostnet", "skresnet", "resnest",
+    "nfnet", "regnetx", "convnext", "efficientnet",
+]  # fmt: skip
+SIZE_CAP = 224  # the input side used (models that declare a larger default run at 224 too, where allowed)
+
+
+def family_of(name: str) -> str:
+    """``tf_mixnet_s`` -> mixnet, ``resnet18d`` -> resnet, ``mobilenetv3_small_050`` -> mobilenetv3,
+    ``inception_resnet_v2`` -> inception_resnet: the name's first word without framework prefixes
+    and without its size digits (a version such as v3 stays)."""
+    base = name
+    for prefix in PREFIXES:
+        base = base.removeprefix(prefix)
+    words = base.split("_")
+
+    def strip(word: str) -> str:
+        return re.sub(r"(?<![v\d])\d+[a-z]{0,2}$", "", word) or word
+
+    head = strip(words[0])
+    if head in TWO_WORDS and len(words) > 1:
+        head += "_" + strip(words[1])
+    return head
+
+
+def scan() -> dict[str, dict]:
+    """{model: {"params", "convs"}} for every timm model that builds (on the meta device)."""
+    import timm
+
+    models: dict[str, dict] = {}
+    for name in timm.list_models():
+        if name.startswith("test_"):  # timm's tiny test versions, not models anyone fine-tunes
+            continue
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False)
+        except Exception:  # noqa: BLE001  (a model timm cannot build without extra packages)
+            continue
+        models[name] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "convs": sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
+        }
+        del model
+    return models
+
+
+def families(rescan: bool) -> dict[str, dict]:
+    """{family: {"model", "params", "convs"}}: each CNN or hybrid family's smallest model."""
+    if rescan or not FAMILIES_FILE.is_file():
+        import timm
+
+        FAMILIES_FILE.write_text(json.dumps({"timm": timm.__version__, "models": scan()}, indent=1))
+    best: dict[str, dict] = {}
+    for name, row in json.loads(FAMILIES_FILE.read_text())["models"].items():
+        family = family_of(name)
+        if family not in best or row["params"] < best[family]["params"]:
+            best[family] = {"model": name, **row}
+    return {f: row for f, row in sorted(best.items()) if row["convs"] >= 3}
+
+
+def build(name: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+    with torch.no_grad():  # zero-initialized heads or residual gains prove nothing
+        for p in model.parameters():
+            if p.dim() > 0 and not p.any():
+                p.normal_(0, 0.02)
+    return model, torch.randn(1, 3, size, size)
+
+
+def input_size(name: str) -> int:
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name)
+    size = (cfg.input_size if cfg is not None else (3, 224, 224))[-1]
+    fixed = cfg is not None and getattr(cfg, "fixed_input_size", False)
+    return size if fixed else min(size, SIZE_CAP)
+
+
+def run_softprune(name: str, rate: float) -> dict:
+    size = input_size(name)
+    model, x = build(name, size)
+    row: dict = {"size": size}
+    start = time.perf_counter()
+    pruner = softprune.Pruner(model, "sfp", rate, 1, example_inputs=x)
+    row["analyze_s"] = time.perf_counter() - start
+    pruner.step()
+    small = pruner.compact()
+    row["prune_compact_s"] = time.perf_counter() - row["analyze_s"] - start
+    diff, scale = max_difference(model, small, (torch.randn_like(x),))
+    dense, compact = softprune.profile(model, x), softprune.profile(small, x)
+    row.update(
+        ok=bool(diff <= 1e-5 * max(scale, 1e-12)),
+        max_abs_diff=diff,
+        output_scale=scale,
+        params=dense["params"],
+        params_compact=compact["params"],
+        macs=dense["macs"],
+        macs_compact=compact["macs"],
+        prunable_groups=len(pruner.prunable),
+    )
+    return row
+
+
+def run_torch_pruning(name: str, rate: float) -> dict:
+    import torch_pruning as tp
+
+    size = input_size(name)
+    model, x = build(name, size)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    ignored = [m for m in [head] if isinstance(m, torch.nn.Module)]
+    out_shape = model(x).shape
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        x,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=rate,
+        ignored_layers=ignored,
+    )
+    pruner.step()
+    with torch.no_grad():
+        ok = model(torch.randn_like(x)).shape == out_shape
+    return {"ok": bool(ok), "params_compact": sum(p.numel() for p in model.parameters())}
+
+
+def attempt(fn, name: str, rate: float) -> dict:
+    try:
+        return fn(name, rate)
+    except Exception as exc:  # noqa: BLE001  (a failure is a result of the benchmark, not the end of it)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return {
+            "ok": False,
+            "error_type": type(exc).__name__,
+            "refused": isinstance(exc, softprune.SoftpruneError),
+            "error": message[:300],
+            "where": traceback.format_exc(limit=-1).strip().splitlines()[-3][:200],
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=0.4)
+    parser.add_argument("--families", nargs="*", default=None)
+    parser.add_argument("--smoke", action="store_true", help="the CI subset (a dozen families)")
+    parser.add_argument("--rescan", action="store_true", help="list timm's families again")
+    parser.add_argument("--torch-pruning", action="store_true", help="Torch-Pruning on the same models")
+    parser.add_argument("--out", default="../docs/zoo_timm.md")
+    parser.add_argument("--json", default=str(RESULTS / "zoo_timm.json"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import timm
+
+    found = families(args.rescan)
+    chosen = args.families or (SMOKE if args.smoke else list(found))
+    rows = []
+    for family in chosen:
+        if family not in found:
+            print(f"{family}: not a CNN or hybrid family of timm {timm.__version__}", flush=True)
+            continue
+        name = found[family]["model"]
+        row = {"family": family, "model": name, **attempt(run_softprune, name, args.rate)}
+        if args.torch_pruning:
+            row["torch_pruning"] = attempt(run_torch_pruning, name, args.rate)
+        rows.append(row)
+        status = (
+            "ok" if row["ok"] else f"FAILED {row.get('error_type', 'differs')}: {row.get('error', '')[:100]}"
+        )
+        tp_status = ""
+        if args.torch_pruning:
+            tp_status = "  TP ok" if row["torch_pruning"]["ok"] else "  TP failed"
+        print(f"{family:22s} {name:36s} {status}{tp_status}", flush=True)
+        gc.collect()
+    payload = {"machine": machine(), "timm": timm.__version__, "rate": args.rate, "rows": rows}
+    Path(args.json).write_text(json.dumps(payload, indent=2))
+    Path(args.out).write_text(table(payload))
+    print(f"wrote {args.out} and {args.json}")
+
+
+def table(payload: dict) -> str:
+    rows, m = payload["rows"], payload["machine"]
+    ok = sum(r["ok"] for r in rows)
+    refused = sum(r.get("refused", False) for r in rows)
+    with_tp = [r for r in rows if "torch_pruning" in r]
+    lines = [
+        "# The timm zoo",
+        "",
+        f"The smallest model of every CNN or conv/attention-hybrid family of timm {payload['timm']}, pruned by"
+        f" SFP at {payload['rate']:.0%} with the default layer selection, compacted, and checked: the compact"
+        " model's outputs against the masked model's on a fresh input (max difference at most 1e-5 of the"
+        " output scale). Produced by `make zoo-timm` (benchmarks/zoo_timm.py) on"
+        f" {m['date']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']}.",
+        "",
+        f"**{ok} of {len(rows)} families pass**; {refused} refuse with a reason (SoftpruneError);"
+        f" {len(rows) - ok - refused} fail otherwise.",
+    ]
+    if with_tp:
+        tp_ok = sum(r["torch_pruning"]["ok"] for r in with_tp)
+        lines += [
+            "",
+            f"Torch-Pruning (MagnitudePruner, same rate, classifier ignored) runs on {tp_ok} of {len(with_tp)}.",
+        ]
+    lines += [
+        "",
+        "| family | model | input | params | compact | MACs | compact | max diff / scale | result |"
+        + (" Torch-Pruning |" if with_tp else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_tp else ""),
+    ]
+    for r in rows:
+        tp = ""
+        if with_tp:
+            t = r["torch_pruning"]
+            tp = (
+                f" {t['params_compact'] / 1e6:.2f}M |"
+                if t["ok"]
+                else f" failed: {t.get('error_type', 'shape')} |"
+            )
+        if "error_type" in r:
+            kind = "refused" if r["refused"] else "**failed**"
+            lines.append(
+                f"| {r['family']} | {r['model']} | | | | | | | {kind}: {r['error_type']}: {r['error'][:90]} |{tp}"
+            )
+            continue
+        lines.append(
+            f"| {r['family']} | {r['model']} | {r['size']} | {r['params'] / 1e6:.2f}M | {r['params_compact'] / 1e6:.2f}M "
+            f"| {r['macs'] / 1e9:.2f}G | {r['macs_compact'] / 1e9:.2f}G | {r['max_abs_diff']:.1e} / {r['output_scale']:.1e} "
+            f"| {'ok' if r['ok'] else '**differs**'} |{tp}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
