@@ -38,9 +38,15 @@ def run_one(name: str, rate: float, size: int) -> dict:
             if p.dim() > 0 and not p.any():
                 p.normal_(0, 0.02)
     x = torch.randn(1, 3, size, size)
-    row: dict = {"model": name, "rate": rate, "size": size}
+    return {"model": name, "rate": rate, "size": size, **prune_and_check(model, x, rate, layers="all")}
+
+
+def prune_and_check(model: torch.nn.Module, x: torch.Tensor, rate: float, **settings) -> dict:
+    """SFP at ``rate``, one step, compaction; the compact model against the masked one on a fresh
+    input, and both measured: the zoo's row."""
+    row: dict = {}
     start = time.perf_counter()
-    pruner = softprune.Pruner(model, "sfp", rate, 1, example_inputs=x, layers="all")
+    pruner = softprune.Pruner(model, "sfp", rate, 1, example_inputs=x, **settings)
     row["analyze_s"] = time.perf_counter() - start
     start = time.perf_counter()
     pruner.step()

@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import re
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 import softprune
 from common import RESULTS, machine
-from softprune.compact import max_difference
+from zoo import prune_and_check
 
 PREFIXES = ("tf_", "gluon_", "legacy_", "ssl_", "swsl_", "ig_", "timm_")
 # families named by two words (inception_v3, inception_resnet, wide_resnet, ...)
@@ -122,26 +121,7 @@ def input_size(name: str) -> int:
 def run_softprune(name: str, rate: float) -> dict:
     size = input_size(name)
     model, x = build(name, size)
-    row: dict = {"size": size}
-    start = time.perf_counter()
-    pruner = softprune.Pruner(model, "sfp", rate, 1, example_inputs=x)
-    row["analyze_s"] = time.perf_counter() - start
-    pruner.step()
-    small = pruner.compact()
-    row["prune_compact_s"] = time.perf_counter() - row["analyze_s"] - start
-    diff, scale = max_difference(model, small, (torch.randn_like(x),))
-    dense, compact = softprune.profile(model, x), softprune.profile(small, x)
-    row.update(
-        ok=bool(diff <= 1e-5 * max(scale, 1e-12)),
-        max_abs_diff=diff,
-        output_scale=scale,
-        params=dense["params"],
-        params_compact=compact["params"],
-        macs=dense["macs"],
-        macs_compact=compact["macs"],
-        prunable_groups=len(pruner.prunable),
-    )
-    return row
+    return {"size": size, **prune_and_check(model, x, rate)}
 
 
 def run_torch_pruning(name: str, rate: float) -> dict:
