@@ -155,6 +155,9 @@ def test_srfp_multiplies_soft_channels_by_alpha_t_where_they_are_read():
     pruner.step()
     alpha = pruner.history[-1].alpha
     assert 0 < alpha < 1
+    assert (
+        pruner.soft_masks.active
+    )  # planned when asked (else at the next forward pass), before the hooks below
     seen = {}
     consumer = model.layer3[1].conv1
     consumer.register_forward_pre_hook(lambda m, a: seen.setdefault("raw", a[0].detach()), prepend=True)
@@ -276,3 +279,30 @@ def test_compact_during_training_needs_the_channel_scope():
     pruner.step()
     with pytest.raises(SoftpruneError, match="mask_scope='channel'"):
         pruner.compact_hard()
+
+
+def test_forward_masks_are_planned_at_the_next_forward_pass_so_a_step_then_compact_never_plans(monkeypatch):
+    from softprune import soft
+
+    plans = []
+    original = soft.SoftMasks.__init__
+
+    def counting(self, *args, **kwargs):
+        plans.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(soft.SoftMasks, "__init__", counting)
+    torch.manual_seed(0)
+    model = softprune.create_model("resnet20")
+    pruner = softprune.Pruner(model, "sfp", 0.4, 2)
+    pruner.step()
+    small = pruner.compact()
+    assert plans == [] and pruner.last_verification["max_abs_diff"] < 1e-5
+    model = softprune.create_model("resnet20")
+    pruner = softprune.Pruner(model, "sfp", 0.4, 2)
+    pruner.step()
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()(x)
+    model(x)
+    assert plans == [1] and pruner.soft_masks.active  # planned once, at the first forward pass
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())

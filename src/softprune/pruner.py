@@ -28,7 +28,7 @@ from .distributed import agree_on_masks, replicated
 from .errors import SoftpruneError
 from .features import FeatureTap, find_sites
 from .graph import Analysis, ChannelGroup, analyze, build_groups, default_layers, selector
-from .masks import GroupMask, HardKeeper, apply, clear_optimizer_state, dead_inputs, zero_units
+from .masks import GroupMask, HardKeeper, apply, dead_inputs, zero_units
 from .methods import get_method
 from .optim import rebind_scheduler, rebuild_optimizer  # noqa: F401  (rebind_scheduler: part of the API here)
 from .plugins import Plugin, PruningView, check_fits, make_plugin
@@ -36,7 +36,7 @@ from .plugins.compensation import Compensator
 from .plugins.tick import run_tick
 from .policy import Policy, StepReport, make_policy
 from .settings import PruneSettings, build_dataclass
-from .soft import SoftMasks, lifted, revived
+from .soft import SoftForward, SoftMasks, lifted, revived
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Pruner:
         self.history: list[StepReport] = []
         self._optimizer_steps = 0
         self._keeper = HardKeeper(model, s.mask_scope)
-        self._soft: SoftMasks | None = None  # forward masks of soft units (channel scope)
+        self._soft = SoftForward(self)  # forward masks of soft units (channel scope), planned lazily
         self.alpha = 1.0  # the soft factor of the latest step
         self._handles: list[Any] = []  # the optimizer's hooks
         self.optimizer: torch.optim.Optimizer | None = None
@@ -260,11 +260,13 @@ class Pruner:
                 "pruner loss_fn= to score it on the calibration batches"
             )
         loss_fn = self.loss_fn if gradients else None
+        self._soft.plan_pending()
         return run_calibration(
             self.model, self.calibration, self.calibration_batches, self._device(), loss_fn
         )
 
     def _observe_activations(self) -> None:
+        self._soft.plan_pending()
         self.criterion.start(self.prunable)
         sites = find_sites(self.analysis, self.prunable, self.model)
         tap = FeatureTap(self.model, sites, self.criterion.observe, gradients=False)
@@ -326,7 +328,7 @@ class Pruner:
         for plugin in self.plugins:
             plugin.after_selection(self.view, old_hard)
         self.alpha = alpha
-        self._mask_soft(alpha)
+        self._soft.after_step(alpha)
         self._keeper.update(self.prunable, self.masks, self._dead_inputs())
         self._keeper.enforce(self.optimizer)
         if self.criterion.needs == "gradients":
@@ -339,33 +341,6 @@ class Pruner:
         log.debug("pruning step %d: P=%.4f alpha=%.4g lambda=%.4f kept=%d soft=%d hard=%d", t, rate, alpha,
                   hardness, report.kept, report.soft, report.hard)  # fmt: skip
         return report
-
-    def _mask_soft(self, alpha: float) -> None:
-        """Hard units are zeroed; soft ones are masked in the forward pass (channel scope, see
-        softprune.soft) or, in the papers' filter scope and for groups the forward masks cannot
-        reach, through their parameters."""
-        self._plan_soft()
-        fallback = self._soft.fallback if self._soft is not None else set()
-        for i, (group, mask) in enumerate(zip(self.prunable, self.masks)):
-            in_params = self.mask_scope == "filter" or i in fallback
-            apply(group, mask, self.model, alpha if in_params else 1.0, self.mask_scope)
-            if in_params and self.mask_scope == "channel" and bool(mask.soft.any()):
-                self._clear_state(group, mask.soft)
-        if self._soft is not None:
-            self._soft.update([m.soft for m in self.masks], alpha)
-
-    def _plan_soft(self) -> None:
-        """Where soft units are masked in the forward pass: planned (and checked) the first time
-        this model has soft units to mask, in the channel scope."""
-        wanted = (
-            self.mask_scope == "channel" and self.alpha < 1.0 and any(bool(m.soft.any()) for m in self.masks)
-        )
-        if wanted and self._soft is None:
-            self._soft = SoftMasks(self.model, self.analysis, self.prunable)
-            self._soft.check(self.example_inputs)
-
-    def _clear_state(self, group: ChannelGroup, units: torch.Tensor) -> None:
-        clear_optimizer_state(self.optimizer, group, units, self.model)
 
     def _revived(self, old_soft: list[torch.Tensor]) -> tuple[int, float | None]:
         return revived(self.prunable, self.masks, old_soft, self.model, L2())
@@ -420,15 +395,17 @@ class Pruner:
     @property
     def soft_masks(self) -> SoftMasks | None:
         """The forward masks of soft units (softprune.soft), once a step has made soft units."""
-        return self._soft
+        self._soft.plan_pending()
+        return self._soft.masks
 
     @property
     def soft_fallback(self) -> list[str]:
         """The groups whose soft units are masked in their parameters, not in the forward pass
         (softprune.soft could not place forward masks for them); empty before the first soft step."""
-        if self._soft is None:
+        self._soft.plan_pending()
+        if self._soft.masks is None:
             return []
-        return [self.prunable[g].name for g in sorted(self._soft.fallback)]
+        return [self.prunable[g].name for g in sorted(self._soft.masks.fallback)]
 
     def counts(self) -> tuple[int, int, int]:
         """(kept, soft, hard) units over all prunable groups."""
@@ -445,8 +422,11 @@ class Pruner:
         from .cost import profile
         from .graph import example_batch1
 
-        with lifted(self._soft):  # a copy must not carry the hooks (they fit the full widths)
+        pending = self._soft.drop_pending()  # a copy must not carry the hooks (they fit the full widths)
+        with lifted(self._soft.masks):
             small = compact_model(self.model, self.analysis, self.pruned_classes())
+        if pending:
+            self._soft.sync()
         return profile(small, example_batch1(self.example_inputs))
 
     def summary(self) -> list[dict]:
@@ -483,9 +463,7 @@ class Pruner:
             plugin.before_compaction(self.view)
         old_model, old_masks, old_groups = self.model, self.masks, self.prunable
         old_quotas, old_first = self._quotas, self.first
-        if self._soft is not None:  # soft units are alive in both models; the new one gets new masks
-            self._soft.remove()
-            self._soft = None
+        self._soft.reset()  # soft units are alive in both models; the new one gets new masks
         slices: dict = {}
         small = compact_model(old_model, self.analysis, hard_classes, slices)
         if verify:
@@ -527,9 +505,7 @@ class Pruner:
         self.original_sizes, self.origins, self._gone, self._quotas = original, origin, gone, quotas
         self.compactions.append(record)
         self._keeper = HardKeeper(small, self.mask_scope)
-        self._plan_soft()
-        if self._soft is not None:
-            self._soft.update([m.soft for m in self.masks], self.alpha)
+        self._soft.sync()
         self._cost_model = None
         self._watch()
         self.attach(optimizer)
@@ -547,8 +523,7 @@ class Pruner:
             mask.hard = mask.pruned.clone()
         for plugin in self.plugins:
             plugin.after_selection(self.view, old_hard)
-        if self._soft is not None:
-            self._soft.remove()
+        self._soft.reset(masked_already=True)  # every soft unit becomes hard: no forward masks
         for group, mask in zip(self.prunable, self.masks):
             mask.hard = mask.pruned.clone()
             mask.soft = torch.zeros_like(mask.soft)
@@ -602,6 +577,7 @@ class Pruner:
 
     # -- resume -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._soft.plan_pending()  # the model's parameters as the masks say, before they are saved
         return {
             "t": self.t,
             "total_steps": self.total_steps,
@@ -674,11 +650,8 @@ class Pruner:
             self.first[i] = None if s.get("first") is None else s["first"].clone().bool()
         self.history = [StepReport(**r) for r in state.get("history", [])]
         self.alpha = float(state.get("alpha", self.history[-1].alpha if self.history else 1.0))
-        if self._soft is not None:
-            self._soft.remove()
-        self._plan_soft()
-        if self._soft is not None:
-            self._soft.update([m.soft for m in self.masks], self.alpha)
+        self._soft.reset(masked_already=True)  # the saved parameters are masked already
+        self._soft.sync()
         self.criterion.load_state_dict(state.get("criterion_state") or {})
         saved_reg = state.get("regularizer")
         if self.regularizer is not None and saved_reg:

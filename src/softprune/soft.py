@@ -41,6 +41,7 @@ import torch.fx
 from torch import nn
 
 from .graph import CONST, Analysis, ChannelGroup, Role
+from .masks import apply, clear_optimizer_state
 from .modes import training_mode
 
 log = logging.getLogger(__name__)
@@ -514,6 +515,89 @@ def _narrowed(ids: torch.Tensor) -> torch.Tensor:
             if bool((ids == first).all()):
                 ids = first
     return ids.contiguous()
+
+
+class SoftForward:
+    """A pruner's forward masks of soft units over their life (channel scope).
+
+    They are planned (traced, and checked with a forward pass) the first time they are needed: at
+    the model's next forward pass, or when the pruner asks (before its own forward passes, so its
+    hooks come after the masks'; before the masks or parameters are read or saved). A pruning step
+    followed by compact() never pays for them. Groups the forward masks cannot reach are masked in
+    their parameters instead (``fallback``), when the plan is made. ``host`` is the Pruner: its
+    model, analysis, prunable, masks, alpha, mask_scope, example_inputs and optimizer are read.
+    """
+
+    def __init__(self, host: Any) -> None:
+        self.host = host
+        self.masks: SoftMasks | None = None
+        self._pending: Any = None  # the forward pre-hook that plans them
+        self._fallback_due = False  # fallback groups' soft units still to mask in their parameters
+
+    @property
+    def wanted(self) -> bool:
+        h = self.host
+        return h.mask_scope == "channel" and h.alpha < 1.0 and any(bool(m.soft.any()) for m in h.masks)
+
+    def after_step(self, alpha: float) -> None:
+        """Hard units zeroed; soft ones masked in the forward pass, or in their parameters (the
+        papers' filter scope, and groups the forward masks cannot reach)."""
+        h = self.host
+        fallback = self.masks.fallback if self.masks is not None else set()
+        for i in range(len(h.prunable)):
+            in_params = h.mask_scope == "filter" or i in fallback
+            self._apply(i, alpha if in_params else 1.0, clear=in_params and h.mask_scope == "channel")
+        self._fallback_due = self.masks is None and self.wanted
+        self.sync()
+
+    def _apply(self, i: int, alpha: float, clear: bool) -> None:
+        h = self.host
+        group, mask = h.prunable[i], h.masks[i]
+        apply(group, mask, h.model, alpha, h.mask_scope)
+        if clear and bool(mask.soft.any()):
+            clear_optimizer_state(h.optimizer, group, mask.soft, h.model)
+
+    def sync(self) -> None:
+        """Follow the host's soft units: now when planned, else at the model's next forward pass."""
+        if self.masks is not None:
+            self.masks.update([m.soft for m in self.host.masks], self.host.alpha)
+        elif self.wanted and self._pending is None:
+            self._pending = self.host.model.register_forward_pre_hook(lambda module, args: self.plan())
+
+    def plan_pending(self) -> None:
+        if self._pending is not None:
+            self.plan()
+
+    def drop_pending(self) -> bool:
+        """Forget the pending plan (the model is being copied or replaced); whether there was one."""
+        had = self._pending is not None
+        if had:
+            self._pending.remove()
+            self._pending = None
+        return had
+
+    def plan(self) -> None:
+        self.drop_pending()
+        h = self.host
+        if self.masks is not None or not self.wanted:
+            return
+        self.masks = SoftMasks(h.model, h.analysis, h.prunable)
+        self.masks.check(h.example_inputs)
+        if self._fallback_due:
+            for i in sorted(self.masks.fallback):
+                self._apply(i, h.alpha, clear=True)
+            self._fallback_due = False
+        self.sync()
+
+    def reset(self, masked_already: bool = False) -> None:
+        """Remove the masks: the model is replaced (compact_hard) or every soft unit became hard
+        (finalize); ``masked_already``: the parameters need no fallback masking (a loaded state)."""
+        self.drop_pending()
+        if masked_already:
+            self._fallback_due = False
+        if self.masks is not None:
+            self.masks.remove()
+            self.masks = None
 
 
 def lifted(masks: SoftMasks | None):
