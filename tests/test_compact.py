@@ -265,3 +265,29 @@ def test_functional_norms_with_their_own_parameters_compact_exactly():
     small = pruner.compact()
     assert small.get_submodule("1").running_mean.numel() == 4 and small.get_submodule("2").out_channels == 8
     assert pruner.last_verification["max_abs_diff"] < 1e-6
+
+
+class _PaddedStem(nn.Module):
+    """HGNetV2's stem: a feature map zero-padded on one side, pooled and convolved."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, stride=2), nn.Conv2d(8, 8, 2)
+        self.pool = nn.MaxPool2d(2, stride=1, ceil_mode=True)
+        self.conv3 = nn.Conv2d(16, 4, 3)
+
+    def forward(self, x):
+        x = F.pad(torch.relu(self.conv1(x)) - 0.1, (0, 1, 0, 1))
+        return self.conv3(torch.cat([self.pool(x), self.conv2(x)], 1))
+
+
+def test_the_border_f_pad_adds_is_never_removed():
+    torch.manual_seed(0)
+    model = _PaddedStem()
+    x = torch.randn(1, 3, 21, 21)
+    for rate in (0.0, 0.5):  # nothing pruned: the compact model is the model
+        pruner = softprune.Pruner(model, "hfp", rate, 1, example_inputs=x)
+        pruner.step()
+        small = pruner.compact()
+        assert small(x).shape == model(x).shape == (1, 4, 8, 8)
+        assert pruner.last_verification["max_abs_diff"] < 1e-6

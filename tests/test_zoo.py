@@ -84,6 +84,7 @@ TIMM_MODELS = [
     ("convnext_atto", "LayerNorm2d, layer scale"),
     ("efficientnet_b0", "SE, BatchNormAct2d"),
     ("rexnet_100", "a residual added to the first channels only"),
+    ("hgnetv2_b0", "a stem zero-padded on one side; learnable affine blocks"),
 ]
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import SoftpruneError
 from .graph.handlers import HANDLERS, copy_module
-from .graph.ids import collect_tensors, fetch_attr, flat_units, map_values, squeeze_broadcast
+from .graph.ids import ZERO, collect_tensors, fetch_attr, flat_units, map_values, squeeze_broadcast
 from .graph.module_rules import MODULE_RULES
 from .graph.ops import FUNCTION_RULES, METHOD_RULES
 from .graph.trace import Analysis
@@ -50,6 +50,7 @@ def layout_of(ids: torch.Tensor, alive: torch.Tensor) -> Layout:
         return tuple(torch.nonzero(keep).view(-1) if d == spread[0] else None for d in range(ids.dim()))
     if not bool(live.any()):
         return (None,) * ids.dim()
+    squeezed = squeeze_broadcast(ids)
     out = []
     for d in range(ids.dim()):
         if live.shape[d] <= 1:
@@ -57,8 +58,21 @@ def layout_of(ids: torch.Tensor, alive: torch.Tensor) -> Layout:
             continue
         other = [i for i in range(ids.dim()) if i != d]
         keep = live.any(dim=other) if other else live
+        keep = keep | _padded_border(squeezed, d, other)
         out.append(None if bool(keep.all()) else torch.nonzero(keep).view(-1))
     return tuple(out)
+
+
+def _padded_border(ids: torch.Tensor, d: int, other: list[int]) -> torch.Tensor:
+    """Positions along ``d`` that are a border F.pad added to a feature map: all zero by construction,
+    along a dimension whose other positions all carry the same ids (a spatial one, not channels). A
+    convolution's window reads them: they are positions of the map, never units to remove."""
+    zero = (ids == ZERO).all(dim=other) if other else ids == ZERO
+    if not bool(zero.any()) or bool(zero.all()):
+        return torch.zeros_like(zero)
+    real = ids.index_select(d, torch.nonzero(~zero).view(-1))
+    spatial = bool((real == real.narrow(d, 0, 1)).all())
+    return zero if spatial else torch.zeros_like(zero)
 
 
 def apply_layout(ids: torch.Tensor, layout: Layout) -> torch.Tensor:
