@@ -291,3 +291,33 @@ def test_the_border_f_pad_adds_is_never_removed():
         small = pruner.compact()
         assert small(x).shape == model(x).shape == (1, 4, 8, 8)
         assert pruner.last_verification["max_abs_diff"] < 1e-6
+
+
+class _BlurByFunction(nn.Module):
+    """A fixed depthwise filter held by the model and applied with F.conv2d (anti-aliasing)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("filt", torch.rand(channels, 1, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=x.shape[1])
+
+
+class _MixByFunction(_BlurByFunction):
+    def forward(self, x):
+        return F.conv2d(x, self.filt.expand(8, 8, 3, 3), padding=1)
+
+
+def test_functional_depthwise_filters_follow_their_channels_and_other_functional_convs_are_refused():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _BlurByFunction(8), nn.Conv2d(8, 4, 3))
+    pruner = softprune.Pruner(model, "hfp", 0.5, 1, example_inputs=x)
+    pruner.step()
+    small = pruner.compact()
+    assert small.get_submodule("2").filt.shape == (4, 1, 3, 3)
+    assert pruner.last_verification["max_abs_diff"] < 1e-6
+    mixing = nn.Sequential(nn.Conv2d(3, 8, 3), _MixByFunction(8), nn.Conv2d(8, 4, 3))
+    with pytest.raises(softprune.SoftpruneError, match="convolution called as a function"):
+        softprune.Pruner(mixing, "hfp", 0.5, 1, example_inputs=x)

@@ -423,6 +423,51 @@ class PrunedAttentionHandler(Handler):
         return new.to(m.out_proj.weight.device, m.out_proj.weight.dtype)
 
 
+class StdConvHandler(ConvHandler):
+    """A weight-standardized convolution (timm's StdConv2d, ScaledStdConv2d and their "same"
+    variants, in NF-Nets): each filter is standardized over its own input channels and taps, so
+    removing a filter is exact and removing an input channel is not (it changes every filter's mean
+    and variance): output channels are pruned, input channels kept whole (except depthwise, where a
+    filter has one input channel). ``gain`` follows the filters."""
+
+    def propagate(self, m: nn.Module, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        out = super().propagate(m, ctx, x, *rest, **kw)
+        depthwise = m.groups > 1 and m.in_channels // m.groups == 1
+        if not depthwise:
+            cdim = x.dim() - (m.weight.dim() - 2) - 1
+            ctx.freeze(
+                ctx.positions(x, cdim),
+                f"is read by '{ctx.module_name}', whose weights are standardized over it",
+            )
+        if getattr(m, "gain", None) is not None:
+            ctx.member("gain", 0, ctx.channels(out, x.dim() - (m.weight.dim() - 2) - 1), Role.SCALE)
+        return out
+
+    def compact(self, m: nn.Module, keep: Keep) -> nn.Module:
+        new = super().compact(m, keep)
+        rows = keep("weight", 0)
+        if getattr(m, "gain", None) is not None and rows is not None:
+            new.gain = nn.Parameter(_take(m.gain, 0, rows).detach(), requires_grad=m.gain.requires_grad)
+        return new
+
+
+class BlurPoolHandler(Handler):
+    """timm's BlurPool2d (anti-aliased downsampling): a fixed depthwise filter per channel, with the
+    channel count stored as a number that its forward passes to F.conv2d as groups."""
+
+    def propagate(self, m: nn.Module, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        c = ctx.channels(x, 1)
+        if m.channels is not None:
+            ctx.member("filt", 0, c, Role.SCALE)
+        return ctx.broadcast(c, ctx.out.shape, 1)
+
+    def compact(self, m: nn.Module, keep: Keep) -> nn.Module:
+        k = keep("filt", 0) if m.channels is not None else None
+        if k is None:
+            return m
+        return resized(m, {"filt": _take(m.filt, 0, k)}, channels=int(k.numel()))
+
+
 class KeepWhole(Handler):
     """A module softprune does not look inside: its inputs and outputs keep every channel.
 
@@ -497,8 +542,9 @@ HANDLERS[ChannelRemap] = ChannelRemapHandler()
 def register_optional_modules() -> None:
     """Handlers for layers of libraries the user has imported (never imported here): timm's
     norm+activation layers and its Linear are their torch.nn twins followed by an elementwise
-    activation, so the twin's handler is exact for them. Traced through instead, their forward calls
-    F.batch_norm with their own parameters, whose channels the trace could not follow."""
+    activation, so the twin's handler is exact for them (traced through, their forward calls
+    F.batch_norm with their own parameters); its "same"-padded and weight-standardized convolutions
+    compute their padding or weights in Python that fx cannot trace or the ids cannot follow."""
     layers = sys.modules.get("timm.layers")
     if layers is None or getattr(layers, "_softprune_registered", False):
         return
@@ -508,6 +554,14 @@ def register_optional_modules() -> None:
         "GroupNormAct": GroupNormHandler,
         "GroupNorm1Act": GroupNormHandler,
         "Linear": LinearHandler,
+        # "same" padding computed from the input's size in Python: fx cannot trace it, and it is
+        # a convolution's own business
+        "Conv2dSame": ConvHandler,
+        "StdConv2d": StdConvHandler,
+        "StdConv2dSame": StdConvHandler,
+        "ScaledStdConv2d": StdConvHandler,
+        "ScaledStdConv2dSame": StdConvHandler,
+        "BlurPool2d": BlurPoolHandler,
     }
     for name, handler in twins.items():
         cls = getattr(layers, name, None)

@@ -89,3 +89,17 @@ for _rule in (
     _pixel_shuffle_module,
 ):
     _rule.kind = "movement"
+
+
+def register_optional_rules() -> None:
+    """timm's "same"-padded pooling (padding computed from the input's size, which fx cannot trace):
+    channel-wise, as the pooling it wraps. Registered only when the user has imported timm."""
+    import sys
+
+    pools = sys.modules.get("timm.layers.pool2d_same")
+    if pools is None:
+        return
+    for name in ("MaxPool2dSame", "AvgPool2dSame"):
+        cls = getattr(pools, name, None)
+        if isinstance(cls, type):
+            MODULE_RULES.setdefault(cls, _module_from(spatial(2)))

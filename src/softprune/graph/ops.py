@@ -456,6 +456,25 @@ def _batch_norm_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
     return torch.where(x == ZERO, torch.full_like(x, CONST), x)
 
 
+def _conv_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """F.conv1d/2d/3d called by code with a tensor it holds (timm's anti-aliasing blur: a fixed
+    depthwise filter, groups = channels): channel-wise, each filter row follows its channel. Other
+    functional convolutions mix channels through a weight the ids cannot follow: refused."""
+    x, weight = arg_ids[0], arg_ids[1] if len(arg_ids) > 1 else kwarg_ids.get("weight")
+    groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    channels = x.shape[1] if x.dim() > 1 else None
+    if not (isinstance(weight, torch.Tensor) and groups == channels and w.shape[:2] == (channels, 1)):
+        raise SoftpruneError(
+            f"{ctx.where()} is a convolution called as a function with a weight softprune cannot tie to "
+            "channels (only depthwise filters held by the model are handled); use an nn.Conv module, or "
+            "keep the module that calls it whole with ignore=[...]"
+        )
+    c = ctx.channels(x, 1)
+    ctx.union(c[:, None].expand(channels, weight[0].numel()), weight.reshape(channels, -1))
+    return ctx.broadcast(c, ctx.out.shape, 1)
+
+
 _ZERO_MAKERS = {"zeros_like", "new_zeros", "zero_"}
 
 
@@ -581,6 +600,8 @@ FUNCTION_RULES[F.pad] = pad
 FUNCTION_RULES[F.layer_norm] = _layer_norm_fn
 FUNCTION_RULES[F.group_norm] = _group_norm_fn
 FUNCTION_RULES[F.batch_norm] = _batch_norm_fn
+for _conv in (F.conv1d, F.conv2d, F.conv3d):
+    FUNCTION_RULES[_conv] = _conv_fn
 FUNCTION_RULES[F.instance_norm] = _batch_norm_fn
 FUNCTION_RULES[torch.softmax] = normalize_over(1, "softmax")
 FUNCTION_RULES[F.softmax] = normalize_over(1, "softmax")

@@ -33,7 +33,7 @@ from .ids import (
     map_values,
     unique_pairs,
 )
-from .module_rules import MODULE_RULES
+from .module_rules import MODULE_RULES, register_optional_rules
 from .ops import FUNCTION_RULES, METHOD_RULES, rule_for_unknown
 
 
@@ -125,6 +125,7 @@ def analyze(
     """
 
     register_optional_modules()
+    register_optional_rules()
     handlers = {**HANDLERS, **(handlers or {})}
     gm = gm if gm is not None else Traced(model, _trace_graph(model, handlers, MODULE_RULES, leaf_modules))
     return _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules)
