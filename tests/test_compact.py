@@ -321,3 +321,25 @@ def test_functional_depthwise_filters_follow_their_channels_and_other_functional
     mixing = nn.Sequential(nn.Conv2d(3, 8, 3), _MixByFunction(8), nn.Conv2d(8, 4, 3))
     with pytest.raises(softprune.SoftpruneError, match="convolution called as a function"):
         softprune.Pruner(mixing, "hfp", 0.5, 1, example_inputs=x)
+
+
+class _PositionalEncoding(nn.Module):
+    """EdgeNeXt-style: a sine encoding computed from a constant mask (~, cumsum, sin), added to the
+    features: it is a constant per position, so the channels it is added to stay prunable."""
+
+    def forward(self, x):
+        mask = torch.zeros_like(x[:, 0], dtype=torch.bool)
+        y = (~mask).cumsum(1, dtype=torch.float32)
+        return x + y.sin().unsqueeze(1) * 0.1
+
+
+def test_a_positional_encoding_from_a_mask_is_a_constant():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), _PositionalEncoding(), nn.Conv2d(8, 4, 3)
+    )
+    pruner = softprune.Pruner(model, "hfp", 0.5, 1, example_inputs=torch.randn(1, 3, 12, 12))
+    assert [g.prunable for g in pruner.groups][:2] == [True, True]
+    pruner.step()
+    small = pruner.compact()
+    assert small.get_submodule("2").out_channels == 4 and pruner.last_verification["max_abs_diff"] < 1e-6

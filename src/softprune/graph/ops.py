@@ -509,13 +509,14 @@ _ZP_FUNCTIONS = [
 _NZ_FUNCTIONS = [
     torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.exp, F.softplus, torch.cos, F.logsigmoid, torch.log,
     torch.rsqrt, torch.reciprocal, torch.cosh, torch.nan_to_num,
+    operator.invert, torch.logical_not, torch.bitwise_not,  # ~mask: not zero at zero
 ]  # fmt: skip
 _ZP_METHODS = [
     "relu", "relu_", "tanh", "tanh_", "neg", "abs", "clone", "contiguous", "float", "double", "half",
     "bfloat16", "to", "type", "type_as", "detach", "clamp", "clamp_", "clip", "sign", "sqrt", "square",
-    "requires_grad_", "cpu", "cuda", "gelu", "silu", "hardswish", "erf",
+    "requires_grad_", "cpu", "cuda", "gelu", "silu", "hardswish", "erf", "sin", "tan",
 ]  # fmt: skip
-_NZ_METHODS = ["sigmoid", "sigmoid_", "exp", "exp_", "log", "rsqrt", "reciprocal", "cos"]
+_NZ_METHODS = ["sigmoid", "sigmoid_", "exp", "exp_", "log", "rsqrt", "reciprocal", "cos", "logical_not"]
 _MOVE_FUNCTIONS = [
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat, torch.concatenate,
     torch.stack, torch.split, torch.chunk, torch.unsqueeze, torch.squeeze, torch.roll, torch.flip,
@@ -607,6 +608,9 @@ FUNCTION_RULES[torch.softmax] = normalize_over(1, "softmax")
 FUNCTION_RULES[F.softmax] = normalize_over(1, "softmax")
 FUNCTION_RULES[F.log_softmax] = normalize_over(1, "log_softmax")
 METHOD_RULES["softmax"] = normalize_over(1, "softmax")
+# a running sum along a dimension mixes that dimension, as a normalization over it does
+FUNCTION_RULES[torch.cumsum] = normalize_over(1, "cumsum")
+METHOD_RULES["cumsum"] = normalize_over(1, "cumsum")
 METHOD_RULES["log_softmax"] = normalize_over(1, "log_softmax")
 for f in (
     torch.zeros_like,
