@@ -89,12 +89,13 @@ def run(way: str, args, data) -> dict:
         opt.step()
     pruner.step()
     if way == "parameters":  # what softprune did before forward masks
-        pruner._soft.remove()
+        pruner.soft_masks.remove()
         for group, mask in zip(pruner.prunable, pruner.masks):
             apply(group, mask, model, 0.0, "channel")
     elif way == "forward, leaking":
-        pruner._soft.producers = []
-        pruner._soft.update([m.soft for m in pruner.masks], 0.0)
+        masks = pruner.soft_masks
+        masks.producers = []
+        masks.update([m.soft for m in pruner.masks], 0.0)
     losses, ratios, first = [], {}, {}
     loader.set_epoch(1)
     step = 0

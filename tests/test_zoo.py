@@ -84,7 +84,6 @@ TIMM_MODELS = [
     ("convnext_atto", "LayerNorm2d, layer scale"),
     ("efficientnet_b0", "SE, BatchNormAct2d"),
     ("rexnet_100", "a residual added to the first channels only"),
-    ("hgnetv2_b0", "a stem zero-padded on one side; learnable affine blocks"),
     ("tf_efficientnetv2_b0", "'same' padding computed in Python (fx cannot trace it)"),
     ("nf_regnet_b0", "weight-standardized convolutions, no BatchNorm"),
     ("resnetblur18", "anti-aliased downsampling (a fixed depthwise filter)"),
