@@ -139,11 +139,18 @@ def table(payload: dict, names: list[str], rates: list[float]) -> str:
             )
             continue
         lines.append(
-            f"| {r['model']} | {r['size']} | {r['rate']:.0%} | {r['params'] / 1e6:.2f}M | {r['params_compact'] / 1e6:.2f}M "
-            f"| {r['macs'] / 1e9:.2f}G | {r['macs_compact'] / 1e9:.2f}G | {r['max_abs_diff']:.1e} / {r['output_scale']:.1e} "
+            f"| {r['model']} | {r['size']} | {r['rate']:.0%} | {size_cells(r)} "
             f"| {r['analyze_s']:.1f} s | {r['prune_compact_s']:.1f} s | {'ok' if r['ok'] else '**differs**'} ({r['result_type']}) |"
         )
     return "\n".join(lines) + "\n"
+
+
+def size_cells(r: dict) -> str:
+    """A zoo row's params, compact params, MACs, compact MACs and max diff / scale cells."""
+    return (
+        f"{r['params'] / 1e6:.2f}M | {r['params_compact'] / 1e6:.2f}M | {r['macs'] / 1e9:.2f}G "
+        f"| {r['macs_compact'] / 1e9:.2f}G | {r['max_abs_diff']:.1e} / {r['output_scale']:.1e}"
+    )
 
 
 if __name__ == "__main__":

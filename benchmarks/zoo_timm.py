@@ -30,7 +30,7 @@ import torch
 
 import softprune
 from common import RESULTS, machine
-from zoo import prune_and_check
+from zoo import prune_and_check, size_cells
 
 PREFIXES = ("tf_", "gluon_", "legacy_", "ssl_", "swsl_", "ig_", "timm_")
 # families named by two words (inception_v3, inception_resnet, wide_resnet, ...)
@@ -243,8 +243,7 @@ def table(payload: dict) -> str:
             )
             continue
         lines.append(
-            f"| {r['family']} | {r['model']} | {r['size']} | {r['params'] / 1e6:.2f}M | {r['params_compact'] / 1e6:.2f}M "
-            f"| {r['macs'] / 1e9:.2f}G | {r['macs_compact'] / 1e9:.2f}G | {r['max_abs_diff']:.1e} / {r['output_scale']:.1e} "
+            f"| {r['family']} | {r['model']} | {r['size']} | {size_cells(r)} "
             f"| {'ok' if r['ok'] else '**differs**'} |{tp}"
         )
     return "\n".join(lines) + "\n"

@@ -100,7 +100,7 @@ def load_for_profile(
     ``factory``: the package.module:function a file was built with, named by the user (a file never
     decides which code is imported)."""
     from .io import read_plan
-    from .models import create_model, load
+    from .models import create_model, load, user_factory
 
     path = Path(target)
     if path.is_dir():
@@ -124,7 +124,7 @@ def load_for_profile(
                     f"{str(path)!r} was built by {spec.get('name')!r}, not by --model {factory!r}"
                 )
             builder = lambda: create_model(**spec)  # noqa: E731
-        elif ":" in str(spec.get("name", "")) and not str(spec["name"]).startswith("timm:"):
+        elif user_factory(spec) is not None:
             raise SoftpruneError(
                 f"{str(path)!r} was built by your factory {spec['name']!r}; name it to rebuild the model: "
                 f"--model {spec['name']}"

@@ -89,7 +89,9 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_plan(path: str | Path) -> dict:
+def read_plan(path: str | Path, required: bool = True) -> dict | None:
+    """The softprune plan in a safetensors file's metadata; a file without one is an error, or, when
+    not ``required``, None (a plain safetensors state_dict)."""
     path = Path(path)
     if not path.is_file():
         raise SoftpruneError(f"model file {str(path)!r} not found")
@@ -101,6 +103,8 @@ def read_plan(path: str | Path) -> dict:
     except (SafetensorError, OSError, ValueError) as exc:
         raise SoftpruneError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
     if PLAN_KEY not in meta:
+        if not required:
+            return None
         raise SoftpruneError(
             f"{str(path)!r} is a safetensors file without a softprune plan; load it with safetensors"
         )

@@ -432,15 +432,15 @@ class StdConvHandler(ConvHandler):
 
     def propagate(self, m: nn.Module, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
         out = super().propagate(m, ctx, x, *rest, **kw)
+        cdim = x.dim() - (m.weight.dim() - 2) - 1
         depthwise = m.groups > 1 and m.in_channels // m.groups == 1
         if not depthwise:
-            cdim = x.dim() - (m.weight.dim() - 2) - 1
             ctx.freeze(
                 ctx.positions(x, cdim),
                 f"is read by '{ctx.module_name}', whose weights are standardized over it",
             )
         if getattr(m, "gain", None) is not None:
-            ctx.member("gain", 0, ctx.channels(out, x.dim() - (m.weight.dim() - 2) - 1), Role.SCALE)
+            ctx.member("gain", 0, ctx.channels(out, cdim), Role.SCALE)
         return out
 
     def compact(self, m: nn.Module, keep: Keep) -> nn.Module:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ __all__ = [
     "load",
     "load_weights",
     "read_state_dict",
+    "user_factory",
     "register_model",
     "resnet20",
     "resnet32",
@@ -257,19 +257,10 @@ def _torchvision_state(name: str, weights: str) -> dict:
 def _from_checkpoint(model: nn.Module, path: Path, spec: dict, kwargs: dict) -> nn.Module:
     """The model with a file's weights: a state_dict, or a softprune file (a pruned model is
     rebuilt at its pruned size, and pruning it again records both prunings)."""
-    from ..io import PLAN_KEY
+    from ..io import read_plan
 
     if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as exc:
-            raise SoftpruneError(
-                f"model checkpoint {str(path)!r} is not a readable safetensors file ({exc})"
-            ) from None
-        plan = json.loads(meta.get(PLAN_KEY) or "{}")
+        plan = read_plan(path, required=False) or {}
         if plan.get("groups") or plan.get("base"):  # a pruned model: rebuilt at its pruned size
             small = load(path, lambda: create_model(**spec, **kwargs))
             small.softprune_reset_head = None
@@ -296,10 +287,17 @@ def load(
         spec = io.read_plan(path).get("model")
         if not spec:
             raise SoftpruneError(f"{str(path)!r} does not say how to build its model; pass model_factory=")
-        name = str(spec.get("name", ""))
-        if ":" in name and not name.startswith("timm:"):
+        factory = user_factory(spec)
+        if factory is not None:
             raise SoftpruneError(
-                f"{str(path)!r} was built by your factory {name!r}; pass model_factory= to rebuild it"
+                f"{str(path)!r} was built by your factory {factory!r}; pass model_factory= to rebuild it"
             )
         model_factory = lambda: create_model(**spec)  # noqa: E731
     return io.load(path, model_factory, map_location)
+
+
+def user_factory(spec: dict) -> str | None:
+    """The ``package.module:function`` a saved model's record names, if a user's factory built it:
+    softprune imports such code only when the user names it too."""
+    name = str(spec.get("name", ""))
+    return name if ":" in name and not name.startswith("timm:") else None

@@ -111,10 +111,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
     if wrong and set(wrong) <= head_keys and not missing and not unexpected:
         w = state[f"{head[0]}.weight"]
         if w.shape[1:] == own[f"{head[0]}.weight"].shape[1:]:  # same inputs, other classes
-            reset = head[0]
+            reset = head[0]  # the model's own fresh head stays; every other key is in the file
             state = {k: v for k, v in state.items() if k not in head_keys}
             wrong = []
-            missing = sorted(head_keys & set(own))
     if unexpected:
         raise SoftpruneError(
             f"{where} does not fit {type(model).__name__}: it has {len(unexpected)} key(s) the model lacks, "
@@ -126,11 +125,10 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
             f"{where} does not fit {type(model).__name__}: {key!r} has shape {tuple(state[key].shape)} in the "
             f"file and {tuple(own[key].shape)} in the model"
         )
-    real_missing = [k for k in missing if not (reset and k in head_keys)]
-    if real_missing:
+    if missing:
         raise SoftpruneError(
-            f"{where} does not fit {type(model).__name__}: {len(real_missing)} key(s) missing from the file, "
-            f"first {real_missing[0]!r}"
+            f"{where} does not fit {type(model).__name__}: {len(missing)} key(s) missing from the file, "
+            f"first {missing[0]!r}"
         )
     with torch.no_grad():
         for key, value in state.items():
