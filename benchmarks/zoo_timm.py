@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import re
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -41,7 +43,7 @@ SMOKE = [
     "resnet", "mixnet", "cspresnet", "dpn", "repvgg", "ghostnet", "skresnet", "resnest",
     "nfnet", "regnetx", "convnext", "efficientnet",
 ]  # fmt: skip
-SIZE_CAP = 224  # the input side used (models that declare a larger default run at 224 too, where allowed)
+SIZE_CAP = 256  # the input side used (models that declare a larger default run at 256, where allowed)
 
 
 def family_of(name: str) -> str:
@@ -145,7 +147,7 @@ def run_torch_pruning(name: str, rate: float) -> dict:
     return {"ok": bool(ok), "params_compact": sum(p.numel() for p in model.parameters())}
 
 
-def attempt(fn, name: str, rate: float) -> dict:
+def _attempt_here(fn, name: str, rate: float) -> dict:
     try:
         return fn(name, rate)
     except Exception as exc:  # noqa: BLE001  (a failure is a result of the benchmark, not the end of it)
@@ -159,6 +161,37 @@ def attempt(fn, name: str, rate: float) -> dict:
         }
 
 
+def _child(fn, name: str, rate: float, conn) -> None:
+    warnings.filterwarnings("ignore")
+    conn.send(_attempt_here(fn, name, rate))
+    conn.close()
+
+
+def attempt(fn, name: str, rate: float, limit: float) -> dict:
+    """``fn(name, rate)`` in a forked process: a tool that runs for more than ``limit`` seconds or
+    exhausts memory on one model is that model's result, not the end of the run."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(fn, name, rate, send))
+    start = time.perf_counter()
+    child.start()
+    send.close()
+    row = receive.recv() if receive.poll(limit) else None
+    child.join(5)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    if row is None:
+        killed = time.perf_counter() - start >= limit
+        return {
+            "ok": False,
+            "error_type": "Timeout" if killed else f"exit {child.exitcode}",
+            "refused": False,
+            "error": f"ran past {limit:.0f} s" if killed else "the process died (out of memory?)",
+        }
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=0.4)
@@ -166,6 +199,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the CI subset (a dozen families)")
     parser.add_argument("--rescan", action="store_true", help="list timm's families again")
     parser.add_argument("--torch-pruning", action="store_true", help="Torch-Pruning on the same models")
+    parser.add_argument(
+        "--reuse",
+        choices=["softprune", "torch-pruning"],
+        default=None,
+        help="take this tool's results from the existing --json file (same timm and rate) instead of running it",
+    )
+    parser.add_argument("--limit", type=float, default=120, help="seconds per model and tool")
     parser.add_argument("--out", default="../docs/zoo_timm.md")
     parser.add_argument("--json", default=str(RESULTS / "zoo_timm.json"))
     args = parser.parse_args()
@@ -174,28 +214,57 @@ def main() -> None:
 
     found = families(args.rescan)
     chosen = args.families or (SMOKE if args.smoke else list(found))
+    before = _previous(Path(args.json), timm.__version__, args.rate) if args.reuse else {}
     rows = []
     for family in chosen:
         if family not in found:
             print(f"{family}: not a CNN or hybrid family of timm {timm.__version__}", flush=True)
             continue
         name = found[family]["model"]
-        row = {"family": family, "model": name, **attempt(run_softprune, name, args.rate)}
-        if args.torch_pruning:
-            row["torch_pruning"] = attempt(run_torch_pruning, name, args.rate)
+        old = before.get(name, {})
+        if args.reuse == "softprune" and "ok" in old:
+            row = {k: v for k, v in old.items() if k != "torch_pruning"}
+        else:
+            row = {"family": family, "model": name, **attempt(run_softprune, name, args.rate, args.limit)}
+        if args.reuse == "torch-pruning" and "torch_pruning" in old:
+            row["torch_pruning"] = old["torch_pruning"]
+        elif args.torch_pruning:
+            row["torch_pruning"] = attempt(run_torch_pruning, name, args.rate, args.limit)
         rows.append(row)
         status = (
             "ok" if row["ok"] else f"FAILED {row.get('error_type', 'differs')}: {row.get('error', '')[:100]}"
         )
         tp_status = ""
-        if args.torch_pruning:
+        if "torch_pruning" in row:
             tp_status = "  TP ok" if row["torch_pruning"]["ok"] else "  TP failed"
         print(f"{family:22s} {name:36s} {status}{tp_status}", flush=True)
         gc.collect()
-    payload = {"machine": machine(), "timm": timm.__version__, "rate": args.rate, "rows": rows}
+    try:
+        from importlib.metadata import version
+
+        tp_version = version("torch-pruning")
+    except Exception:  # noqa: BLE001  (not installed: no comparison)
+        tp_version = None
+    payload = {
+        "machine": machine(),
+        "timm": timm.__version__,
+        "torch_pruning": tp_version,
+        "rate": args.rate,
+        "rows": rows,
+    }
     Path(args.json).write_text(json.dumps(payload, indent=2))
     Path(args.out).write_text(table(payload))
     print(f"wrote {args.out} and {args.json}")
+
+
+def _previous(path: Path, timm_version: str, rate: float) -> dict[str, dict]:
+    """model -> row of an earlier run with the same timm version and rate (empty if none)."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("timm") != timm_version or old.get("rate") != rate:
+        return {}
+    return {row["model"]: row for row in old["rows"]}
 
 
 def table(payload: dict) -> str:
