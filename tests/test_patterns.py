@@ -290,6 +290,59 @@ def test_untraceable_model_is_a_clear_error():
         softprune.Pruner(Untraceable(), "sfp", 0.5, 1, example_inputs=torch.randn(1, 3, 4, 4))
 
 
+class SizeBranch(nn.Module):
+    """Control flow on a feature map's size, as timm's MobileViT and TinyViT blocks have."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        if y.shape[-1] % 2 == 1:  # odd maps are padded first
+            y = F.pad(y, (1, 1, 1, 1))
+        return self.head(F.relu(self.b(y)))
+
+
+def test_control_flow_on_sizes_is_traced_at_the_example_size():
+    pruner, small = prune(SizeBranch(), torch.randn(2, 3, 8, 8))
+    assert [d.split(":")[0] for d in pruner.analysis.decisions] == ["test_patterns.py"]
+    assert pruner.analysis.decisions[0].endswith(": False")
+    assert type(small) is SizeBranch and small.a.out_channels == 4  # the user's class, branch and all
+    odd = torch.randn(2, 3, 7, 7)  # the other branch, which the example did not take
+    diff, scale = max_difference(pruner.model, small, (odd,))
+    assert scale > 0 and diff <= 1e-5 * scale
+
+
+class MatmulAttention(nn.Module):
+    def __init__(self, fused: bool, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 1)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, 5)
+        self.fused, self.dim, self.heads = fused, dim, heads
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        B, N, _ = t.shape
+        q, k, v = self.qkv(t).reshape(B, N, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
+        if self.fused:  # the default scale 1/sqrt(head width)
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, self.dim))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_attention_by_matmul_pairs_q_with_k_and_keeps_v_channels(fused):
+    pruner, small = prune(MatmulAttention(fused), torch.randn(2, 3, 4, 4))
+    qkv = group_of(pruner, "qkv")
+    # 16 units: a q column joined with the k column it meets in q @ k^T (8), and v's 8 columns
+    assert qkv.size == 16
+    # without an explicit scale, removing q/k columns would change 1/sqrt(width): those are kept
+    assert int(qkv.frozen.sum()) == (8 if fused else 0)
+    assert small.proj.in_features < 16
+
+
 def _mystery(x):
     return x * torch.sigmoid(x)
 

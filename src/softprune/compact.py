@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import warnings
 from typing import Any
 
 import torch
@@ -635,6 +636,13 @@ def compact_model(
         for name, child in worker.root.named_children():
             graph_module._modules[name] = child
         small = graph_module
+        if analysis.decisions:
+            warnings.warn(
+                f"the compact {type(model).__name__} is a graph, and its forward branches on sizes "
+                f"({analysis.decisions[0]}, {len(analysis.decisions)} decisions): they were taken as for the "
+                "example input, so run it at that input size",
+                stacklevel=3,
+            )
     small.train(model.training)
     if slices is not None:
         slices.update(worker.slices)

@@ -475,6 +475,167 @@ def _conv_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
     return ctx.broadcast(c, ctx.out.shape, 1)
 
 
+def _varies_along(ids: torch.Tensor, dim: int) -> bool:
+    """Do the ids change along ``dim`` (zeros aside)? A channel dimension does; a token dimension of a
+    tensor whose channels lie along another dimension does not."""
+    small = squeeze_broadcast(ids)
+    if small.shape[dim] <= 1:
+        return False
+    first = small.narrow(dim, 0, 1)
+    return bool(((small != first) & (small != ZERO) & (first != ZERO)).any())
+
+
+def _contraction_ids(ctx: Context, a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
+    """ids of ``a @ b`` (a [..., n, k], b [..., k, m], batch dimensions broadcast).
+
+    A contracted index k can be removed only from both factors at once: where the ids of a change
+    along k (its channels lie there, as q's do in q @ k^T) they are joined with b's ids at the same k,
+    which must change along k too (k's channels, or a parameter the model holds). A channel contracted
+    with something that cannot lose that index (a constant, or a tensor whose rows are tokens) is kept
+    whole. What is not contracted passes through: a row of ``a`` that is one channel (or constant), times
+    a column of ``b`` that is one channel, is that channel (attention @ v keeps v's channels)."""
+    vec_a, vec_b = a.dim() == 1, b.dim() == 1
+    a = a[None, :] if vec_a else a
+    b = b[:, None] if vec_b else b
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = a.expand(*batch, *a.shape[-2:])
+    b = b.expand(*batch, *b.shape[-2:])
+    for d in range(len(batch)):  # heads folded into a batch dimension (x.reshape(B * heads, d, n))
+        for mine in (a, b):
+            if batch[d] > 1 and _varies_along(mine, d):
+                _couple_along(ctx, mine, d, what)
+    a_k, b_k = _varies_along(a, -1), _varies_along(b, -2)
+    if a_k or b_k:
+        pa = ctx.positions(a, a.dim() - 1) if a_k else _whole(b_k, a, -1)
+        pb = ctx.positions(b, b.dim() - 2) if b_k else _whole(a_k, b, -2)
+        both = (pa > CONST) & (pb > CONST)
+        if bool(both.any()):
+            ctx.union(pa[both], pb[both])
+        for mine, other in ((pa, pb), (pb, pa)):
+            alone = (mine > CONST) & (other == CONST)
+            if bool(alone.any()):
+                ctx.freeze(mine[alone], f"is contracted by {what} with values that cannot lose it")
+    rows = _uniform_or_const(a, -1, a_k)
+    cols = _uniform_or_const(b, -2, b_k)
+    out = combine(ctx, rows.unsqueeze(-1), cols.unsqueeze(-2), _mul_vec)
+    if vec_a:
+        out = out.squeeze(-2)
+    if vec_b:
+        out = out.squeeze(-1)
+    return out
+
+
+def _couple_along(ctx: Context, ids: torch.Tensor, dim: int, what: str) -> None:
+    """Position j of every slice along ``dim`` joined (a batch dimension of a matmul: each slice must
+    keep the same positions, as the other factor's slices cannot be removed)."""
+    first = ids.narrow(dim, 0, 1)
+    for j in range(1, ids.shape[dim]):
+        other = ids.narrow(dim, j, 1)
+        ctx.union(first.expand_as(other), other)
+        lone = ((first == CONST) & (other > CONST)) | ((other == CONST) & (first > CONST))
+        if bool(lone.any()):
+            both = torch.cat([first.expand_as(other)[lone], other[lone]])
+            ctx.freeze(both, f"would leave slices of different widths in {what}")
+
+
+def _whole(other_varies: bool, ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per contracted index, for a factor whose ids do not change along it: zero where it is zero,
+    else a constant (its rows cannot be removed one by one)."""
+    moved = squeeze_broadcast(ids).movedim(dim, 0)
+    moved = moved.reshape(moved.shape[0], -1).expand(ids.shape[dim], -1) if moved.shape[0] == 1 else moved
+    zero = (moved.reshape(moved.shape[0], -1) == ZERO).all(dim=1)
+    return torch.where(
+        zero, torch.full_like(zero, ZERO, dtype=torch.long), torch.full_like(zero, CONST, dtype=torch.long)
+    )
+
+
+def _uniform_or_const(ids: torch.Tensor, dim: int, varies: bool) -> torch.Tensor:
+    """One id per position of the other dimensions: the ids along ``dim`` when they are one channel,
+    zero where all are zero, else a constant (channels summed by the contraction)."""
+    top = ids.amax(dim=dim)
+    if not varies:
+        return top
+    return torch.where(top == ZERO, top, torch.full_like(top, CONST))
+
+
+def _matmul(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    a = arg_ids[0] if arg_ids else kwarg_ids["input"]
+    b = arg_ids[1] if len(arg_ids) > 1 else kwarg_ids.get("other", kwarg_ids.get("mat2"))
+    return _contraction_ids(ctx, a, b, ctx.where())
+
+
+def _linear_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """F.linear(x, weight, bias) called by code with a tensor the model holds (timm's DCT layers): x @
+    weight^T + bias, whose input columns are contracted with the weight's columns."""
+    names = ("input", "weight", "bias")
+    given = {**dict(zip(names, arg_ids)), **kwarg_ids}
+    out = _contraction_ids(ctx, given["input"], given["weight"].transpose(-2, -1), ctx.where())
+    bias = given.get("bias")
+    if isinstance(bias, torch.Tensor):
+        out = combine(ctx, out, bias, add_vec)
+    return out.expand(ctx.out.shape)
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def _scaled_dot_product_attention(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """softmax(q k^T * scale + mask) v: q and k's head channels are contracted together; v's channels
+    reach the output. The default scale is 1/sqrt(q's width), which removing q's channels would change:
+    without an explicit scale, q and k are kept whole."""
+    given = {**dict(zip(_SDPA_ARGS, arg_ids)), **kwarg_ids}
+    values = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
+    q, k, v = given["query"], given["key"], given["value"]
+    mask = given.get("attn_mask")
+    if isinstance(mask, torch.Tensor) and bool((mask > CONST).any()):
+        ctx.freeze(mask[mask > CONST], f"is an attention mask in {ctx.where()}")
+    try:
+        _contraction_ids(ctx, q, k.transpose(-2, -1), ctx.where())
+        weights = torch.full((), CONST, dtype=torch.long).expand(*ctx.out.shape[:-1], k.shape[-2])
+        out = _contraction_ids(ctx, weights, v, ctx.where())
+    except RuntimeError:  # heads that do not broadcast (grouped-query attention): nothing is removed
+        for t in (q, k, v):
+            if bool((t > CONST).any()):
+                ctx.freeze(t[t > CONST], f"enters {ctx.where()} with grouped heads")
+        return torch.full(ctx.out.shape, CONST)
+    if values.get("scale") is None:
+        for t in (q, k):
+            if bool((t > CONST).any()):
+                ctx.freeze(
+                    t[t > CONST],
+                    f"sets the default scale 1/sqrt(width) of {ctx.where()}; removing it would change it",
+                )
+    return out.expand(ctx.out.shape)
+
+
+def _normalize_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """F.normalize(x, p, dim): x / max(||x||_p, eps) along dim. A pruned channel is zero and adds
+    nothing to the norm, so removing it changes no other value: the ids pass through. A nonzero
+    constant left by a pruned channel would be in the norm: such channels are kept whole."""
+    x = arg_ids[0]
+    p = args[1] if len(args) > 1 else kwargs.get("p", 2.0)
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
+    if not (isinstance(p, (int, float)) and p > 0):
+        ctx.freeze(x, f"is normalized together with other channels by {ctx.where()}")
+        return ctx.ids.derived(x)
+    rows = squeeze_broadcast(x).movedim(dim, -1)
+    derived = (rows > CONST) & (ctx.ids.kind(rows) == DERIVED)
+    mixed = derived.any(dim=-1, keepdim=True) & (rows > CONST)
+    if bool(mixed.any()):
+        ctx.freeze(rows[mixed], f"is not zero at zero and is normalized with other channels by {ctx.where()}")
+    return x
+
+
+def _addcmul(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """input + value * t1 * t2 (timm's GRN): a product, then a sum."""
+    names = ("input", "tensor1", "tensor2")
+    given = [*arg_ids[:3], *(kwarg_ids[n] for n in names[len(arg_ids[:3]) :])]
+    values = [*args[:3], *(kwargs[n] for n in names[len(args[:3]) :])]
+    ids = [g if isinstance(v, torch.Tensor) else _scalar_ids(v, ctx.out) for g, v in zip(given, values)]
+    product = combine(ctx, ids[1], ids[2], _mul_vec)
+    return combine(ctx, ids[0], product, add_vec).expand(ctx.out.shape)
+
+
 _ZERO_MAKERS = {"zeros_like", "new_zeros", "zero_"}
 
 
@@ -604,6 +765,14 @@ FUNCTION_RULES[F.batch_norm] = _batch_norm_fn
 for _conv in (F.conv1d, F.conv2d, F.conv3d):
     FUNCTION_RULES[_conv] = _conv_fn
 FUNCTION_RULES[F.instance_norm] = _batch_norm_fn
+for f in (operator.matmul, torch.matmul, torch.bmm, torch.mm):
+    FUNCTION_RULES[f] = _matmul
+METHOD_RULES["matmul"] = METHOD_RULES["bmm"] = METHOD_RULES["mm"] = METHOD_RULES["__matmul__"] = _matmul
+FUNCTION_RULES[F.scaled_dot_product_attention] = _scaled_dot_product_attention
+FUNCTION_RULES[F.normalize] = _normalize_fn
+FUNCTION_RULES[F.linear] = _linear_fn
+FUNCTION_RULES[torch.addcmul] = _addcmul
+METHOD_RULES["addcmul"] = _addcmul
 FUNCTION_RULES[torch.softmax] = normalize_over(1, "softmax")
 FUNCTION_RULES[F.softmax] = normalize_over(1, "softmax")
 FUNCTION_RULES[F.log_softmax] = normalize_over(1, "log_softmax")
