@@ -165,3 +165,31 @@ def test_attention_macs_are_counted_in_nn_multiheadattention():
     attention = 2 * 4 * 5 * 5 * 4  # q k^T and attn v, per head
     assert macs == projections + attention
     assert torch.backends.mha.get_fastpath_enabled()  # restored after counting
+
+
+class _TokenUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, pair):
+        x, token = pair
+        return self.fc(torch.cat([token, x], 1))
+
+
+class _ClassToken(nn.Module):
+    """A parameter's view handed to a submodule (PiT's class token): made without grad, it has
+    requires_grad and no grad_fn, which the FLOP counter's module tracker cannot hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.user = _TokenUser()
+
+    def forward(self, x):
+        return self.user((x, self.token.expand(x.shape[0], -1, -1)))
+
+
+def test_macs_of_a_model_handing_a_parameter_view_to_a_submodule():
+    # 4 tokens (3 + the class token) x 4 x 4 multiply-accumulates per sample
+    assert measure_macs(_ClassToken(), torch.randn(2, 3, 4)) == {"macs": 64, "conv_macs": 0}

@@ -290,6 +290,47 @@ def test_untraceable_model_is_a_clear_error():
         softprune.Pruner(Untraceable(), "sfp", 0.5, 1, example_inputs=torch.randn(1, 3, 4, 4))
 
 
+class Upsample(nn.Module):
+    def __init__(self, depthwise: bool):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        groups, out = (8, 8) if depthwise else (1, 6)
+        self.up = nn.ConvTranspose2d(8, out, 2, stride=2, groups=groups)
+        self.head = nn.Conv2d(out, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.up(F.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_transposed_convolution_reads_dim0_and_writes_dim1(depthwise):
+    pruner, small = prune(Upsample(depthwise), torch.randn(2, 3, 6, 6))
+    assert small.a.out_channels == small.up.in_channels == 4
+    if depthwise:  # channel-wise: its channels are a's
+        assert small.up.out_channels == small.up.groups == 4 and small.head.in_channels == 4
+    else:
+        assert small.up.weight.shape[1] == small.up.out_channels == small.head.in_channels == 3
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+        self.rnn, self.head = nn.LSTM(8, 6, batch_first=True), nn.Linear(6, 4)
+
+    def forward(self, x):
+        tokens = F.relu(self.b(F.relu(self.a(x)))).flatten(2).transpose(1, 2)
+        out, _ = self.rnn(tokens)
+        return self.head(out.mean(1))
+
+
+def test_recurrent_layers_are_kept_whole_and_the_rest_prunes():
+    pruner, small = prune(Recurrent(), torch.randn(2, 3, 4, 4))
+    assert small.a.out_channels == 4  # read by b only
+    assert small.b.out_channels == 8 and small.rnn.input_size == 8  # read by the LSTM: kept
+    assert "recurrent" in next(iter(group_of(pruner, "b").reasons.values()))
+
+
 class SizeBranch(nn.Module):
     """Control flow on a feature map's size, as timm's MobileViT and TinyViT blocks have."""
 
@@ -314,32 +355,55 @@ def test_control_flow_on_sizes_is_traced_at_the_example_size():
     assert scale > 0 and diff <= 1e-5 * scale
 
 
+class SizeFromShape(nn.Module):
+    """A tensor reshaped with the channel count of another (timm's lambda layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.v, self.head = nn.Conv2d(3, 8, 1), nn.Linear(8, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        B, C, H, W = x.shape
+        tokens = self.v(x.flatten(2).transpose(1, 2))  # B, HW, C
+        return self.head(tokens.transpose(1, 2).reshape(B, C, H, W))
+
+
+def test_a_size_read_from_a_shape_keeps_both_widths_equal():
+    pruner, small = prune(SizeFromShape(), torch.randn(2, 3, 4, 4))
+    assert group_of(pruner, "a").producers == ["a", "v"]  # one mask: the same count whatever the rate
+    assert small.a.out_channels == small.v.out_features == small.head.in_channels < 8
+
+
 class MatmulAttention(nn.Module):
-    def __init__(self, fused: bool, dim: int = 16, heads: int = 2):
+    def __init__(self, mode: str, dim: int = 16, heads: int = 2):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 1)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, 5)
-        self.fused, self.dim, self.heads = fused, dim, heads
+        self.mode, self.dim, self.heads = mode, dim, heads
 
     def forward(self, x):
         t = self.embed(x).flatten(2).transpose(1, 2)
         B, N, _ = t.shape
         q, k, v = self.qkv(t).reshape(B, N, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
-        if self.fused:  # the default scale 1/sqrt(head width)
+        if self.mode == "sdpa":  # the default scale 1/sqrt(head width)
             out = F.scaled_dot_product_attention(q, k, v)
+        elif self.mode == "einsum":
+            attn = (torch.einsum("bhnc,bhmc->bhnm", q, k) * 0.25).softmax(-1)
+            out = torch.einsum("bhnm,bhmc->bhnc", attn, v)
         else:
             out = ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1) @ v
         return self.proj(out.transpose(1, 2).reshape(B, N, self.dim))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_attention_by_matmul_pairs_q_with_k_and_keeps_v_channels(fused):
-    pruner, small = prune(MatmulAttention(fused), torch.randn(2, 3, 4, 4))
+@pytest.mark.parametrize("mode", ["matmul", "einsum", "sdpa"])
+def test_attention_by_matmul_pairs_q_with_k_and_keeps_v_channels(mode):
+    pruner, small = prune(MatmulAttention(mode), torch.randn(2, 3, 4, 4))
     qkv = group_of(pruner, "qkv")
     # 16 units: a q column joined with the k column it meets in q @ k^T (8), and v's 8 columns
     assert qkv.size == 16
     # without an explicit scale, removing q/k columns would change 1/sqrt(width): those are kept
-    assert int(qkv.frozen.sum()) == (8 if fused else 0)
+    assert int(qkv.frozen.sum()) == (8 if mode == "sdpa" else 0)
     assert small.proj.in_features < 16
 
 

@@ -50,17 +50,27 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-@torch.no_grad()
 def count_flops(model: nn.Module, inputs: tuple) -> FlopCounterMode:
     """torch.utils.flop_counter's counts (total, per module, per op) of one forward pass in eval mode."""
     # nn.MultiheadAttention's fused inference kernel has no FLOP formula: count its unfused ops
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with training_mode(model, training=False), FlopCounterMode(display=False) as counter:
-            model(*inputs)
+        try:
+            return _count(model, inputs, grad=False)
+        except AssertionError:
+            # the counter's module tracker hooks autograd, and a view of a parameter made without
+            # grad (PiT's class token passed to a submodule) has requires_grad but no grad_fn: count
+            # again with grad on (one forward, nothing kept)
+            return _count(model, inputs, grad=True)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _count(model: nn.Module, inputs: tuple, grad: bool) -> FlopCounterMode:
+    with torch.set_grad_enabled(grad), training_mode(model, training=False):
+        with FlopCounterMode(display=False) as counter:
+            model(*inputs)
     return counter
 
 

@@ -207,6 +207,45 @@ class ConvHandler(Handler):
         )
 
 
+class ConvTransposeHandler(Handler):
+    """ConvTranspose1d/2d/3d (upsampling in decoders and some hybrids): weight [in, out/groups, k...],
+    so the input channels are dim 0 and the filters dim 1. Plain and depthwise (groups == in == out)
+    ones are pruned like convolutions; other grouped ones are kept whole."""
+
+    def propagate(self, m: nn.Module, ctx: Context, x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        cdim = x.dim() - (m.weight.dim() - 2) - 1
+        if rest or kw:  # an output_size argument: shapes decided by the caller
+            return KeepWhole("is called with an output size").propagate(m, ctx, x, *rest, **kw)
+        if m.groups == 1:
+            ctx.member("weight", 0, ctx.positions(x, cdim), Role.CONSUMER)
+            out = ctx.fresh(m.out_channels)
+            ctx.member("weight", 1, out, Role.FILTER)
+        elif m.groups == m.in_channels == m.out_channels:
+            cin = ctx.channels(x, cdim)
+            out = torch.where(cin == ZERO, torch.full_like(cin, CONST if m.bias is not None else ZERO), cin)
+            ctx.member("weight", 0, out, Role.SCALE)
+        else:
+            return KeepWhole("is a grouped transposed convolution").propagate(m, ctx, x)
+        if m.bias is not None:
+            ctx.member("bias", 0, out, Role.ADDITIVE)
+        return ctx.broadcast(out, ctx.out.shape, cdim)
+
+    def compact(self, m: nn.Module, keep: Keep) -> nn.Module:
+        if m.groups == 1:
+            k_in, k_out = keep("weight", 0), keep("weight", 1)
+            weight = _take_2d(m.weight, k_in, k_out)
+            bias = _take(m.bias, 0, k_out)
+            return resized(
+                m, {"weight": weight, "bias": bias}, in_channels=weight.shape[0], out_channels=weight.shape[1]
+            )
+        if m.groups != m.in_channels:
+            return m
+        k = keep("weight", 0)
+        weight, bias = _take(m.weight, 0, k), _take(m.bias, 0, k)
+        c = weight.shape[0]
+        return resized(m, {"weight": weight, "bias": bias}, in_channels=c, out_channels=c, groups=c)
+
+
 class LinearHandler(Handler):
     """Linear: consumer of the last dimension, producer of its outputs."""
 
@@ -497,11 +536,15 @@ for _cls in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
     HANDLERS[_cls] = LinearHandler()
 for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
     HANDLERS[_cls] = BatchNormHandler()
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    HANDLERS[_cls] = ConvTransposeHandler()
 HANDLERS[nn.GroupNorm] = GroupNormHandler()
 HANDLERS[nn.LayerNorm] = LayerNormHandler()
 HANDLERS[nn.Embedding] = EmbeddingHandler()
 HANDLERS[nn.PReLU] = PReLUHandler()
 HANDLERS[nn.MultiheadAttention] = MultiheadAttentionHandler()
+for _cls in (nn.LSTM, nn.GRU, nn.RNN):  # Sequencer's token mixers: softprune does not prune their gates
+    HANDLERS[_cls] = KeepWhole("is a recurrent layer (its widths are kept)")
 
 
 class ChannelRemapHandler(Handler):

@@ -252,6 +252,7 @@ def movement(data: Callable[[int], bool] | None = None):
         name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
         if name in ("view", "reshape"):
             _couple_constant_splits(ctx, new_args[0], out)
+            _couple_sizes_read_from_shapes(ctx, out)
         return out
 
     rule.kind = "movement"
@@ -290,6 +291,62 @@ def _couple_constant_splits(ctx: Context, x: torch.Tensor, out: torch.Tensor) ->
                 for j in range(1, out.shape[d]):
                     ctx.union(first, out.narrow(d, j, 1))
         i += 1
+
+
+def _shape_source(size: Any) -> tuple[torch.fx.Node, int] | None:
+    """(tensor node, dim) when a size argument is read straight from a tensor's shape
+    (``B, C, H, W = x.shape``, ``x.size(1)``, ``x.shape[1]``), else None."""
+    if not isinstance(size, torch.fx.Node):
+        return None
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        source, dim = size.args
+    elif (
+        size.op == "call_function"
+        and size.target is operator.getitem
+        and isinstance(size.args[0], torch.fx.Node)
+    ):
+        shape, dim = size.args
+        is_attr = (
+            shape.op == "call_function" and shape.target is builtins.getattr and shape.args[1] == "shape"
+        )
+        is_size = shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1
+        if not (is_attr or is_size):
+            return None
+        source = shape.args[0]
+    else:
+        return None
+    return (source, dim) if isinstance(source, torch.fx.Node) and isinstance(dim, int) else None
+
+
+def _couple_sizes_read_from_shapes(ctx: Context, out: torch.Tensor) -> None:
+    """A view sized by another tensor's channel count (``y.reshape(B, C, H, W)`` with ``C`` from
+    ``x.shape``, as timm's lambda layers do) runs in the compact model with x's compact count: position
+    j of y's dimension is joined with x's channel j, so that both keep as many."""
+    node = ctx.node
+    sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    if len(sizes) != out.dim():
+        return
+    for o, size in enumerate(sizes):
+        found = _shape_source(size)
+        if found is None or out.shape[o] <= 1:
+            continue
+        source, dim = found
+        ids = ctx.analysis.node_ids.get(source.name)
+        if not isinstance(ids, torch.Tensor) or ids.dim() == 0:
+            continue
+        dim %= ids.dim()
+        if ids.shape[dim] != out.shape[o] or not (_varies_along(ids, dim) or _varies_along(out, o)):
+            continue
+        theirs, mine = ctx.channels(ids, dim), ctx.channels(out, o)
+        both = (theirs > CONST) & (mine > CONST)
+        if bool(both.any()):
+            ctx.union(theirs[both], mine[both])
+        alone = ((theirs > CONST) & (mine == CONST)) | ((mine > CONST) & (theirs == CONST))
+        if bool(alone.any()):
+            lone = torch.cat([theirs[alone], mine[alone]])
+            ctx.freeze(lone, f"sizes {ctx.where()} through a shape read elsewhere, next to a constant")
 
 
 def _contiguous(x: Any) -> Any:
@@ -576,6 +633,51 @@ def _linear_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
     return out.expand(ctx.out.shape)
 
 
+def _einsum(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """torch.einsum with one or two operands, written as the matmul it is: the letters shared with the
+    output are batch dimensions, the ones summed over both operands are contracted (see
+    :func:`_contraction_ids`). Ellipses and letters summed in one operand only are refused."""
+    equation, operands = args[0], list(arg_ids[1:])
+    values = list(args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands, values = list(operands[0]), list(values[0])
+    inputs, _, output = equation.replace(" ", "").partition("->")
+    specs = inputs.split(",")
+    if "." in equation or not output or len(specs) != len(operands) or len(operands) not in (1, 2):
+        raise SoftpruneError(
+            f"{ctx.where()}: softprune follows einsum with one or two operands and an explicit output "
+            f"('{equation}' is not); keep the module that calls it whole with ignore=[...]"
+        )
+    if len(operands) == 1:
+        if set(specs[0]) != set(output) or len(specs[0]) != len(output):
+            raise SoftpruneError(f"{ctx.where()}: einsum '{equation}' sums within one operand; keep it whole")
+        return operands[0].permute([specs[0].index(c) for c in output])
+    (sa, sb), (a, b) = specs, operands
+    size = {c: n for spec, t in zip(specs, values) for c, n in zip(spec, t.shape) if n != 1}
+    a = a.expand([size.get(c, 1) for c in sa])
+    b = b.expand([size.get(c, 1) for c in sb])
+    batch = [c for c in output if c in sa and c in sb]
+    free_a = [c for c in output if c in sa and c not in sb]
+    free_b = [c for c in output if c in sb and c not in sa]
+    contract = [c for c in sa if c in sb and c not in output]
+    if set(sa) - set(output) - set(sb) or set(sb) - set(output) - set(sa):
+        raise SoftpruneError(f"{ctx.where()}: einsum '{equation}' sums within one operand; keep it whole")
+
+    def grouped(t: torch.Tensor, spec: str, middle: list[str], last: list[str]) -> torch.Tensor:
+        order = [spec.index(c) for c in (*batch, *middle, *last)]
+        shape = [size.get(c, 1) for c in batch]
+        width = math.prod(size.get(c, 1) for c in middle)
+        depth = math.prod(size.get(c, 1) for c in last)
+        return t.permute(order).reshape(*shape, width, depth)
+
+    ma = grouped(a, sa, free_a, contract)  # [..., n, k]
+    mb = grouped(b, sb, contract, free_b)  # [..., k, m]
+    out = _contraction_ids(ctx, ma, mb, ctx.where())
+    out = out.reshape(*[size.get(c, 1) for c in (*batch, *free_a, *free_b)])
+    order = [(*batch, *free_a, *free_b).index(c) for c in output]
+    return out.permute(order).expand(ctx.out.shape)
+
+
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
 
@@ -676,6 +778,7 @@ _ZP_METHODS = [
     "relu", "relu_", "tanh", "tanh_", "neg", "abs", "clone", "contiguous", "float", "double", "half",
     "bfloat16", "to", "type", "type_as", "detach", "clamp", "clamp_", "clip", "sign", "sqrt", "square",
     "requires_grad_", "cpu", "cuda", "gelu", "silu", "hardswish", "erf", "sin", "tan",
+    "long", "int", "short", "bool", "byte", "char",  # dtype casts: 0 stays 0
 ]  # fmt: skip
 _NZ_METHODS = ["sigmoid", "sigmoid_", "exp", "exp_", "log", "rsqrt", "reciprocal", "cos", "logical_not"]
 _MOVE_FUNCTIONS = [
@@ -771,6 +874,7 @@ METHOD_RULES["matmul"] = METHOD_RULES["bmm"] = METHOD_RULES["mm"] = METHOD_RULES
 FUNCTION_RULES[F.scaled_dot_product_attention] = _scaled_dot_product_attention
 FUNCTION_RULES[F.normalize] = _normalize_fn
 FUNCTION_RULES[F.linear] = _linear_fn
+FUNCTION_RULES[torch.einsum] = _einsum
 FUNCTION_RULES[torch.addcmul] = _addcmul
 METHOD_RULES["addcmul"] = _addcmul
 FUNCTION_RULES[torch.softmax] = normalize_over(1, "softmax")

@@ -8,6 +8,7 @@ ids become units; units sharing producers become groups.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -185,6 +186,26 @@ _CONCRETE_ATTRIBUTES = frozenset({"device", "dtype", "is_cuda", "layout"})
 
 
 class _ConcreteProxy(torch.fx.Proxy):
+    def _number(self, kind: type) -> Any:
+        """int(), float(), an index: sizes are taken as the example's (a decision); tensor values refused."""
+        value = self.tracer._known(self, f"{kind.__name__}()")
+        if isinstance(value, torch.Tensor):
+            raise torch.fx.proxy.TraceError(f"{kind.__name__}() of a tensor's values at {_user_frame()}")
+        self.tracer.decisions.append(f"{_user_frame()}: {kind.__name__} {value}")
+        return kind(value)
+
+    def __int__(self) -> int:
+        return self._number(int)
+
+    def __index__(self) -> int:
+        return self._number(int)
+
+    def __float__(self) -> float:
+        return self._number(float)
+
+    def __setitem__(self, index: Any, value: Any) -> None:  # attn[:, :, 1:, 1:] = ... (MViTv2)
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
     def __getattr__(self, name: str) -> Any:
         if name in _CONCRETE_ATTRIBUTES:
             value = self.tracer.values.get(self.node, _UNKNOWN)
@@ -400,6 +421,7 @@ def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules) -> Ana
 
     vals: dict[str, Any] = {}
     idmap: dict[str, Any] = {}
+    result.node_ids = idmap  # filled as the ids flow: rules read earlier nodes' ids (sizes read from shapes)
     modules = dict(gm.named_modules())
 
     traced = [gm] if isinstance(gm, nn.Module) else []
@@ -687,12 +709,13 @@ def build_groups(
     return groups
 
 
-ALL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention, nn.Embedding)
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+ALL_LAYERS = (*CONV_LAYERS, nn.Linear, nn.MultiheadAttention, nn.Embedding)
 
 
 # What the default selection adds when a model computes mostly outside convolutions (a ViT, Swin,
 # ConvNeXt, an MLP): hidden Linear layers and attention heads. Embedding widths stay whole.
-DENSE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)
+DENSE_LAYERS = (*CONV_LAYERS, nn.Linear, nn.MultiheadAttention)
 
 
 def default_layers(model: nn.Module, example_inputs: tuple) -> list[type] | None:
@@ -718,7 +741,6 @@ def selector(layers: Any = None, ignore: Iterable[str] = ()) -> Callable[[str, n
     ``nn.Linear``). ``ignore`` removes names or patterns from the selection. The classifier is never
     pruned whatever the selection: its outputs are the model's.
     """
-    conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     if layers == "all":
         layers = list(ALL_LAYERS)
 
@@ -741,7 +763,7 @@ def selector(layers: Any = None, ignore: Iterable[str] = ()) -> Callable[[str, n
         if any(matches(s, name, module) for s in ignore):
             return False
         if layers is None:
-            return isinstance(module, conv_types)
+            return isinstance(module, CONV_LAYERS)
         return any(matches(s, name, module) for s in layers)
 
     return selected
