@@ -110,3 +110,35 @@ def test_timm_model_prunes_and_compacts_exactly(name, what):
     diff, scale = max_difference(model, small, (torch.randn_like(x),))
     assert diff <= 1e-5 * scale, what
     assert sum(p.numel() for p in small.parameters()) < 0.9 * sum(p.numel() for p in model.parameters())
+
+
+def _fpn_backbone():
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    return resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+
+
+def _timm_features():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("efficientnet_b0", pretrained=False, features_only=True)
+
+
+@pytest.mark.parametrize("make", [_fpn_backbone, _timm_features], ids=["torchvision-fpn", "timm-features"])
+def test_multi_output_backbone_keeps_what_the_neck_receives(make):
+    """A detection backbone (torchvision's ResNet+FPN with FrozenBatchNorm2d) or timm's features_only
+    model: its outputs are the model's, so they keep their widths; the body's channels that the FPN's
+    lateral convolutions read are pruned with those convolutions."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(1, 3, 64, 64)
+    pruner = softprune.Pruner(model, "sfp", 0.4, 1, example_inputs=x)
+    pruner.step()
+    small = pruner.compact()
+    diff, scale = max_difference(model, small, (torch.randn_like(x),))
+    assert diff <= 1e-5 * scale
+    outputs = model(x)
+    outputs = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+    compact = small(x)
+    compact = list(compact.values()) if isinstance(compact, dict) else list(compact)
+    assert [o.shape for o in compact] == [o.shape for o in outputs]
+    assert sum(p.numel() for p in small.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())

@@ -254,8 +254,10 @@ class _Compactor:
                 owner = self.root.get_submodule(owner_name) if owner_name else self.root
                 if isinstance(value, nn.Parameter):
                     setattr(owner, attr, nn.Parameter(small.clone(), requires_grad=value.requires_grad))
-                else:
+                elif attr in owner._buffers or not hasattr(owner, attr):
                     owner.register_buffer(attr, small.clone())
+                else:  # a tensor constant torch.fx stored as a plain attribute (_tensor_constant0)
+                    setattr(owner, attr, small.clone())
         else:
             value = fetch_attr(self.old, node.target)
             self.cval[node.name] = value

@@ -572,9 +572,13 @@ def _torchvision_modules() -> None:
         from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
     except ImportError:  # pragma: no cover - torchvision is a dependency; older versions lack these
         return
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     reason = "computes its head size from the channel count (attention heads kept whole)"
     for cls in (ShiftedWindowAttention, ShiftedWindowAttentionV2, RelativePositionalMultiHeadAttention):
         HANDLERS.setdefault(cls, KeepWhole(reason))
+    # detection backbones: a BatchNorm whose scale, shift and statistics are buffers
+    HANDLERS.setdefault(FrozenBatchNorm2d, BatchNormHandler())
 
 
 _torchvision_modules()
