@@ -1,5 +1,7 @@
 """Hand-made modules, one per dependency pattern: what is pruned together, and exact compaction."""
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -329,6 +331,28 @@ def test_recurrent_layers_are_kept_whole_and_the_rest_prunes():
     assert small.a.out_channels == 4  # read by b only
     assert small.b.out_channels == 8 and small.rnn.input_size == 8  # read by the LSTM: kept
     assert "recurrent" in next(iter(group_of(pruner, "b").reasons.values()))
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN: each channel's spatial norm divided by the mean over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.gamma, self.beta = nn.Parameter(torch.rand(1, 8, 1, 1)), nn.Parameter(torch.rand(1, 8, 1, 1))
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        g = x.norm(p=2, dim=(2, 3), keepdim=True)
+        n = g / (g.mean(dim=1, keepdim=True) + 1e-6)
+        return self.b(x + torch.addcmul(self.beta, self.gamma, x * n))
+
+
+def test_a_mean_over_channels_is_rescaled_in_the_compact_model():
+    pruner, small = prune(GlobalResponseNorm(), torch.randn(2, 3, 4, 4))
+    assert small.a.out_channels == 4 and small.gamma.shape == (1, 4, 1, 1)
+    # the mean runs over 4 channels where the masked model's ran over 8 (4 of them zero): x 4/8
+    assert any(n.target is operator.mul and n.args[1] == 0.5 for n in small.graph.nodes)
 
 
 class SizeBranch(nn.Module):

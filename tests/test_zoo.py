@@ -90,6 +90,7 @@ TIMM_MODELS = [
     ("mobilevit_xxs", "control flow on feature-map sizes (plain torch.fx cannot trace it), attention"),
     ("botnet26t_256", "attention by matmul with the heads folded into the batch dimension"),
     ("edgenext_xx_small", "F.normalize of q and k, then their matmul"),
+    ("convnextv2_atto", "GRN: a mean over channels, rescaled in the compact model"),
 ]
 SETTINGS = {"botnet26t_256": {"img_size": 96}}  # its position embedding is built for one input size
 

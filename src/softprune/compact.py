@@ -18,6 +18,7 @@ parameter slices were needed, else a ``torch.fx.GraphModule`` with the same subm
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import warnings
 from typing import Any
@@ -317,6 +318,14 @@ class _Compactor:
     def same(self, node: torch.fx.Node) -> None:
         """Ops that keep layouts by construction (element-wise unary, pooling, reductions)."""
         self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
+        dims = self.a.__dict__.get("mean_rescale", {}).get(node.name)
+        if dims is not None:  # a mean over channels some of which are gone: sum / full count
+            source = node.args[0]
+            full, kept = self.ids_of(source).shape, self.cval[source.name].shape
+            ratio = math.prod(kept[d] for d in dims) / math.prod(full[d] for d in dims)
+            if ratio != 1:
+                self.env[node.name] = self.graph.call_function(operator.mul, (self.env[node.name], ratio))
+                self.structural = True
         if node.name in self.a.node_ids and collect_tensors(self.ids_of(node)):
             self.layout[node.name], self.cval[node.name] = self.expected(node)
         else:

@@ -438,7 +438,23 @@ def _reduce_dims(args, kwargs, ndim: int):
     return sorted(d % ndim for d in dim)
 
 
-def _reduction(sum_like: bool):
+def _mean_over_channels(ctx: Context, rows: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """A mean over channels (ConvNeXt-V2's GRN, CBAM's channel mean) is a sum divided by their count.
+    A pruned channel that is zero adds nothing to the sum, so the compact model computes it as the mean
+    over its fewer channels times kept/full (compaction inserts the factor): such rows are constants
+    to the channels. Rows with a channel that is not zero when pruned are left to the usual rule
+    (they freeze it)."""
+    real = rows > CONST
+    mixed = (rows != rows.max(dim=1, keepdim=True).values) & (rows != ZERO)
+    derived = real & (ctx.ids.kind(rows) == DERIVED)
+    exact = mixed.any(dim=1) & ~derived.any(dim=1)
+    if not bool(exact.any()):
+        return rows
+    ctx.analysis.__dict__.setdefault("mean_rescale", {})[ctx.node.name] = dims
+    return torch.where(exact[:, None] & real, torch.full_like(rows, CONST), rows)
+
+
+def _reduction(sum_like: bool, mean: bool = False):
     def rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
         x = arg_ids[0]
         if not isinstance(args[0], torch.Tensor):
@@ -446,6 +462,8 @@ def _reduction(sum_like: bool):
         dims = _reduce_dims(args, kwargs, x.dim())
         keep = [d for d in range(x.dim()) if d not in dims]
         moved = x.permute(*keep, *dims).reshape(math.prod([x.shape[d] for d in keep]) if keep else 1, -1)
+        if mean:
+            moved = _mean_over_channels(ctx, moved, dims)
         rep = _representative(ctx, moved, sum_reduce=sum_like, what=ctx.where())
         out = ctx.out[0] if isinstance(ctx.out, tuple) else ctx.out  # max(dim) gives (values, indices)
         ids = rep.view([x.shape[d] for d in keep]) if keep else rep.view(())
@@ -839,9 +857,9 @@ for f, n in _SPATIAL_FUNCTIONS.items():
     FUNCTION_RULES[f] = spatial(n)
 FUNCTION_RULES[F.interpolate] = resize
 for f, s in _REDUCE_FUNCTIONS.items():
-    FUNCTION_RULES[f] = _reduction(s)
+    FUNCTION_RULES[f] = _reduction(s, mean=f is torch.mean)
 for name, s in _REDUCE_METHODS.items():
-    METHOD_RULES[name] = _reduction(s)
+    METHOD_RULES[name] = _reduction(s, mean=name == "mean")
 
 for f in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub, torch.subtract):
     FUNCTION_RULES[f] = _binary(add_vec)
