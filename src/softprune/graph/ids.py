@@ -130,6 +130,9 @@ class IdTable:
 
     def derived(self, ids: torch.Tensor) -> torch.Tensor:
         """The derived id of each id: "depends on this channel but is nonzero when it is pruned"."""
+        small = squeeze_broadcast(ids)
+        if small.numel() < ids.numel():  # a broadcast view (an attention map's constant rows): stay one
+            return self.derived(small.contiguous()).expand(ids.shape)
         out = ids.clone()
         flat = out.view(-1)
         uniq = torch.unique(flat)

@@ -590,9 +590,15 @@ def _contraction_ids(ctx: Context, a: torch.Tensor, b: torch.Tensor, what: str) 
             alone = (mine > CONST) & (other == CONST)
             if bool(alone.any()):
                 ctx.freeze(mine[alone], f"is contracted by {what} with values that cannot lose it")
-    rows = _uniform_or_const(a, -1, a_k)
-    cols = _uniform_or_const(b, -2, b_k)
-    out = combine(ctx, rows.unsqueeze(-1), cols.unsqueeze(-2), _mul_vec)
+    rows = _uniform_or_const(a, -1, a_k).unsqueeze(-1)
+    cols = _uniform_or_const(b, -2, b_k).unsqueeze(-2)
+    shape = (*rows.shape[:-1], cols.shape[-1])
+    if bool((squeeze_broadcast(rows) == CONST).all()):  # constant rows (attention @ v): b's columns
+        out = cols.expand(shape)
+    elif bool((squeeze_broadcast(cols) == CONST).all()):
+        out = rows.expand(shape)
+    else:
+        out = combine(ctx, rows, cols, _mul_vec)
     if vec_a:
         out = out.squeeze(-2)
     if vec_b:
@@ -603,14 +609,18 @@ def _contraction_ids(ctx: Context, a: torch.Tensor, b: torch.Tensor, what: str) 
 def _couple_along(ctx: Context, ids: torch.Tensor, dim: int, what: str) -> None:
     """Position j of every slice along ``dim`` joined (a batch dimension of a matmul: each slice must
     keep the same positions, as the other factor's slices cannot be removed)."""
-    first = ids.narrow(dim, 0, 1)
-    for j in range(1, ids.shape[dim]):
-        other = ids.narrow(dim, j, 1)
-        ctx.union(first.expand_as(other), other)
-        lone = ((first == CONST) & (other > CONST)) | ((other == CONST) & (first > CONST))
-        if bool(lone.any()):
-            both = torch.cat([first.expand_as(other)[lone], other[lone]])
-            ctx.freeze(both, f"would leave slices of different widths in {what}")
+    small = squeeze_broadcast(ids)
+    if small.shape[dim] <= 1:
+        return
+    first = small.narrow(dim, 0, 1)
+    others = small.narrow(dim, 1, small.shape[dim] - 1)
+    first = first.expand_as(others)
+    ctx.union(first, others)
+    lone = ((first == CONST) & (others > CONST)) | ((others == CONST) & (first > CONST))
+    if bool(lone.any()):
+        ctx.freeze(
+            torch.cat([first[lone], others[lone]]), f"would leave slices of different widths in {what}"
+        )
 
 
 def _whole(other_varies: bool, ids: torch.Tensor, dim: int) -> torch.Tensor:
