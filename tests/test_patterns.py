@@ -355,6 +355,23 @@ def test_a_mean_over_channels_is_rescaled_in_the_compact_model():
     assert any(n.target is operator.mul and n.args[1] == 0.5 for n in small.graph.nodes)
 
 
+class FoldUnfold(nn.Module):
+    """im2col and back (VOLO's outlook attention): a channel's k*k rows stay that channel's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head, self.unfold = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Unfold(3, padding=1)
+
+    def forward(self, x):
+        patches = self.unfold(F.relu(self.a(x))) * 0.5  # B, 8 * 9, H * W
+        return self.head(F.fold(patches, x.shape[-2:], 3, padding=1))
+
+
+def test_unfold_and_fold_keep_channels_apart():
+    pruner, small = prune(FoldUnfold(), torch.randn(2, 3, 5, 5))
+    assert small.a.out_channels == small.head.in_channels == 4
+
+
 class SizeBranch(nn.Module):
     """Control flow on a feature map's size, as timm's MobileViT and TinyViT blocks have."""
 

@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ids import Context
-from .ops import elementwise, elementwise_nonzero_at_zero, normalize_over, pad, resize, spatial
+from .ops import (
+    elementwise,
+    elementwise_nonzero_at_zero,
+    fold_rule,
+    normalize_over,
+    pad,
+    resize,
+    spatial,
+    unfold_rule,
+)
 
 
 def _module_from(fn_rule: Callable) -> Callable:
@@ -50,7 +59,18 @@ def _pad_module(ctx: Context, module, arg_ids, kwarg_ids, args, kwargs):
     return pad(ctx, arg_ids, {}, [args[0], module.padding, mode, value], {})
 
 
+def _unfold_module(ctx: Context, module: nn.Unfold, arg_ids, kwarg_ids, args, kwargs):
+    params = {n: getattr(module, n) for n in ("kernel_size", "dilation", "padding", "stride")}
+    return unfold_rule(ctx, arg_ids, {}, args[:1], params)
+
+
+def _fold_module(ctx: Context, module: nn.Fold, arg_ids, kwarg_ids, args, kwargs):
+    return fold_rule(ctx, arg_ids, {}, args, {})
+
+
 MODULE_RULES: dict[type, Callable] = {}
+MODULE_RULES[nn.Unfold] = _unfold_module
+MODULE_RULES[nn.Fold] = _fold_module
 for cls in (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
     nn.Hardtanh, nn.Tanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,

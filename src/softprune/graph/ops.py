@@ -706,6 +706,23 @@ def _einsum(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
     return out.permute(order).expand(ctx.out.shape)
 
 
+def unfold_rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """F.unfold (im2col): channel c's patch values fill rows c*k*k ... c*k*k + k*k - 1, and padding is
+    zero. Run on the ids themselves (as float64, exact below 2**53)."""
+    names = ("kernel_size", "dilation", "padding", "stride")
+    params = {**dict(zip(names, args[1:])), **kwargs}
+    return F.unfold(arg_ids[0].contiguous().double(), **params).round().long()
+
+
+def fold_rule(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
+    """F.fold (col2im): the k*k rows of channel c are summed, overlaps included, into channel c."""
+    x, out = arg_ids[0], ctx.out
+    lead = x.shape[:-2]
+    rows = x.reshape(*lead, out.shape[-3], -1)
+    rep = _representative(ctx, rows.reshape(-1, rows.shape[-1]), sum_reduce=True, what=ctx.where())
+    return rep.view(*rows.shape[:-1], 1, 1).expand(out.shape)
+
+
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
 
@@ -903,6 +920,8 @@ FUNCTION_RULES[F.scaled_dot_product_attention] = _scaled_dot_product_attention
 FUNCTION_RULES[F.normalize] = _normalize_fn
 FUNCTION_RULES[F.linear] = _linear_fn
 FUNCTION_RULES[torch.einsum] = _einsum
+FUNCTION_RULES[F.unfold] = unfold_rule
+FUNCTION_RULES[F.fold] = fold_rule
 FUNCTION_RULES[torch.addcmul] = _addcmul
 METHOD_RULES["addcmul"] = _addcmul
 FUNCTION_RULES[torch.softmax] = normalize_over(1, "softmax")
