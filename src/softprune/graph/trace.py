@@ -525,6 +525,13 @@ def _materialize(value: Any, result: Analysis, node: torch.fx.Node) -> Any:
         made = result.param_ids.get(v.name)
         if made is None:
             param = fetch_attr(result.gm, v.name)
+            if param.numel() == 1:
+                # one number shared by every channel (StarReLU's scale and bias, HGNetV2's learnable
+                # affine): a constant to them. As a unit of its own it joined all the channels it
+                # touches into one, so nothing could be pruned.
+                made = torch.full(param.shape, CONST)
+                result.param_ids[v.name] = made
+                return made
             made = result.ids.new(param.numel()).view(param.shape)
             result.param_ids[v.name] = made
             mult_only = all(
