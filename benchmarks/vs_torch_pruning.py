@@ -24,7 +24,7 @@ import torchvision
 
 import softprune
 from common import machine, write
-from softprune.compact import max_difference
+from softprune.check import max_difference
 
 MODELS = ["resnet50", "mobilenet_v2", "densenet121", "vit_b_16"]
 

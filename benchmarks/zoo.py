@@ -24,7 +24,7 @@ import torchvision
 
 import softprune
 from common import RESULTS, machine
-from softprune.compact import max_difference
+from softprune.check import max_difference
 
 SIZES = {"inception_v3": 299}  # everything else at 224
 SMOKE = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5"]

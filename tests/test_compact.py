@@ -9,7 +9,8 @@ import torchvision
 from torch import nn
 
 import softprune
-from softprune.compact import ChannelRemap, max_difference
+from softprune.check import max_difference
+from softprune.compact import ChannelRemap
 from softprune.cost import measure_macs, paper_flops_cifar_resnet
 
 MODELS = [

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import softprune
-from softprune.compact import max_difference
+from softprune.check import max_difference
 from softprune.pruner import rebind_scheduler
 
 

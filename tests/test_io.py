@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import softprune
-from softprune.compact import max_difference
+from softprune.check import max_difference
 from softprune.errors import SoftpruneError
 
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import softprune
-from softprune.compact import PrunedMultiheadAttention, max_difference
+from softprune.check import max_difference
+from softprune.compact import PrunedMultiheadAttention
 from softprune.errors import SoftpruneError
 from softprune.graph.handlers import KeepWhole
 

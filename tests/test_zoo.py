@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import softprune
-from softprune.compact import max_difference
+from softprune.check import max_difference
 
 pytestmark = pytest.mark.slow  # trains, or runs scripts and subprocesses: make test-fast leaves it out
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from .budgets import Candidates, CostModel, Quota, layer_counts, prioritized
 from .calibrate import example_inputs_for, run_calibration
-from .compact import compact_model, max_difference
+from .check import max_difference
+from .compact import compact_model
 from .criteria import L2
 from .distributed import agree_on_masks, replicated
 from .errors import SoftpruneError

@@ -8,16 +8,15 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import nn
 
+from .functional import fold_rule, unfold_rule
 from .ids import Context
 from .ops import (
     elementwise,
     elementwise_nonzero_at_zero,
-    fold_rule,
     normalize_over,
     pad,
     resize,
     spatial,
-    unfold_rule,
 )
 
 
