@@ -202,9 +202,11 @@ def main() -> None:
     parser.add_argument("--torch-pruning", action="store_true", help="Torch-Pruning on the same models")
     parser.add_argument(
         "--reuse",
-        choices=["softprune", "torch-pruning"],
-        default=None,
-        help="take this tool's results from the existing --json file (same timm and rate) instead of running it",
+        nargs="+",
+        default=[],
+        metavar="TOOL[=FILE]",
+        help="take a tool's results (softprune, torch-pruning) from an earlier run's JSON file (the --json"
+        " file unless FILE is given; same timm and rate) instead of running it",
     )
     parser.add_argument("--limit", type=float, default=120, help="seconds per model and tool")
     parser.add_argument("--out", default="../docs/zoo_timm.md")
@@ -215,10 +217,17 @@ def main() -> None:
 
     found = families(args.rescan)
     chosen = args.families or (SMOKE if args.smoke else list(found))
-    previous = _previous(Path(args.json), timm.__version__, args.rate) if args.reuse else {}
-    before = {row["model"]: row for row in previous.get("rows", [])}
-    if args.reuse == "torch-pruning":
-        tp_limit = previous.get("torch_pruning_limit")
+    reused: dict[str, dict] = {}  # tool -> that run's payload
+    for spec in args.reuse:
+        tool, _, path = spec.partition("=")
+        if tool not in ("softprune", "torch-pruning"):
+            parser.error(f"--reuse takes softprune or torch-pruning, not {tool!r}")
+        reused[tool] = _previous(Path(path or args.json), timm.__version__, args.rate)
+    before = {
+        tool: {row["model"]: row for row in payload.get("rows", [])} for tool, payload in reused.items()
+    }
+    if "torch-pruning" in reused:
+        tp_limit = reused["torch-pruning"].get("torch_pruning_limit")
     else:
         tp_limit = args.limit if args.torch_pruning else None
     try:
@@ -242,13 +251,14 @@ def main() -> None:
             print(f"{family}: not a CNN or hybrid family of timm {timm.__version__}", flush=True)
             continue
         name = found[family]["model"]
-        old = before.get(name, {})
-        if args.reuse == "softprune" and "ok" in old:
-            row = {k: v for k, v in old.items() if k != "torch_pruning"}
+        ours = before.get("softprune", {}).get(name, {})
+        theirs = before.get("torch-pruning", {}).get(name, {})
+        if "ok" in ours:
+            row = {k: v for k, v in ours.items() if k != "torch_pruning"}
         else:
             row = {"family": family, "model": name, **attempt(run_softprune, name, args.rate, args.limit)}
-        if args.reuse == "torch-pruning" and "torch_pruning" in old:
-            row["torch_pruning"] = old["torch_pruning"]
+        if "torch_pruning" in theirs:
+            row["torch_pruning"] = theirs["torch_pruning"]
         elif args.torch_pruning:
             row["torch_pruning"] = attempt(run_torch_pruning, name, args.rate, args.limit)
         rows.append(row)

@@ -411,10 +411,11 @@ class SizeFromShape(nn.Module):
         return self.head(tokens.transpose(1, 2).reshape(B, C, H, W))
 
 
-def test_a_size_read_from_a_shape_keeps_both_widths_equal():
-    pruner, small = prune(SizeFromShape(), torch.randn(2, 3, 4, 4))
-    assert group_of(pruner, "a").producers == ["a", "v"]  # one mask: the same count whatever the rate
-    assert small.a.out_channels == small.v.out_features == small.head.in_channels < 8
+def test_a_size_read_from_another_tensors_shape_is_computed_at_full_width():
+    # only a is selected: v's 8 outputs stay while a keeps 4, so reshape(B, C, H, W) with C read from
+    # a's compact output would not fit v's tokens; the compact model reshapes at full width instead
+    pruner, small = prune(SizeFromShape(), torch.randn(2, 3, 4, 4), layers=["a"])
+    assert small.a.out_channels == 4 and small.v.out_features == 8 and small.head.in_channels == 8
 
 
 class MatmulAttention(nn.Module):

@@ -198,7 +198,7 @@ class _Compactor:
         if old.name in self.full_env:
             return self.full_env[old.name]
         layout = self.layout.get(old.name)
-        if old.name in self.env and _is_full(layout):
+        if old.name in self.env and _is_full(layout) and not self._size_changed(old):
             return self.env[old.name]
         val = self.ids_of(old) if old.name in self.a.node_ids else None
         if isinstance(val, torch.Tensor):
@@ -217,6 +217,17 @@ class _Compactor:
             raise SoftpruneError(f"internal: cannot rebuild full-width value of node '{old.name}'")
         self.full_env[old.name] = new
         return new
+
+    def _size_changed(self, node: torch.fx.Node) -> bool:
+        """A size read from a pruned tensor (``C`` of ``B, C, H, W = x.shape``): the full-width value is
+        another number, so a full-width fallback must compute it again from full-width tensors."""
+        if node.name not in self.a.node_vals or node.name not in self.cval:
+            return False
+        full, compact = self.a.node_vals[node.name], self.cval[node.name]
+        try:
+            return bool(full != compact)
+        except Exception:  # noqa: BLE001  (values that do not compare are not sizes)
+            return False
 
     def run_compact(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
         """Execute a movement op on compact ids (``args`` mapped from compact values)."""

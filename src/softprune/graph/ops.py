@@ -252,7 +252,6 @@ def movement(data: Callable[[int], bool] | None = None):
         name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
         if name in ("view", "reshape"):
             _couple_constant_splits(ctx, new_args[0], out)
-            _couple_sizes_read_from_shapes(ctx, out)
         return out
 
     rule.kind = "movement"
@@ -291,62 +290,6 @@ def _couple_constant_splits(ctx: Context, x: torch.Tensor, out: torch.Tensor) ->
                 for j in range(1, out.shape[d]):
                     ctx.union(first, out.narrow(d, j, 1))
         i += 1
-
-
-def _shape_source(size: Any) -> tuple[torch.fx.Node, int] | None:
-    """(tensor node, dim) when a size argument is read straight from a tensor's shape
-    (``B, C, H, W = x.shape``, ``x.size(1)``, ``x.shape[1]``), else None."""
-    if not isinstance(size, torch.fx.Node):
-        return None
-    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
-        source, dim = size.args
-    elif (
-        size.op == "call_function"
-        and size.target is operator.getitem
-        and isinstance(size.args[0], torch.fx.Node)
-    ):
-        shape, dim = size.args
-        is_attr = (
-            shape.op == "call_function" and shape.target is builtins.getattr and shape.args[1] == "shape"
-        )
-        is_size = shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1
-        if not (is_attr or is_size):
-            return None
-        source = shape.args[0]
-    else:
-        return None
-    return (source, dim) if isinstance(source, torch.fx.Node) and isinstance(dim, int) else None
-
-
-def _couple_sizes_read_from_shapes(ctx: Context, out: torch.Tensor) -> None:
-    """A view sized by another tensor's channel count (``y.reshape(B, C, H, W)`` with ``C`` from
-    ``x.shape``, as timm's lambda layers do) runs in the compact model with x's compact count: position
-    j of y's dimension is joined with x's channel j, so that both keep as many."""
-    node = ctx.node
-    sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = tuple(sizes[0])
-    if len(sizes) != out.dim():
-        return
-    for o, size in enumerate(sizes):
-        found = _shape_source(size)
-        if found is None or out.shape[o] <= 1:
-            continue
-        source, dim = found
-        ids = ctx.analysis.node_ids.get(source.name)
-        if not isinstance(ids, torch.Tensor) or ids.dim() == 0:
-            continue
-        dim %= ids.dim()
-        if ids.shape[dim] != out.shape[o] or not (_varies_along(ids, dim) or _varies_along(out, o)):
-            continue
-        theirs, mine = ctx.channels(ids, dim), ctx.channels(out, o)
-        both = (theirs > CONST) & (mine > CONST)
-        if bool(both.any()):
-            ctx.union(theirs[both], mine[both])
-        alone = ((theirs > CONST) & (mine == CONST)) | ((mine > CONST) & (theirs == CONST))
-        if bool(alone.any()):
-            lone = torch.cat([theirs[alone], mine[alone]])
-            ctx.freeze(lone, f"sizes {ctx.where()} through a shape read elsewhere, next to a constant")
 
 
 def _contiguous(x: Any) -> Any:
