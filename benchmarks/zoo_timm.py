@@ -253,7 +253,7 @@ def main() -> None:
         name = found[family]["model"]
         ours = before.get("softprune", {}).get(name, {})
         theirs = before.get("torch-pruning", {}).get(name, {})
-        if "ok" in ours:
+        if ours.get("ok"):  # a failure is run again: it may be fixed since
             row = {k: v for k, v in ours.items() if k != "torch_pruning"}
         else:
             row = {"family": family, "model": name, **attempt(run_softprune, name, args.rate, args.limit)}

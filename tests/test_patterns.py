@@ -435,11 +435,14 @@ class MatmulAttention(nn.Module):
             attn = (torch.einsum("bhnc,bhmc->bhnm", q, k) * 0.25).softmax(-1)
             out = torch.einsum("bhnm,bhmc->bhnc", attn, v)
         else:
-            out = ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1) @ v
+            attn = (q @ k.transpose(-2, -1)) * 0.25
+            if self.mode == "setitem":  # MViTv2 adds its relative positions in place
+                attn[:, :, 1:, 1:] = attn[:, :, 1:, 1:] * 0.5
+            out = attn.softmax(-1) @ v
         return self.proj(out.transpose(1, 2).reshape(B, N, self.dim))
 
 
-@pytest.mark.parametrize("mode", ["matmul", "einsum", "sdpa"])
+@pytest.mark.parametrize("mode", ["matmul", "einsum", "sdpa", "setitem"])
 def test_attention_by_matmul_pairs_q_with_k_and_keeps_v_channels(mode):
     pruner, small = prune(MatmulAttention(mode), torch.randn(2, 3, 4, 4))
     qkv = group_of(pruner, "qkv")

@@ -339,6 +339,10 @@ class _Compactor:
         if node.name in self.a.node_ids and collect_tensors(self.ids_of(node)):
             self.layout[node.name], self.cval[node.name] = self.expected(node)
         else:
+            target = node.args[0] if node.args else None
+            if node.target is operator.setitem and isinstance(self.cval.get(target.name), torch.Tensor):
+                # written in place: ids that are a broadcast view (an attention map's) get their own memory
+                self.cval[target.name] = self.cval[target.name].contiguous()
             args, kwargs = self.compact_args(node)
             self.cval[node.name] = self.run_compact(node, args, kwargs)
             self.layout[node.name] = None
