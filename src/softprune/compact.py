@@ -328,7 +328,7 @@ class _Compactor:
     def same(self, node: torch.fx.Node) -> None:
         """Ops that keep layouts by construction (element-wise unary, pooling, reductions)."""
         self.env[node.name] = self.graph.node_copy(node, lambda n: self.env[n.name])
-        dims = self.a.__dict__.get("mean_rescale", {}).get(node.name)
+        dims = self.a.mean_rescale.get(node.name)
         if dims is not None:  # a mean over channels some of which are gone: sum / full count
             source = node.args[0]
             full, kept = self.ids_of(source).shape, self.cval[source.name].shape

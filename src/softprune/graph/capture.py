@@ -4,7 +4,9 @@ a second tracer that reads sizes from the example input when plain fx stops on c
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -73,6 +75,15 @@ class ConcreteTracer(Tracer):
         self.values[proxy.node] = self._evaluate(kind, target, args, kwargs)
         return proxy
 
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        """Real calls inside: fx's patched Module.__call__ and __getattr__ let them through."""
+        self.evaluating = True
+        try:
+            yield
+        finally:
+            self.evaluating = False
+
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "placeholder":
             taken = sum(node.op == "placeholder" for node in self.values)
@@ -80,31 +91,25 @@ class ConcreteTracer(Tracer):
         if kind == "output":
             return None
         if kind == "get_attr":
-            self.evaluating = True
-            try:
+            with self._running():
                 return fetch_attr(self.root, target)
-            finally:
-                self.evaluating = False
-        unknown = False
+        missing: Any = None  # the first input not computed; an error raised by one wins
 
         def value(a):
-            nonlocal unknown
-            if isinstance(a, torch.fx.Proxy):
-                got = self.values.get(a.node, _UNKNOWN)
-                if isinstance(got, _Failed):
-                    unknown = got
-                elif got is _UNKNOWN:
-                    unknown = unknown or True
-                return got
-            return a
+            nonlocal missing
+            if not isinstance(a, torch.fx.Proxy):
+                return a
+            got = self.values.get(a.node, _UNKNOWN)
+            if (got is _UNKNOWN or isinstance(got, _Failed)) and not isinstance(missing, _Failed):
+                missing = got
+            return got
 
         args = torch.fx.node.map_aggregate(args, value)
         kwargs = torch.fx.node.map_aggregate(kwargs, value)
-        if unknown:
-            return unknown if isinstance(unknown, _Failed) else _UNKNOWN
-        self.evaluating = True
+        if missing is not None:
+            return missing
         try:
-            with torch.no_grad():
+            with self._running(), torch.no_grad():
                 if kind == "call_module":
                     module = self.root.get_submodule(target)
                     with training_mode(module, training=False):
@@ -114,8 +119,6 @@ class ConcreteTracer(Tracer):
                 return target(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001  (only a problem if a decision needs the value)
             return _Failed(exc)
-        finally:
-            self.evaluating = False
 
     def _known(self, obj: torch.fx.Proxy, what: str) -> Any:
         got = self.values.get(obj.node, _UNKNOWN)
@@ -190,12 +193,12 @@ class _Failed:
 
 def _user_frame() -> str:
     """file:line of the model code that made a decision on a traced value."""
-    import inspect
-
-    for frame in inspect.stack()[2:]:
-        path = frame.filename.replace("\\", "/")
+    frame = sys._getframe(2)  # the frames themselves: inspect.stack() would read every file's source
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
         if "/torch/" not in path and "/softprune/graph/" not in path:
-            return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}"
+            return f"{path.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+        frame = frame.f_back
     return "?"
 
 

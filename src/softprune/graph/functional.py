@@ -19,7 +19,6 @@ from .ops import (
     _mul_vec,
     _representative,
     _scalar_ids,
-    _varies_along,
     add_vec,
     combine,
 )
@@ -85,6 +84,16 @@ def _conv_fn(ctx: Context, arg_ids, kwarg_ids, args, kwargs):
     return ctx.broadcast(c, ctx.out.shape, 1)
 
 
+def _varies_along(ids: torch.Tensor, dim: int) -> bool:
+    """Do the ids change along ``dim`` (zeros aside)? A channel dimension does; a token dimension of a
+    tensor whose channels lie along another dimension does not."""
+    small = squeeze_broadcast(ids)
+    if small.shape[dim] <= 1:
+        return False
+    first = small.narrow(dim, 0, 1)
+    return bool(((small != first) & (small != ZERO) & (first != ZERO)).any())
+
+
 def _contraction_ids(ctx: Context, a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
     """ids of ``a @ b`` (a [..., n, k], b [..., k, m], batch dimensions broadcast).
 
@@ -106,8 +115,8 @@ def _contraction_ids(ctx: Context, a: torch.Tensor, b: torch.Tensor, what: str) 
                 _couple_along(ctx, mine, d, what)
     a_k, b_k = _varies_along(a, -1), _varies_along(b, -2)
     if a_k or b_k:
-        pa = ctx.positions(a, a.dim() - 1) if a_k else _whole(b_k, a, -1)
-        pb = ctx.positions(b, b.dim() - 2) if b_k else _whole(a_k, b, -2)
+        pa = ctx.positions(a, a.dim() - 1) if a_k else _whole(a, -1)
+        pb = ctx.positions(b, b.dim() - 2) if b_k else _whole(b, -2)
         both = (pa > CONST) & (pb > CONST)
         if bool(both.any()):
             ctx.union(pa[both], pb[both])
@@ -148,15 +157,12 @@ def _couple_along(ctx: Context, ids: torch.Tensor, dim: int, what: str) -> None:
         )
 
 
-def _whole(other_varies: bool, ids: torch.Tensor, dim: int) -> torch.Tensor:
+def _whole(ids: torch.Tensor, dim: int) -> torch.Tensor:
     """Per contracted index, for a factor whose ids do not change along it: zero where it is zero,
     else a constant (its rows cannot be removed one by one)."""
     moved = squeeze_broadcast(ids).movedim(dim, 0)
-    moved = moved.reshape(moved.shape[0], -1).expand(ids.shape[dim], -1) if moved.shape[0] == 1 else moved
-    zero = (moved.reshape(moved.shape[0], -1) == ZERO).all(dim=1)
-    return torch.where(
-        zero, torch.full_like(zero, ZERO, dtype=torch.long), torch.full_like(zero, CONST, dtype=torch.long)
-    )
+    zero = (moved.reshape(moved.shape[0], -1) == ZERO).all(dim=1).expand(ids.shape[dim])
+    return torch.where(zero, ZERO, CONST)
 
 
 def _uniform_or_const(ids: torch.Tensor, dim: int, varies: bool) -> torch.Tensor:
@@ -259,24 +265,21 @@ def _scaled_dot_product_attention(ctx: Context, arg_ids, kwarg_ids, args, kwargs
     values = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
     q, k, v = given["query"], given["key"], given["value"]
     mask = given.get("attn_mask")
-    if isinstance(mask, torch.Tensor) and bool((mask > CONST).any()):
-        ctx.freeze(mask[mask > CONST], f"is an attention mask in {ctx.where()}")
+    if isinstance(mask, torch.Tensor):
+        ctx.freeze(mask, f"is an attention mask in {ctx.where()}")
     try:
         _contraction_ids(ctx, q, k.transpose(-2, -1), ctx.where())
         weights = torch.full((), CONST, dtype=torch.long).expand(*ctx.out.shape[:-1], k.shape[-2])
         out = _contraction_ids(ctx, weights, v, ctx.where())
     except RuntimeError:  # heads that do not broadcast (grouped-query attention): nothing is removed
         for t in (q, k, v):
-            if bool((t > CONST).any()):
-                ctx.freeze(t[t > CONST], f"enters {ctx.where()} with grouped heads")
+            ctx.freeze(t, f"enters {ctx.where()} with grouped heads")
         return torch.full(ctx.out.shape, CONST)
     if values.get("scale") is None:
         for t in (q, k):
-            if bool((t > CONST).any()):
-                ctx.freeze(
-                    t[t > CONST],
-                    f"sets the default scale 1/sqrt(width) of {ctx.where()}; removing it would change it",
-                )
+            ctx.freeze(
+                t, f"sets the default scale 1/sqrt(width) of {ctx.where()}; removing it would change it"
+            )
     return out.expand(ctx.out.shape)
 
 

@@ -139,6 +139,12 @@ def _take_2d(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | No
     return kept if cols is None else kept.index_select(1, cols.to(t.device))
 
 
+def _channelwise_out(cin: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """Output ids of a channel-wise (depthwise, one filter per channel) convolution: its input's, where
+    a channel that is all zero comes out as the bias (a constant) or zero."""
+    return torch.where(cin == ZERO, torch.full_like(cin, CONST if has_bias else ZERO), cin)
+
+
 def _zero_to_const(x: torch.Tensor) -> torch.Tensor:
     """After an affine normalization an always-zero channel is a constant; other ids pass (as views)."""
     if not bool((squeeze_broadcast(x) == ZERO).any()):
@@ -163,9 +169,7 @@ class ConvHandler(Handler):
         if g > 1 and cin_g == 1:  # depthwise, channel multiplier cout_g
             cin = ctx.channels(x, cdim)
             if cout_g == 1:
-                out = torch.where(
-                    cin == ZERO, torch.full_like(cin, CONST if m.bias is not None else ZERO), cin
-                )
+                out = _channelwise_out(cin, m.bias is not None)
                 role = Role.SCALE
             else:
                 out = ctx.fresh(m.out_channels)
@@ -221,8 +225,7 @@ class ConvTransposeHandler(Handler):
             out = ctx.fresh(m.out_channels)
             ctx.member("weight", 1, out, Role.FILTER)
         elif m.groups == m.in_channels == m.out_channels:
-            cin = ctx.channels(x, cdim)
-            out = torch.where(cin == ZERO, torch.full_like(cin, CONST if m.bias is not None else ZERO), cin)
+            out = _channelwise_out(ctx.channels(x, cdim), m.bias is not None)
             ctx.member("weight", 0, out, Role.SCALE)
         else:
             return KeepWhole("is a grouped transposed convolution").propagate(m, ctx, x)
@@ -238,8 +241,8 @@ class ConvTransposeHandler(Handler):
             return resized(
                 m, {"weight": weight, "bias": bias}, in_channels=weight.shape[0], out_channels=weight.shape[1]
             )
-        if m.groups != m.in_channels:
-            return m
+        if not m.groups == m.in_channels == m.out_channels:
+            return m  # kept whole by propagate
         k = keep("weight", 0)
         weight, bias = _take(m.weight, 0, k), _take(m.bias, 0, k)
         c = weight.shape[0]

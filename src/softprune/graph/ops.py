@@ -393,7 +393,7 @@ def _mean_over_channels(ctx: Context, rows: torch.Tensor, dims: list[int]) -> to
     exact = mixed.any(dim=1) & ~derived.any(dim=1)
     if not bool(exact.any()):
         return rows
-    ctx.analysis.__dict__.setdefault("mean_rescale", {})[ctx.node.name] = dims
+    ctx.analysis.mean_rescale[ctx.node.name] = dims
     return torch.where(exact[:, None] & real, torch.full_like(rows, CONST), rows)
 
 
@@ -431,16 +431,6 @@ def normalize_over(dim_arg: int, what: str):
         return ctx.ids.derived(x)
 
     return rule
-
-
-def _varies_along(ids: torch.Tensor, dim: int) -> bool:
-    """Do the ids change along ``dim`` (zeros aside)? A channel dimension does; a token dimension of a
-    tensor whose channels lie along another dimension does not."""
-    small = squeeze_broadcast(ids)
-    if small.shape[dim] <= 1:
-        return False
-    first = small.narrow(dim, 0, 1)
-    return bool(((small != first) & (small != ZERO) & (first != ZERO)).any())
 
 
 _ZERO_MAKERS = {"zeros_like", "new_zeros", "zero_"}

@@ -69,6 +69,8 @@ class Analysis:
     consumers: dict[str, list[str]] = field(default_factory=dict)
     # control flow on traced values taken as on the example input ("file:line: value"); see ConcreteTracer
     decisions: list[str] = field(default_factory=list)
+    # mean nodes over channels that compaction multiplies by kept/full: node name -> reduced dims
+    mean_rescale: dict[str, list[int]] = field(default_factory=dict)
 
 
 def example_batch1(example_inputs: tuple) -> tuple:
@@ -201,7 +203,6 @@ def _run_ids(model, gm, example_inputs, residual, handlers, leaf_modules) -> Ana
 
     vals: dict[str, Any] = {}
     idmap: dict[str, Any] = {}
-    result.node_ids = idmap  # filled as the ids flow: rules read earlier nodes' ids (sizes read from shapes)
     modules = dict(gm.named_modules())
 
     traced = [gm] if isinstance(gm, nn.Module) else []
