@@ -151,3 +151,25 @@ def test_soft_dynamics_smoke(tmp_path):
     assert rows["forward, leaking"]["kept_grad_max"] > 2 * rows["forward"]["kept_grad_max"]
     md = (tmp_path / "soft_dynamics_smoke.md").read_text()
     assert "| forward |" in md and data["machine"]["torch"] in md
+
+
+def test_train_time_smoke(tmp_path):
+    _script("train_time.py", "--smoke", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), timeout=900)
+    data = json.loads((tmp_path / "train_time_smoke.json").read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    assert list(rows) == [
+        "dense",
+        "pfwt, compacting",
+        "pfwt, masked to the end",
+        "frs, compacting",
+        "hfp, masked to the end",
+    ]
+    assert rows["dense"]["time_vs_dense"] == 1.0
+    # compacting during training trains a smaller network in the last epoch; masking trains the full one
+    full = rows["dense"]["trained_params_last_epoch"]
+    assert rows["pfwt, masked to the end"]["trained_params_last_epoch"] == full
+    assert rows["pfwt, compacting"]["trained_params_last_epoch"] < 0.8 * full
+    assert rows["frs, compacting"]["trained_params_last_epoch"] < full
+    # both end at the same model size: compaction during training changes the cost, not the result's size
+    assert rows["pfwt, compacting"]["final_macs"] == rows["pfwt, masked to the end"]["final_macs"]
+    assert "| pfwt, compacting |" in (tmp_path / "train_time_smoke.md").read_text()

@@ -95,7 +95,7 @@ def test_existing_run_is_never_overwritten(trained, capsys):
     [
         (
             "prune.method=gfhp",
-            "config key 'prune.method' has value 'gfhp'; expected one of 'dense', 'asfp', .*Did you mean 'ghfp'",
+            "config key 'prune.method' has value 'gfhp'; expected one of 'dense', 'adsc', 'asfp', .*Did you mean 'ghfp'",
         ),
         ("prune.rate=1.5", r"config key 'prune.rate' must lie in \[0, 1\), got 1.5"),
         ("prune.rte=0.3", "unknown config key 'prune.rte'. Did you mean 'prune.rate'?"),
@@ -103,7 +103,7 @@ def test_existing_run_is_never_overwritten(trained, capsys):
         ("train.epochs=three", "config key 'train.epochs' has value 'three'; expected an integer"),
         (
             "prune.criterion=l3",
-            "unknown criterion 'l3'; choose one of: bn_scale, ezcrop, fpgm, fpgm_mix, hrank, l1, l2, l2_bn, lrf, random, similarity, taylor",
+            "unknown criterion 'l3'; choose one of: activation, bn_scale, compactor, ezcrop, fpgm, fpgm_mix, hrank, l1, l2, l2_bn, lrf, random, relevance, similarity, taylor",
         ),
         ("data.root=/nonexistent/fmnist", "/nonexistent/fmnist"),
         ("model.name=resnet21", "unknown model 'resnet21'"),

@@ -94,6 +94,7 @@ def test_a_method_by_name_brings_its_settings_and_the_config_adds_its_own():
         {"kind": "tick", "batches": 20, "lr": 0.01}
     ]
     with pytest.raises(
-        SoftpruneError, match="unknown plugin 'bn_l2'; choose one of: bn_l1, compensate, greg1, greg2, tick"
+        SoftpruneError,
+        match="unknown plugin 'bn_l2'; choose one of: bn_l1, compensate, greg1, greg2, resrep, tick",
     ):
         config_from_dict({"prune": {"method": "sfp", "plugins": ["bn_l2"]}})

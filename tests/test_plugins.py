@@ -252,15 +252,15 @@ def test_the_writing_a_method_guide_runs_and_its_plugin_resets_exactly_the_selec
         assert net.conv1.weight.grad[soft].abs().max() == 0 and bool(soft.any())
         assert torch.equal(net.conv1.weight.grad[~soft], before[~soft])
         assert plugin.resets > 0 and model is pruner.model and len(p.plugins) == 1
-        # a caller's plugins come after the method's
+        # a caller's plugin of the method's kind sets its options; others come after the method's
         both = softprune.Pruner(
             softprune.create_model("resnet20"),
             "sfp_reset",
             0.4,
             2,
-            plugins=[{"kind": "reset_selected", "scale": 0.5}],
+            plugins=[{"kind": "reset_selected", "scale": 0.5}, {"kind": "bn_l1"}],
         )
-        assert [q.scale for q in both.plugins] == [0.0, 0.5]
+        assert [q.name for q in both.plugins] == ["reset_selected", "bn_l1"] and both.plugins[0].scale == 0.5
     finally:
         for registry, name in ((PLUGINS, "reset_selected"), (METHODS, "sfp_reset")):
             if name in registry:

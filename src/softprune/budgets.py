@@ -10,7 +10,8 @@ The policy gives the step's rate P_t; the budget turns it into a count per group
 | params   | the fraction of the parameters     | the same, for parameters                                       |
 
 Global kinds rank units across groups by scores normalized per group (``normalize``: "mean" divides
-by the group's mean score, "max" by its maximum, "sum" by its sum, "rank" uses the position in the
+by the group's mean score, "max" by its maximum, "sum" by its sum, "l2" by the Euclidean norm of its
+scores (FRS), "rank" uses the position in the
 group's order, "none" compares raw scores; "auto" is "none" for criteria whose scores are comparable
 across layers, such as BN scales and Taylor, and "mean" otherwise). No group gives up more than
 ``max_rate`` of its units. The MACs and parameter targets are solved by bisection on the number of
@@ -39,7 +40,7 @@ from .registry import Registry
 log = logging.getLogger(__name__)
 
 KINDS = ("layer", "global", "macs", "params")
-NORMALIZERS = ("auto", "mean", "max", "sum", "rank", "none")
+NORMALIZERS = ("auto", "mean", "max", "sum", "l2", "rank", "none")
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,20 @@ def normalized(scores: torch.Tensor, free: torch.Tensor, order: torch.Tensor, ho
         scale = values.abs().mean()
     elif how == "max":
         scale = values.abs().max()
+    elif how == "l2":
+        scale = values.norm()
     else:
         scale = values.abs().sum()
     return s / scale.clamp(min=1e-12)
+
+
+def most_removable(groups: list, held: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per group, every unit that is neither frozen nor held, but one: the most any budget removes."""
+    out = []
+    for group, h in zip(groups, held):
+        free = torch.nonzero(~(group.frozen | h)).view(-1)
+        out.append(free[: min(free.numel(), group.size - 1)])
+    return out
 
 
 def rounded_count(size: int, n_sel: int, multiple: int) -> int:

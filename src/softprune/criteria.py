@@ -28,6 +28,11 @@ gradient, accumulated over the training batches between steps, or over calibrati
 | ezcrop     | Lin et al., WACV 2022 (EZCrop)         | activations | share of FFT energy outside the low-frequency zone  |
 | similarity | Zhang et al., arXiv 1908.02620         | activations | distance at which clustering merges it into a similar channel |
 | taylor     | You et al., NeurIPS 2019 (Gate Decorator) | gradients | sum over batches of abs(sum of activation x gradient) |
+| activation | Roy et al., arXiv 2003.02800 (PFWT)    | activations | mean absolute value of the unit's feature maps      |
+| relevance  | Aketi et al., IEEE Access 2020 (FRS)   | gradients   | abs of the mean over images of (activation x gradient of the true class's score) |
+
+A criterion with an ``objective`` (relevance) scores calibration batches only, backpropagating
+``objective(outputs, targets)`` instead of the training loss.
 """
 
 from __future__ import annotations
@@ -556,6 +561,38 @@ class Taylor(DataCriterion):
         return {**super().options(), "square": self.square}
 
 
+class ActivationMean(DataCriterion):
+    """PFWT's activation criterion: the mean absolute activation of a unit's feature maps, read where
+    its consumers read them (after the activation function)."""
+
+    name = "activation"
+
+    def per_map(self, maps, grads):
+        return maps.abs().reshape(maps.shape[0], maps.shape[1], -1).mean(-1).sum(1), maps.shape[1]
+
+
+class Relevance(DataCriterion):
+    """FRS's feature relevance, first order: the relevance of channel c for the true class y is
+    a_c * d(score_y)/d(a_c) summed over positions (LRP's z-rule for a ReLU network equals this product
+    of activation and gradient); per unit, the absolute mean over the calibration images. The
+    authors' code uses LRP's alpha-beta rule (alpha 2, beta 1) and weights classes by accuracy: not
+    reproduced here (docs/literature.md)."""
+
+    name = "relevance"
+    needs = "gradients"
+
+    @staticmethod
+    def objective(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The true class's score, summed over the batch."""
+        return outputs.gather(1, targets.view(-1, 1)).sum()
+
+    def per_map(self, maps, grads):
+        return (maps * grads).reshape(maps.shape[0], maps.shape[1], -1).sum(-1).sum(1), maps.shape[1]
+
+    def scores(self, group, model):
+        return super().scores(group, model).abs()
+
+
 class Similarity(SequentialCriterion, DataCriterion):
     """Channel similarity: channels whose feature maps are strongly correlated carry the same
     information. Units are clustered hierarchically (average linkage on 1 - |correlation| of their
@@ -636,7 +673,8 @@ def agglomerate(dist: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor,
 
 
 CRITERIA: Registry[type[Criterion]] = Registry("criterion", instance_of=Criterion)
-for _cls in (L1, L2, L2BN, FPGM, FPGMMix, BNScale, LRF, Random, HRank, EZCrop, Similarity, Taylor):
+for _cls in (L1, L2, L2BN, FPGM, FPGMMix, BNScale, LRF, Random, HRank, EZCrop, Similarity, Taylor,
+             ActivationMean, Relevance):  # fmt: skip
     CRITERIA.register(_cls.name, _cls)
 
 

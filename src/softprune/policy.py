@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from .errors import SoftpruneError, choice_error
 from .registry import Registry
 from .schedules import (
+    AnnealingRate,
     AsymptoticRate,
     Constant,
     CubicRamp,
@@ -113,6 +114,7 @@ _NAMED = {
         "poly": lambda p: PolyRate(p),
         "step": lambda p: Step(p),
         "linear": lambda p: LinearRamp(p),
+        "annealing": lambda p: AnnealingRate(p),
     },
     "decay": {
         "zero": lambda: Constant(0.0),
@@ -147,7 +149,7 @@ def make_policy(
 ) -> Policy:
     """A preset by name with any knob overridden.
 
-    ``rate_schedule``: "constant", "asymptotic", "poly", "step", "linear", or a mapping such as
+    ``rate_schedule``: "constant", "asymptotic", "poly", "step", "linear", "annealing", or a mapping such as
     {"kind": "asymptotic", "D": 0.25} or {"kind": "step", "at": 0.5}
     (the rate value always comes from ``rate``). ``decay``: a number (constant alpha), "zero",
     "one" (soft filters left as they are, for regularizers that shrink them), "exponential" or a mapping

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 from torch import nn
 
-from .budgets import Candidates, CostModel, Quota, layer_counts, prioritized
+from .budgets import Candidates, CostModel, Quota, layer_counts, most_removable, prioritized
 from .calibrate import example_inputs_for, run_calibration
 from .check import max_difference
 from .compact import compact_model
@@ -63,7 +64,8 @@ class Pruner:
             prune section): criterion, criterion_options, residual, layers, ignore, mask_scope,
             rate_schedule, decay, hardness, keep_first, budget, max_rate, round_to, normalize,
             calibration_batches, compensate, regularizer, plugins. A method's own settings come
-            first; the ones given here override them (plugins add up: the method's, then these).
+            first; the ones given here override them (plugins add up, and one of a kind the method has sets
+            that plugin's options).
     """
 
     def __init__(
@@ -111,7 +113,9 @@ class Pruner:
         self.budget = s.make_budget()
         self.calibration = calibration
         self.loss_fn = loss_fn
-        if self.criterion.needs == "activations" and not self.has_calibration:
+        if (
+            self.criterion.needs == "activations" or hasattr(self.criterion, "objective")
+        ) and not self.has_calibration:
             raise SoftpruneError(
                 f"criterion {self.criterion.name!r} scores feature maps: pass calibration= (a few batches of "
                 "training data, e.g. a DataLoader) and calibration_batches >= 1"
@@ -150,6 +154,8 @@ class Pruner:
                 f"({'; '.join(reasons[:3]) or 'no convolution found'}). Check layers= and ignore="
             )
         self.masks = [GroupMask(g.size) for g in self.prunable]
+        # per group, units a method's plugin keeps out of every selection (PruningView.hold)
+        self.held = [torch.zeros(g.size, dtype=torch.bool) for g in self.prunable]
         self._quotas = [Quota.of(g) for g in self.prunable]  # what selection must leave in each layer
         self.first: list[torch.Tensor | None] = [None] * len(self.prunable)
         # after compact_hard(), counts still refer to the original widths: per group, its original size,
@@ -176,8 +182,26 @@ class Pruner:
         for plugin in self.plugins:
             check_fits(plugin, self.criterion.name, self.criterion.needs, interval is not None)
             plugin.attach(self.view)
+        self._check_reachable(rate)
         # last: a pruner refused above must not leave the caller's optimizer calling into it
         self.attach(optimizer)
+
+    def _check_reachable(self, rate: float) -> None:
+        """A MACs or parameter target beyond what removing every free unit but one per group would
+        cut (the policy's final rate) is an error now, not a warning after training."""
+        if self.dense_cost is None:
+            return
+        kind, final = self.budget.kind, self.policy.values(self.total_steps - 1, self.total_steps)[0]
+        best = (
+            1.0
+            - self._costs().cost(self._classes(most_removable(self.prunable, self.held)))[kind]
+            / (self.dense_cost[kind])
+        )
+        if final > best + 1e-9:
+            raise SoftpruneError(
+                f"method {self.method.name}: rate={rate} of the {kind} cannot be met on {type(self.model).__name__}; "
+                f"removing every unit it may prune cuts at most {100 * best:.1f}%"
+            )
 
     # the settings the rest of the Pruner reads often
     @property
@@ -234,7 +258,7 @@ class Pruner:
             self._tap.remove()
             self._tap = None
         self.criterion.start(self.prunable)
-        if self.criterion.needs == "gradients":
+        if self.criterion.needs == "gradients" and not hasattr(self.criterion, "objective"):
             sites = find_sites(self.analysis, self.prunable, self.model)
             self._tap = FeatureTap(self.model, sites, self.criterion.observe, gradients=True)
 
@@ -255,24 +279,25 @@ class Pruner:
         the parameters' .grad are left as they were. Returns the number of batches."""
         if self.calibration is None or not self.calibration_batches:
             return 0
-        if gradients and self.loss_fn is None:
+        if gradients and self.loss_fn is None and not hasattr(self.criterion, "objective"):
             raise SoftpruneError(
                 f"criterion {self.criterion.name!r} needs gradients: train between pruning steps, or give the "
                 "pruner loss_fn= to score it on the calibration batches"
             )
-        loss_fn = self.loss_fn if gradients else None
+        loss_fn = (getattr(self.criterion, "objective", None) or self.loss_fn) if gradients else None
         self._soft.plan_pending()
         return run_calibration(
             self.model, self.calibration, self.calibration_batches, self._device(), loss_fn
         )
 
-    def _observe_activations(self) -> None:
+    def _observe(self, gradients: bool = False) -> None:
+        """The criterion observes the calibration batches' feature maps (and their gradients)."""
         self._soft.plan_pending()
         self.criterion.start(self.prunable)
         sites = find_sites(self.analysis, self.prunable, self.model)
-        tap = FeatureTap(self.model, sites, self.criterion.observe, gradients=False)
+        tap = FeatureTap(self.model, sites, self.criterion.observe, gradients=gradients)
         try:
-            self._run_calibration()
+            self._run_calibration(gradients=gradients)
         finally:
             tap.remove()
 
@@ -309,8 +334,8 @@ class Pruner:
         t, T = self.t, self.total_steps
         rate, alpha, hardness = self.policy.values(t, T)
         self.criterion.begin_step(t)
-        if self.criterion.needs == "activations":
-            self._observe_activations()
+        if self.criterion.needs == "activations" or hasattr(self.criterion, "objective"):
+            self._observe(gradients=self.criterion.needs == "gradients")
         elif self.criterion.needs == "gradients" and not self.criterion.observed():
             self._run_calibration(gradients=True)
         old_hard = [m.hard.clone() for m in self.masks]
@@ -353,10 +378,11 @@ class Pruner:
         out = []
         for i, (group, mask) in enumerate(zip(self.prunable, self.masks)):
             first = self.first[i] if self.policy.keep_first else None
-            c = Candidates(group.size, self.original_sizes[i], int(self._gone[i].numel()), group.frozen,
+            frozen = group.frozen | self.held[i]
+            c = Candidates(group.size, self.original_sizes[i], int(self._gone[i].numel()), frozen,
                            mask.hard, first, self._quotas[i], torch.zeros(0, dtype=torch.long), torch.zeros(0))  # fmt: skip
             order, c.score = order_of(i, c)
-            c.order = prioritized(order, mask.hard, first, group.frozen)
+            c.order = prioritized(order, mask.hard, first, frozen)
             out.append(c)
         return out
 
@@ -424,7 +450,9 @@ class Pruner:
         from .graph import example_batch1
 
         pending = self._soft.drop_pending()  # a copy must not carry the hooks (they fit the full widths)
-        with lifted(self._soft.masks):
+        with lifted(self._soft.masks), ExitStack() as stack:
+            for plugin in self.plugins:
+                stack.enter_context(plugin.lifted(self.view))
             small = compact_model(self.model, self.analysis, self.pruned_classes())
         if pending:
             self._soft.sync()
@@ -482,7 +510,7 @@ class Pruner:
         analysis = analyze(small, self.example_inputs, residual=self.residual, leaf_modules=self.ignore)
         groups = build_groups(analysis, selector(self.settings.layers, self.ignore), self.ignore)
         by_name = {g.name: i for i, g in enumerate(old_groups)}
-        prunable, masks, first, original, origin, gone, quotas = [], [], [], [], [], [], []
+        prunable, masks, first, original, origin, gone, quotas, held = [], [], [], [], [], [], [], []
         for g in groups:
             if not g.prunable:
                 continue
@@ -497,12 +525,13 @@ class Pruner:
             prunable.append(g)
             masks.append(GroupMask(g.size, soft=old_masks[j].soft[keep].clone()))
             first.append(None if old_first[j] is None else old_first[j][keep].clone())
+            held.append(self.held[j][keep].clone())
             original.append(self.original_sizes[j])
             origin.append(self.origins[j][keep])
             gone.append(torch.cat([self._gone[j], self.origins[j][old_masks[j].hard]]))
             quotas.append(old_quotas[j].after_compaction(g, old_masks[j].hard))
         self.model, self.analysis, self.groups, self.prunable = small, analysis, groups, prunable
-        self.masks, self.first = masks, first
+        self.masks, self.first, self.held = masks, first, held
         self.original_sizes, self.origins, self._gone, self._quotas = original, origin, gone, quotas
         self.compactions.append(record)
         self._keeper = HardKeeper(small, self.mask_scope)

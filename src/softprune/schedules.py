@@ -157,8 +157,38 @@ class LinearRamp(Schedule):
         return float(self.value * min(1.0, (t + 1) / steps))
 
 
+@dataclass(frozen=True)
+class AnnealingRate(Schedule):
+    """ADSC's annealing (Guo, She, Barbu; the schedule of Feature Selection with Annealing, Barbu et
+    al.): the kept count M_e = k + (M - k) max(0, (N - 2e) / (2 e mu + N)) after e of N steps, as a
+    rate: P_t = P [1 - max(0, (T - 2(t+1)) / (2 (t+1) mu + T))]. It reaches P at half the steps and
+    holds it; a larger mu removes more early."""
+
+    value: float
+    mu: float = 5.0
+    kind: ClassVar[str] = "annealing"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or self.mu < 0:
+            raise SoftpruneError(f"annealing mu must be a number >= 0, got {self.mu!r}")
+
+    def __call__(self, t: int, T: int) -> float:
+        _check_steps(t, T)
+        e = t + 1
+        return float(self.value * (1.0 - max(0.0, (T - 2 * e) / (2 * e * self.mu + T))))
+
+
 SCHEDULES: Registry[type[Schedule]] = Registry("schedule kind", instance_of=Schedule)
-for _cls in (Constant, AsymptoticRate, PolyRate, ExponentialDecay, CubicRamp, Step, LinearRamp):
+for _cls in (
+    Constant,
+    AsymptoticRate,
+    PolyRate,
+    ExponentialDecay,
+    CubicRamp,
+    Step,
+    LinearRamp,
+    AnnealingRate,
+):
     SCHEDULES.register(_cls.kind, _cls)
 
 

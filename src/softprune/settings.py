@@ -51,7 +51,7 @@ class PruneSettings:
     budget: Literal["layer", "global", "macs", "params"] | dict[str, Any] | Budget = "layer"
     max_rate: float = 0.9  # global budgets: the most any group may lose
     round_to: int = 1  # kept widths rounded up to a multiple of this
-    normalize: Literal["auto", "mean", "max", "sum", "rank", "none"] = "auto"
+    normalize: Literal["auto", "mean", "max", "sum", "l2", "rank", "none"] = "auto"
     # calibration batches read before each step by criteria that score feature maps (hrank, ezcrop,
     # similarity), gradient criteria scored on calibration data, and activation compensation
     calibration_batches: int = 5

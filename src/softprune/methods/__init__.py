@@ -34,13 +34,29 @@ class Method:
 
     def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
         """The method's settings under the ``given`` ones; plugins add up: the method's first, then
-        the given ones that are not among them (so settings resolved once, such as a saved run
-        config's, resolve to themselves)."""
+        the given ones of other kinds. A given plugin of a kind the method has sets options of the
+        method's one ({kind: resrep, strength: 0.004}), so settings resolved once, such as a saved
+        run config's, resolve to themselves."""
         merged = {**self.settings, **given}
         own, extra = self.settings.get("plugins") or [], given.get("plugins") or []
         if own and extra:
-            merged["plugins"] = [*own, *(p for p in extra if p not in own)]
+            out = [_spec(p) for p in own]
+            for p in extra:
+                same = [i for i, o in enumerate(out) if o["kind"] == _kind(p)]
+                if same:
+                    out[same[0]] = {**out[same[0]], **_spec(p)}
+                else:
+                    out.append(p)
+            merged["plugins"] = [o if len(o) > 1 else o["kind"] for o in out[: len(own)]] + out[len(own) :]
         return merged
+
+
+def _kind(spec: Any) -> Any:
+    return spec.get("kind") if isinstance(spec, dict) else spec
+
+
+def _spec(spec: Any) -> dict[str, Any]:
+    return dict(spec) if isinstance(spec, dict) else {"kind": spec}
 
 
 METHODS: Registry[Method] = Registry("method", instance_of=Method)

@@ -68,3 +68,39 @@ register_method(Method(
     settings={"criterion": "random"},
     min_steps=24,
 ))  # fmt: skip
+register_method(Method(
+    "resrep", "sfp", "a compactor (1x1, identity at first) after each convolution and BatchNorm; its rows "
+    "shrink under a group-lasso penalty, selected rows lose the task gradient, and the compactor merges "
+    "into the layer at the end",
+    "Ding et al., ICCV 2021 and the authors' code (DingXiaoH/ResRep): compactors on single-producer "
+    "layers only, rows ranked globally by norm, strength 1e-4 and momentum 0.99; the recipe's strength "
+    "is larger to fit a short run (docs/literature.md)",
+    settings={"rate_schedule": {"kind": "linear", "ramp": 0.5}, "decay": 1.0, "hardness": 0.0,
+              "criterion": "compactor", "budget": "macs", "max_rate": 0.9,
+              "plugins": [{"kind": "resrep", "strength": 1e-4}]},
+    min_steps=24,
+))  # fmt: skip
+register_method(Method(
+    "adsc", "hfp", "the lowest filters removed for good at every step while the kept count anneals to "
+    "the target by half-way (annealing with direct sparsity control)",
+    "Guo, She, Barbu, arXiv 2002.04301: the annealing schedule of Feature Selection with Annealing "
+    "(mu = 5, from its implementations); the criterion (filter L2 norm) is reconstructed",
+    settings={"rate_schedule": {"kind": "annealing", "mu": 5.0}, "keep_first": False, "criterion": "l2"},
+    min_steps=24,
+))  # fmt: skip
+register_method(Method(
+    "pfwt", "hfp", "filters removed for good at fixed intervals during training by the L1 norm (or mean "
+    "activation, random), so that training itself gets cheaper (with prune.compact_during_training)",
+    "Roy, Panda, Srinivasan, Raghunathan, arXiv 2003.02800 (the abstract: L1 was the best of its three "
+    "criteria); interval and per-step count reconstructed (equal steps over the first half)",
+    settings={"rate_schedule": {"kind": "linear", "ramp": 0.5}, "keep_first": False, "criterion": "l1"},
+))  # fmt: skip
+register_method(Method(
+    "frs", "hfp", "channels ranked across layers by feature relevance scores (the true class's score "
+    "traced back to each channel), the lowest removed at fixed intervals during training",
+    "Aketi et al., IEEE Access 2020 and the authors' code (purdue-nrl/Gradual-Channel-Pruning-using-FRS): "
+    "global ranking, scores divided by their layer's L2 norm, equal steps until late in training; "
+    "relevance first order (activation x gradient) instead of the code's LRP alpha-beta",
+    settings={"rate_schedule": {"kind": "linear", "ramp": 0.75}, "keep_first": False, "criterion": "relevance",
+              "budget": "global", "normalize": "l2", "calibration_batches": 5},
+))  # fmt: skip

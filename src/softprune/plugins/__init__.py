@@ -15,12 +15,15 @@ model, the groups, their mask state and the step), never the Pruner itself.
 | after_selection        | the step has chosen its masks, the weights are not masked yet (``previous_hard``: each group's hard units before it; compensation folds the new ones here) |
 | after_pruning_step     | after each pruning step has set the masks (``report``: its counts) |
 | before_compaction      | before the masked model becomes a smaller one                     |
+| lifted(view)           | a context in which the plugin's forward hooks are off (copies of the model) |
 | state_dict / load_state_dict | saved and restored with the Pruner (checkpoints, resume)     |
 
 Plugins are registered by name (``PLUGINS``) and built from a name or a mapping
-``{kind: name, **options}``; ``Pruner(..., plugins=[...])`` adds them after the method's own. Here:
+``{kind: name, **options}``; ``Pruner(..., plugins=[...])`` adds them after the method's own (one of a
+kind the method already has sets that plugin's options instead). Here:
 the regularizers (``regularizers.py``), weight compensation (``compensation.py``, built from the
-``compensate`` setting) and Gate Decorator's Tick (``tick.py``); the hard-zero keeper every Pruner
+``compensate`` setting), Gate Decorator's Tick (``tick.py``) and ResRep's compactors (``resrep.py``); the
+hard-zero keeper every Pruner
 runs first lives with the masks (``softprune.masks.HardKeeper``).
 docs/writing_a_method.md walks through one.
 """
@@ -28,6 +31,7 @@ docs/writing_a_method.md walks through one.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -120,6 +124,20 @@ class PruningView:
     def device(self) -> torch.device:
         return self._owner._device()
 
+    @property
+    def example_inputs(self) -> tuple:
+        """What the model's forward takes (the tracing example), for checks on the model."""
+        return self._owner.example_inputs
+
+    def hold(self, group: int, units: torch.Tensor | None = None) -> None:
+        """Keep these units of group ``group`` (all of them by default) out of every selection: a
+        method that can only prune some places (ResRep: where a compactor sits) holds the others."""
+        held = self._owner.held[group]
+        if units is None:
+            held[:] = True
+        else:
+            held[units] = True
+
     def counts(self) -> tuple[int, int, int]:
         """Units kept, soft and hard, over all groups."""
         return self._owner.counts()
@@ -178,6 +196,11 @@ class Plugin:
     def before_compaction(self, view: PruningView) -> None:
         pass
 
+    def lifted(self, view: PruningView) -> AbstractContextManager:
+        """A block in which the plugin's changes to the forward pass (hooks) are off, so that a copy
+        of the model made in it carries none (the Pruner's cost profile copies the model)."""
+        return nullcontext()
+
     def options(self) -> dict:
         """The options it was built with (saved beside its state, so a checkpoint says what ran)."""
         return {}
@@ -216,4 +239,4 @@ def check_fits(plugin: Plugin, criterion: str, criterion_needs: str, per_iterati
         )
 
 
-from . import compensation, regularizers, tick  # noqa: E402,F401  (registers their plugins)
+from . import compensation, regularizers, resrep, tick  # noqa: E402,F401  (registers their plugins)

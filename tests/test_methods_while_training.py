@@ -1,0 +1,231 @@
+"""Methods that prune while training (ResRep, ADSC, PFWT, FRS), each against a known answer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import softprune
+from softprune.budgets import normalized
+from softprune.errors import SoftpruneError
+from softprune.schedules import AnnealingRate, schedule_from_dict
+from test_methods import Tiny, X, batches, tiny
+
+
+def _resrep(model, rate=0.3, steps=2, strength=0.1, momentum=0.0, lr=0.1, **kwargs):
+    """ResRep's plugin and criterion on a plain SGD (no momentum, no decay), so updates are known."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    p = softprune.Pruner(
+        model, "sfp", rate, steps, opt, example_inputs=X, criterion="compactor", decay=1.0,
+        plugins=[{"kind": "resrep", "strength": strength, "momentum": momentum}], **kwargs,
+    )  # fmt: skip
+    return p, opt, next(q for q in p.plugins if q.name == "resrep")
+
+
+def _randomize_batchnorm(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) + 0.5
+            m.bias.data = torch.randn(n, generator=g)
+            m.running_mean = torch.randn(n, generator=g)
+            m.running_var = torch.rand(n, generator=g) + 0.2
+
+
+# -- ResRep -----------------------------------------------------------------------------------
+def test_resrep_merges_its_compactors_exactly_and_removes_the_zero_rows():
+    model = tiny()
+    _randomize_batchnorm(model)
+    model.conv1.bias = nn.Parameter(torch.randn(6))  # a convolution bias folds in too
+    p, _, plugin = _resrep(model)
+    assert sorted(plugin.sites) == [0, 1]
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for i, q in plugin.compactors.items():
+            q.copy_(torch.eye(q.shape[0]) + 0.3 * torch.randn(q.shape, generator=g))
+            q[1] = 0.0  # zero rows, the lowest scores: channel 1 of conv1, channels 1 and 2 of conv2
+            if i == 1:
+                q[2] = 0.0
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = model.eval()(x)  # compactors in the forward, in eval mode
+    p.step()
+    assert [torch.nonzero(m.soft).view(-1).tolist() for m in p.masks] == [[1], [1, 2]]
+    small = p.compact()
+    assert not model.bn1._forward_hooks and not model.bn2._forward_hooks  # merged: a plain model again
+    assert small.conv1.out_channels == 6 - 1 and small.conv2.out_channels == 8 - 2
+    with torch.no_grad():
+        assert torch.allclose(small.eval()(x), expected, atol=1e-5)
+
+
+def test_resrep_resets_the_task_gradient_of_selected_rows_and_adds_the_group_lasso():
+    model = tiny().train()
+    p, opt, plugin = _resrep(model, rate=0.5, strength=0.1, lr=0.1)
+    with torch.no_grad():
+        plugin.compactors[0][0] *= 0.5  # the lowest row norms: channels 0, and then the others tie
+    p.step()
+    selected = p.masks[0].soft.clone()
+    assert bool(selected[0]) and int(selected.sum()) == 3
+    q = plugin.compactors[0].detach().clone()
+    x, y = batches(1, targets=True)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    task = plugin.compactors[0].grad.clone()
+    opt.step()
+    penalty = 0.1 * q / q.norm(dim=1, keepdim=True)
+    expected = q - 0.1 * (task * (~selected).float().view(-1, 1) + penalty)
+    assert torch.allclose(plugin.compactors[0].detach(), expected, atol=1e-7)
+    assert float(task[~selected].abs().max()) > 1e-4  # kept rows did get a task gradient
+    assert plugin.compactors[0].grad is None  # its own optimizer cleared it
+
+
+def test_resrep_holds_the_residual_stream_and_reaches_a_macs_target_with_the_inner_layers():
+    torch.manual_seed(0)
+    model = softprune.create_model("resnet20", in_channels=1, input_size=28)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = softprune.Pruner(model, "resrep", 0.4, 4, opt, example_inputs=(torch.randn(1, 1, 28, 28),))
+    plugin = next(q for q in p.plugins if q.name == "resrep")
+    held = [g.name for g, h in zip(p.prunable, p.held) if bool(h.all())]
+    assert len(plugin.sites) == 9 and len(held) == 1  # nine inner layers; the stream is held
+    for _ in range(4):
+        p.step()
+    stream = p.prunable.index(next(g for g in p.prunable if g.name == held[0]))
+    assert int(p.masks[stream].pruned.sum()) == 0
+    dense = softprune.profile(
+        softprune.create_model("resnet20", in_channels=1, input_size=28), torch.randn(1, 1, 28, 28)
+    )
+    small = p.compact()
+    macs = softprune.profile(small, torch.randn(1, 1, 28, 28))["macs"]
+    assert 0.6 * dense["macs"] * 0.99 <= macs <= 0.6 * dense["macs"]
+    assert p.last_verification["max_abs_diff"] <= 1e-5 * p.last_verification["output_scale"]
+
+
+def test_resrep_state_round_trip_keeps_the_compactors_and_their_momentum():
+    model = tiny().train()
+    p, opt, plugin = _resrep(model, momentum=0.9)
+    x, y = batches(1, targets=True)[0]
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    state = p.state_dict()
+    twin = tiny().train()
+    twin.load_state_dict(model.state_dict())
+    q2, _, plugin2 = _resrep(twin, momentum=0.9)
+    q2.load_state_dict(state)
+    for i in plugin.compactors:
+        assert torch.equal(plugin2.compactors[i].detach(), plugin.compactors[i].detach())
+    assert plugin2._optimizer.state_dict()["state"][0]["momentum_buffer"].abs().sum() > 0
+
+
+def test_resrep_without_batchnorm_is_a_one_line_error():
+    class NoBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+    with pytest.raises(
+        SoftpruneError, match="method resrep needs convolutions followed directly by a BatchNorm"
+    ):
+        softprune.Pruner(NoBN(), "resrep", 0.3, 2, example_inputs=X)
+
+
+# -- ADSC -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "t, expected",
+    [(0, 0.5 * (1 - 38 / 50)), (9, 0.5 * (1 - 20 / 140)), (19, 0.5), (35, 0.5), (39, 0.5)],
+)
+def test_adsc_annealing_rate_at_0_a_quarter_half_and_the_end(t, expected):
+    # M_e = k + (M - k) max(0, (N - 2e) / (2 e mu + N)) with e = t + 1, N = T = 40, mu = 5
+    assert AnnealingRate(0.5, mu=5.0)(t, 40) == pytest.approx(expected, abs=1e-12)
+    assert schedule_from_dict({"kind": "annealing", "value": 0.5, "mu": 5.0})(t, 40) == pytest.approx(
+        expected
+    )
+
+
+def test_adsc_keeps_the_annealed_count_and_removes_for_good():
+    model = tiny()
+    p = softprune.Pruner(model, "adsc", 0.5, 4, example_inputs=X, layers=["conv2"])
+    kept = []
+    for _ in range(4):
+        p.step()
+        kept.append(8 - int(p.masks[0].hard.sum()))
+    # P_t = 0.5 [1 - max(0, (4 - 2e)/(10 e + 4))]: e=1: 0.5 * (1 - 2/14); e >= 2: 0.5
+    assert kept == [8 - int(8 * 0.5 * (1 - 2 / 14)), 4, 4, 4]
+    assert int(p.masks[0].soft.sum()) == 0
+
+
+# -- PFWT and FRS's criteria ------------------------------------------------------------------
+def _consumed_maps(model, x):
+    """conv1's channels as conv2 reads them (after BN and ReLU)."""
+    return F.relu(model.bn1(model.conv1(x)))
+
+
+def test_activation_scores_are_the_mean_absolute_feature_map():
+    model = tiny()
+    data = batches(2)
+    p = softprune.Pruner(model, "pfwt", 0.5, 1, example_inputs=X, layers=["conv1"], criterion="activation",
+                         calibration=data, calibration_batches=2)  # fmt: skip
+    with torch.no_grad():
+        maps = torch.cat([_consumed_maps(model, x) for x in data])
+    expected = maps.abs().mean((2, 3)).mean(0)
+    p.step()
+    assert torch.allclose(p.criterion.scores(p.prunable[0], model), expected, atol=1e-6)
+    assert set(torch.nonzero(p.masks[0].hard).view(-1).tolist()) == set(torch.argsort(expected)[:3].tolist())
+
+
+def test_relevance_scores_are_activation_times_the_true_class_gradient():
+    model = tiny()
+    data = batches(2, targets=True)
+    p = softprune.Pruner(model, "frs", 0.5, 1, example_inputs=X, layers=["conv1"], calibration=data,
+                         calibration_batches=2)  # fmt: skip
+    total = torch.zeros(6)
+    for x, y in data:
+        h = _consumed_maps(model, x).detach().requires_grad_(True)
+        out = model.fc(F.adaptive_avg_pool2d(F.relu(model.bn2(model.conv2(h))), 1).flatten(1))
+        (g,) = torch.autograd.grad(out.gather(1, y.view(-1, 1)).sum(), h)
+        total += (h * g).sum((2, 3)).sum(0).detach()
+    expected = (total / 32).abs()
+    seen = []  # the scores the step ranked by (a gradient criterion starts afresh after each step)
+    rank = p.criterion.order_and_scores
+    p.criterion.order_and_scores = lambda *a: seen.append(rank(*a)[1]) or rank(*a)
+    p.step()
+    assert torch.allclose(seen[0], expected, atol=1e-5)
+    assert set(torch.nonzero(p.masks[0].hard).view(-1).tolist()) == set(torch.argsort(expected)[:3].tolist())
+
+
+def test_l2_normalization_divides_each_layer_by_the_norm_of_its_scores():
+    scores = torch.tensor([3.0, 4.0])
+    free = torch.ones(2, dtype=torch.bool)
+    assert torch.allclose(normalized(scores, free, torch.argsort(scores), "l2"), torch.tensor([0.6, 0.8]))
+
+
+def test_frs_needs_calibration_batches():
+    with pytest.raises(SoftpruneError, match="calibration"):
+        softprune.Pruner(Tiny(), "frs", 0.3, 2, example_inputs=X)
+
+
+def test_a_macs_target_beyond_what_the_method_may_remove_is_a_one_line_error():
+    model = softprune.create_model("resnet20", in_channels=1, input_size=28)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    example = (torch.randn(1, 1, 28, 28),)
+    # ResRep leaves the residual stream whole: the inner layers alone cut at most ~96% of the MACs
+    with pytest.raises(
+        SoftpruneError, match=r"method resrep: rate=0.97 of the macs cannot be met .* at most 9\d\.\d%"
+    ):
+        softprune.Pruner(model, "resrep", 0.97, 4, opt, example_inputs=example)
+    assert softprune.Pruner(model, "resrep", 0.9, 4, opt, example_inputs=example).t == 0
+
+
+def test_a_plugin_of_the_methods_kind_sets_its_options_instead_of_adding_a_second():
+    method = softprune.get_method("resrep")
+    once = method.resolve({"plugins": [{"kind": "resrep", "strength": 0.004}]})
+    assert once["plugins"] == [{"kind": "resrep", "strength": 0.004}]
+    assert method.resolve(once)["plugins"] == once["plugins"]
+    tick = softprune.get_method("tick_tock").resolve({"plugins": [{"kind": "bn_l1"}]})
+    assert tick["plugins"] == [{"kind": "tick", "batches": 20, "lr": 0.01}, {"kind": "bn_l1"}]
