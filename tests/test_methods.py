@@ -435,6 +435,8 @@ def test_each_method_recipe_trains_compacts_and_stays_equivalent(recipe, tmp_pat
     config = softprune.train.config.load_config(recipe)
     assert summary["criterion"] == config.prune.criterion and summary["budget"] == config.prune.budget
     assert summary["compact"]["macs"] < summary["dense"]["macs"]
+    if config.prune.method == "resrep":  # every compactor merged into ResNet-20's nine inner layers
+        assert summary["plugins"]["resrep"]["merged"] == summary["plugins"]["resrep"]["compactors"] == 9
     if config.prune.budget == "macs":
         assert summary["reduction"]["macs"] >= config.prune.rate
     else:

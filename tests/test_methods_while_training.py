@@ -57,6 +57,9 @@ def test_resrep_merges_its_compactors_exactly_and_removes_the_zero_rows():
     assert small.conv1.out_channels == 6 - 1 and small.conv2.out_channels == 8 - 2
     with torch.no_grad():
         assert torch.allclose(small.eval()(x), expected, atol=1e-5)
+    # the rows cut were zero already: the largest over its layer's median kept row is 0
+    assert plugin.summary()["largest_cut_row_over_median_kept_row"] == 0.0
+    assert plugin.summary()["merged"] == 2
 
 
 def test_resrep_resets_the_task_gradient_of_selected_rows_and_adds_the_group_lasso():
@@ -88,6 +91,7 @@ def test_resrep_holds_the_residual_stream_and_reaches_a_macs_target_with_the_inn
     plugin = next(q for q in p.plugins if q.name == "resrep")
     held = [g.name for g, h in zip(p.prunable, p.held) if bool(h.all())]
     assert len(plugin.sites) == 9 and len(held) == 1  # nine inner layers; the stream is held
+    assert plugin.summary()["held_groups"] == held
     for _ in range(4):
         p.step()
     stream = p.prunable.index(next(g for g in p.prunable if g.name == held[0]))

@@ -205,6 +205,10 @@ class Plugin:
         """The options it was built with (saved beside its state, so a checkpoint says what ran)."""
         return {}
 
+    def summary(self) -> dict:
+        """What the plugin measured, for the run's summary.json (numbers; empty: nothing to say)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 

@@ -75,12 +75,22 @@ class ResRep(Plugin):
         self.sites: dict[int, tuple[str, str]] = {}  # group position -> (convolution, BatchNorm)
         self.compactors: dict[int, nn.Parameter] = {}
         self.merged: set[int] = set()
+        self.held_groups: list[str] = []
         self.zeroed_norm: float | None = None  # largest norm of a row set to zero by a merge, / median kept
         self._handles: dict[int, object] = {}
         self._optimizer: torch.optim.SGD | None = None
 
     def options(self) -> dict:
         return {"strength": self.strength, "momentum": self.momentum}
+
+    def summary(self) -> dict:
+        """How close to zero the rows were when the merge cut them (1.0: as large as a kept row)."""
+        return {
+            "compactors": len(self.sites),
+            "merged": len(self.merged),
+            "held_groups": list(self.held_groups),
+            "largest_cut_row_over_median_kept_row": self.zeroed_norm,
+        }
 
     # -- placing the compactors ---------------------------------------------------------------------
     def attach(self, view: PruningView) -> None:
@@ -91,6 +101,7 @@ class ResRep(Plugin):
                 self.sites[i] = site
             else:
                 view.hold(i)  # no compactor: ResRep leaves the group whole
+                self.held_groups.append(group.name)
         if not self.sites:
             raise SoftpruneError(
                 "method resrep needs convolutions followed directly by a BatchNorm (with running statistics "

@@ -528,6 +528,9 @@ class Run:
                     paper_flops_cifar_resnet(depth, 0.0)
                 )
             summary["groups"] = self.pruner.summary()
+            measured = {q.name: q.summary() for q in self.pruner.plugins if q.summary()}
+            if measured:
+                summary["plugins"] = measured
             summary["layers"] = layer_widths(self.net, small)
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
