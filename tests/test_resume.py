@@ -135,3 +135,36 @@ def test_resume_of_a_run_compacted_during_training(tmp_path, data_root):
         tmp_path / "run" / "model.safetensors"
     )  # the network as trained, rebuilt from its plan
     assert sum(p.numel() for p in back.parameters()) == trained[-1]
+
+
+def test_a_resrep_run_killed_midway_resumes_with_its_compactors_and_ends_like_the_uninterrupted_one(
+    tmp_path, data_root
+):
+    """The compactors and their momentum live in the pruner's state (not in the model): a resumed run
+    must carry them on, then merge them as the uninterrupted run does."""
+    extra = ("prune.method=resrep",)
+    assert main(_args(data_root, tmp_path / "ref", "run", *extra)) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(softprune.__file__).parents[1])}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "softprune", *_args(data_root, tmp_path, "run", *extra)], env=env
+    )
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    try:
+        while child.poll() is None:
+            if checkpoint.exists() and load_checkpoint(checkpoint)["iteration"] >= 11:
+                break
+            time.sleep(0.02)
+        assert child.poll() is None
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    saved = load_checkpoint(checkpoint)["pruner"]["plugins"][0]
+    assert (
+        saved["kind"] == "resrep" and len(saved["state"]["compactors"]) == 9 and not saved["state"]["merged"]
+    )
+    assert main([*_args(data_root, tmp_path, "run", *extra), "--resume"]) == 0
+    mine, ref = _final(tmp_path / "run"), _final(tmp_path / "ref" / "run")
+    for key in ref[0]:
+        assert torch.equal(mine[0][key], ref[0][key]), key
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["plugins"]["resrep"]["merged"] == 9

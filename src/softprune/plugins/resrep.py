@@ -78,6 +78,7 @@ class ResRep(Plugin):
         self.held_groups: list[str] = []
         self.zeroed_norm: float | None = None  # largest norm of a row set to zero by a merge, / median kept
         self._handles: dict[int, object] = {}
+        self._norms: dict[int, nn.Module] = {}  # group position -> its BatchNorm
         self._optimizer: torch.optim.SGD | None = None
 
     def options(self) -> dict:
@@ -120,6 +121,7 @@ class ResRep(Plugin):
             if i in self.merged or i in self._handles:
                 continue
             bn = view.model.get_submodule(bn_name)
+            self._norms[i] = bn
             COMPACTORS[bn] = self.compactors[i]
             self._handles[i] = bn.register_forward_hook(self._hook(i))
 
@@ -227,6 +229,8 @@ class ResRep(Plugin):
                 self.compactors[int(i)].copy_(value)
         for i in state.get("merged", []):  # the saved weights are merged already: only drop the hook
             self._remove(int(i))
+            if int(i) in self._norms:
+                COMPACTORS.pop(self._norms[int(i)], None)
             self.merged.add(int(i))
         if self._optimizer is not None and state.get("optimizer"):
             self._optimizer.load_state_dict(state["optimizer"])
