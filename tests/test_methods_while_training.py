@@ -139,6 +139,20 @@ def test_resrep_without_batchnorm_is_a_one_line_error():
         softprune.Pruner(NoBN(), "resrep", 0.3, 2, example_inputs=X)
 
 
+def test_resrep_holds_a_layer_whose_batchnorm_reads_something_else_than_the_convolution():
+    class ReluBeforeBN(Tiny):
+        def forward(self, x):
+            x = self.bn1(F.relu(self.conv1(x)))  # the BatchNorm does not read conv1's output: no merge
+            x = F.relu(self.bn2(self.conv2(x)))
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    torch.manual_seed(0)
+    p, _, plugin = _resrep(ReluBeforeBN().eval())
+    assert list(plugin.sites) == [1] and plugin.summary()["held_groups"] == ["conv1"]
+    p.step()
+    assert int(p.masks[0].pruned.sum()) == 0 and int(p.masks[1].pruned.sum()) == 2
+
+
 # -- ADSC -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "t, expected",

@@ -96,10 +96,11 @@ class ResRep(Plugin):
     # -- placing the compactors ---------------------------------------------------------------------
     def attach(self, view: PruningView) -> None:
         model = view.model
+        candidates = {i: site for i, group in enumerate(view.groups) if (site := _site(group, model))}
+        direct = _read_directly(model, list(candidates.values()), view.example_inputs)
         for i, group in enumerate(view.groups):
-            site = _site(group, model)
-            if site is not None and _reads_directly(model, *site, view.example_inputs):
-                self.sites[i] = site
+            if candidates.get(i) in direct:
+                self.sites[i] = candidates[i]
             else:
                 view.hold(i)  # no compactor: ResRep leaves the group whole
                 self.held_groups.append(group.name)
@@ -127,7 +128,10 @@ class ResRep(Plugin):
 
     def _hook(self, i: int):
         def hook(module, args, output):
-            return _apply(self.compactors[i], output)
+            q = self.compactors[i]
+            if q.device != output.device:  # the model moved after the pruner was built (before training)
+                q.data = q.data.to(output.device)
+            return _apply(q, output)
 
         return hook
 
@@ -269,19 +273,27 @@ def _site(group: ChannelGroup, model: nn.Module) -> tuple[str, str] | None:
     return filters[0].module, norms[0].module
 
 
-def _reads_directly(model: nn.Module, conv_name: str, bn_name: str, inputs: tuple) -> bool:
-    """The BatchNorm's input is the convolution's output, the same tensor, on the example input."""
-    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-    seen: dict[str, object] = {}
-    h1 = conv.register_forward_hook(lambda m, a, out: seen.__setitem__("conv", out))
-    h2 = bn.register_forward_pre_hook(lambda m, a: seen.__setitem__("bn", a[0] if a else None))
+def _read_directly(model: nn.Module, sites: list[tuple[str, str]], inputs: tuple) -> set[tuple[str, str]]:
+    """The (convolution, BatchNorm) pairs whose BatchNorm's input is the convolution's output, the
+    same tensor, on the example input (one forward pass for all of them)."""
+    outputs: dict[str, object] = {}
+    inputs_of: dict[str, object] = {}
+    handles = []
+    for conv_name, bn_name in sites:
+        handles.append(
+            model.get_submodule(conv_name).register_forward_hook(
+                lambda m, a, out, name=conv_name: outputs.__setitem__(name, out)
+            )
+        )
+        handles.append(model.get_submodule(bn_name).register_forward_pre_hook(
+            lambda m, a, name=bn_name: inputs_of.__setitem__(name, a[0] if a else None)))  # fmt: skip
     try:
         with training_mode(model, training=False), torch.no_grad():
             model(*inputs)
     finally:
-        h1.remove()
-        h2.remove()
-    return "conv" in seen and seen.get("bn") is seen["conv"]
+        for handle in handles:
+            handle.remove()
+    return {(c, b) for c, b in sites if c in outputs and inputs_of.get(b) is outputs[c]}
 
 
 def _save(model: nn.Module, conv_name: str, bn_name: str) -> dict[str, torch.Tensor]:
