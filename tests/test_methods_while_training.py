@@ -1,5 +1,7 @@
 """Methods that prune while training (ResRep, ADSC, PFWT, FRS), each against a known answer."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,3 +249,89 @@ def test_a_plugin_of_the_methods_kind_sets_its_options_instead_of_adding_a_secon
     assert method.resolve(once)["plugins"] == once["plugins"]
     tick = softprune.get_method("tick_tock").resolve({"plugins": [{"kind": "bn_l1"}]})
     assert tick["plugins"] == [{"kind": "tick", "batches": 20, "lr": 0.01}, {"kind": "bn_l1"}]
+
+
+# -- DMCP -------------------------------------------------------------------------------------
+def test_dmcp_marginals_are_products_of_the_transition_probabilities():
+    from softprune.plugins.dmcp import markov_marginals
+
+    alpha = torch.tensor([0.0, float(torch.log(torch.tensor(3.0)))])  # sigmoid: 0.5, 0.75
+    assert torch.allclose(markov_marginals(alpha), torch.tensor([1.0, 0.5, 0.375]))
+
+
+def test_dmcp_budget_loss_is_piecewise_log_around_the_target():
+    from softprune.plugins.dmcp import flops_loss
+
+    assert float(flops_loss(torch.tensor(0.3), 0.5)) == pytest.approx(math.log(0.2))
+    assert float(flops_loss(torch.tensor(0.49), 0.5)) == 0.0  # within [0.95 T, T]
+    assert float(flops_loss(torch.tensor(0.7), 0.5)) == pytest.approx(math.log(0.7 - 0.475))
+
+
+def test_expected_macs_are_the_layers_macs_times_their_mean_keep_probabilities():
+    p = softprune.Pruner(tiny(), "hfp", 0.3, 1, example_inputs=X, budget="macs")
+    costs = p.view.cost_model
+    keep = torch.ones(p.view.class_count)
+    keep[p.prunable[0].classes] = 0.5  # conv1's six channels
+    keep[p.prunable[1].classes] = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0])  # conv2: half
+    # conv1 1->6 (3x3, 8x8): 3456 MACs; conv2 6->8: 27648; fc 8->4: 32
+    expected = 3456 * 0.5 + 27648 * 0.5 * 0.5 + 32 * 0.5
+    assert float(costs.expected(keep)["macs"]) == pytest.approx(expected)
+
+
+def _dmcp(model, **options):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    p = softprune.Pruner(model, "dmcp", 0.5, 3, opt, example_inputs=X,
+                         plugins=[{"kind": "dmcp", "chunks": 2, **options}])  # fmt: skip
+    return p, opt, next(q for q in p.plugins if q.name == "dmcp")
+
+
+def test_dmcp_sandwich_pass_trains_only_the_narrow_networks_channels():
+    model = tiny().train()
+    p, opt, plugin = _dmcp(model, random_widths=0, warmup=10.0)  # the narrowest network only, no search
+    assert plugin.chunk_of[1].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    x, y = batches(1, targets=True)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = model.conv2.weight.grad.clone()
+    plugin.before_optimizer_step(p.view)
+    added = model.conv2.weight.grad - before
+    assert float(added[4:].abs().max()) == 0.0  # conv2's second chunk is off in the narrowest network
+    assert float(added[:4].abs().max()) > 0.0
+    assert plugin.arch_steps == 0
+
+
+def test_dmcp_searches_the_chains_and_keeps_the_prefixes_they_expect():
+    model = tiny().train()
+    p, opt, plugin = _dmcp(model, warmup=0.0)
+    alpha0 = {i: a.detach().clone() for i, a in plugin.alphas.items()}
+    for x, y in batches(3, targets=True) * 2:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert plugin.arch_steps == 6 and any(
+        not torch.equal(a.detach(), alpha0[i]) for i, a in plugin.alphas.items()
+    )
+    for _ in range(3):
+        p.step()
+    for i, mask in enumerate(p.masks):  # what goes is a suffix of positions: the chain's last chunks
+        pruned = torch.nonzero(mask.hard).view(-1).tolist()
+        assert pruned == list(range(p.prunable[i].size - len(pruned), p.prunable[i].size))
+    assert sum(int(m.hard.sum()) for m in p.masks) > 0 and not plugin._handles  # chosen: hooks gone
+    small = p.compact()
+    assert p.last_verification["max_abs_diff"] <= 1e-5 * p.last_verification["output_scale"]
+    assert softprune.profile(small, X)["macs"] <= 0.5 * softprune.profile(tiny(), X)["macs"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"budget": "layer", "plugins": [{"kind": "dmcp", "chunks": 2}]},
+            "method dmcp searches widths for a MACs target",
+        ),
+        ({}, "method dmcp needs layers of at least 10 channels"),  # Tiny's layers have 6 and 8
+    ],
+)
+def test_dmcp_settings_it_cannot_use_are_one_line_errors(kwargs, message):
+    with pytest.raises(SoftpruneError, match=message):
+        softprune.Pruner(tiny(), "dmcp", 0.3, 2, example_inputs=X, **kwargs)

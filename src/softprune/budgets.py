@@ -35,6 +35,7 @@ from torch import nn
 from .cost import count_flops
 from .errors import SoftpruneError, check_choice
 from .graph import Analysis, ChannelGroup, Role
+from .graph.ids import CONST, DERIVED, ZERO
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,37 @@ class CostModel:
                 fraction *= float(flags.sum()) / max(shape[dim], 1)
             out[name] = fraction
         return out
+
+    def expected(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"macs", "params"} expected when each class c is kept with probability ``keep[c]``, the
+        classes independently (DMCP's expected FLOPs): each tensor's kept fraction along a sliced
+        dimension is the mean keep probability of its positions. Differentiable in ``keep``."""
+        ids = self.analysis.ids
+        p = keep[ids.label].clone()
+        p[ZERO], p[CONST] = 0.0, 1.0
+        for sid, parts in ids.parts.items():  # a sum of channels is there if any part is
+            if sid not in ids.collapsed:
+                p[sid] = 1.0 - torch.prod(1.0 - p[list(parts)])
+        every = torch.arange(ids.count)
+        derived = every[ids.kind(every) == DERIVED]  # derived ids follow their base
+        if derived.numel():
+            p[derived] = p[ids.base(derived)]
+        fractions = {}
+        for name, (_numel, shape, members) in self._tensors.items():
+            kept: dict[int, torch.Tensor] = {}
+            for member in members:
+                kept[member.dim] = (
+                    p[member.unit] if member.dim not in kept else kept[member.dim] * p[member.unit]
+                )
+            fraction = keep.new_ones(())
+            for dim, values in kept.items():
+                fraction = fraction * values.sum() / max(shape[dim], 1)
+            fractions[name] = fraction
+        macs = sum(m * (fractions[w] if w is not None else 1.0) for m, w in self._macs)
+        params = self.dense_params - sum(
+            numel * (1.0 - fractions[name]) for name, (numel, _, _) in self._tensors.items()
+        )
+        return {"macs": macs, "params": params}
 
     def cost(self, pruned_classes: torch.Tensor) -> dict[str, float]:
         """{"macs", "params"} per sample of the model with ``pruned_classes`` removed (estimates)."""

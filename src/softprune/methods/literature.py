@@ -104,3 +104,13 @@ register_method(Method(
     settings={"rate_schedule": {"kind": "linear", "ramp": 0.75}, "keep_first": False, "criterion": "relevance",
               "budget": "global", "normalize": "l2", "calibration_batches": 5},
 ))  # fmt: skip
+register_method(Method(
+    "dmcp", "hfp", "each layer's kept width is a Markov chain over chunks of channels, its transition "
+    "probabilities trained with a budget loss on the expected MACs while sub-networks of sampled widths "
+    "train the weights; the expected widths are kept",
+    "Guo et al., CVPR 2020 and the authors' code (zx55/dmcp): chunks, marginals after BatchNorm, sandwich "
+    "rule with distillation, piecewise-log FLOPs loss; the architecture step distils instead of using "
+    "labels, and the chosen widths are fine-tuned rather than trained again (docs/literature.md)",
+    settings={"rate_schedule": {"kind": "step", "at": 0.67}, "criterion": "dmcp", "budget": "macs",
+              "plugins": [{"kind": "dmcp", "warmup": 0.34}]},
+))  # fmt: skip

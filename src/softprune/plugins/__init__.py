@@ -22,7 +22,8 @@ Plugins are registered by name (``PLUGINS``) and built from a name or a mapping
 ``{kind: name, **options}``; ``Pruner(..., plugins=[...])`` adds them after the method's own (one of a
 kind the method already has sets that plugin's options instead). Here:
 the regularizers (``regularizers.py``), weight compensation (``compensation.py``, built from the
-``compensate`` setting), Gate Decorator's Tick (``tick.py``) and ResRep's compactors (``resrep.py``); the
+``compensate`` setting), Gate Decorator's Tick (``tick.py``), ResRep's compactors (``resrep.py``) and DMCP's
+Markov chains (``dmcp.py``); the
 hard-zero keeper every Pruner
 runs first lives with the masks (``softprune.masks.HardKeeper``).
 docs/writing_a_method.md walks through one.
@@ -123,6 +124,22 @@ class PruningView:
     @property
     def device(self) -> torch.device:
         return self._owner._device()
+
+    @property
+    def macs_target(self) -> float | None:
+        """The MACs cut the run ends at (the policy's last rate) under a MACs budget, else None."""
+        o = self._owner
+        return o.policy.values(o.total_steps - 1, o.total_steps)[0] if o.budget.kind == "macs" else None
+
+    @property
+    def class_count(self) -> int:
+        """How many channel classes the graph has (the length of a per-class tensor)."""
+        return int(self._owner.analysis.ids.label.max()) + 1
+
+    @property
+    def cost_model(self) -> Any:
+        """The model's MACs and parameters as a function of what is removed (softprune.budgets.CostModel)."""
+        return self._owner._costs()
 
     @property
     def example_inputs(self) -> tuple:
@@ -243,4 +260,4 @@ def check_fits(plugin: Plugin, criterion: str, criterion_needs: str, per_iterati
         )
 
 
-from . import compensation, regularizers, resrep, tick  # noqa: E402,F401  (registers their plugins)
+from . import compensation, dmcp, regularizers, resrep, tick  # noqa: E402,F401  (registers their plugins)
