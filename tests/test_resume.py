@@ -102,24 +102,31 @@ def test_resume_with_another_prune_section_is_refused(tmp_path, data_root, refer
     assert "different 'prune' section" in capsys.readouterr().err
 
 
-def test_resume_of_a_run_compacted_during_training(tmp_path, data_root):
-    """Killed after its first compaction, the run replays it on resume and ends like the uninterrupted one."""
-    extra = ("prune.compact_during_training=true",)
-    assert main(_args(data_root, tmp_path / "ref", "run", *extra)) == 0
+def _killed_after(data_root, out, extra, iteration):
+    """Start the run in a process of its own and SIGKILL it once a checkpoint at ``iteration`` or
+    later exists (while it still runs); returns the checkpoint's path."""
     env = {**os.environ, "PYTHONPATH": str(Path(softprune.__file__).parents[1])}
     child = subprocess.Popen(
-        [sys.executable, "-m", "softprune", *_args(data_root, tmp_path, "run", *extra)], env=env
+        [sys.executable, "-m", "softprune", *_args(data_root, out, "run", *extra)], env=env
     )
-    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = out / "run" / "checkpoint.pt"
     try:
         while child.poll() is None:
-            if checkpoint.exists() and load_checkpoint(checkpoint)["iteration"] >= 11:  # compacted at 8
+            if checkpoint.exists() and load_checkpoint(checkpoint)["iteration"] >= iteration:
                 break
             time.sleep(0.02)
         assert child.poll() is None
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.wait()
+    return checkpoint
+
+
+def test_resume_of_a_run_compacted_during_training(tmp_path, data_root):
+    """Killed after its first compaction, the run replays it on resume and ends like the uninterrupted one."""
+    extra = ("prune.compact_during_training=true",)
+    assert main(_args(data_root, tmp_path / "ref", "run", *extra)) == 0
+    checkpoint = _killed_after(data_root, tmp_path, extra, iteration=11)  # compacted at 8
     state = load_checkpoint(checkpoint)
     assert len(state["pruner"]["compactions"]) >= 1
     assert main([*_args(data_root, tmp_path, "run", *extra), "--resume"]) == 0
@@ -144,20 +151,7 @@ def test_a_resrep_run_killed_midway_resumes_with_its_compactors_and_ends_like_th
     must carry them on, then merge them as the uninterrupted run does."""
     extra = ("prune.method=resrep",)
     assert main(_args(data_root, tmp_path / "ref", "run", *extra)) == 0
-    env = {**os.environ, "PYTHONPATH": str(Path(softprune.__file__).parents[1])}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "softprune", *_args(data_root, tmp_path, "run", *extra)], env=env
-    )
-    checkpoint = tmp_path / "run" / "checkpoint.pt"
-    try:
-        while child.poll() is None:
-            if checkpoint.exists() and load_checkpoint(checkpoint)["iteration"] >= 11:
-                break
-            time.sleep(0.02)
-        assert child.poll() is None
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.wait()
+    checkpoint = _killed_after(data_root, tmp_path, extra, iteration=11)
     saved = load_checkpoint(checkpoint)["pruner"]["plugins"][0]
     assert (
         saved["kind"] == "resrep" and len(saved["state"]["compactors"]) == 9 and not saved["state"]["merged"]
