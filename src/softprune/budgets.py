@@ -212,16 +212,18 @@ class CostModel:
                     break
             self._macs.append((flops / 2 / max(batch, 1), weight))
 
-    def _fractions(self, alive: torch.Tensor) -> dict[str, float]:
+    def _fractions(self, alive: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per tensor, the fraction kept: along each sliced dimension the share of its positions that
+        are alive (``alive`` per id: booleans, or DMCP's keep probabilities), multiplied over dims."""
         out = {}
         for name, (_numel, shape, members) in self._tensors.items():
             keep: dict[int, torch.Tensor] = {}
             for member in members:
                 flags = alive[member.unit]
-                keep[member.dim] = flags if member.dim not in keep else keep[member.dim] & flags
-            fraction = 1.0
+                keep[member.dim] = flags if member.dim not in keep else keep[member.dim] * flags
+            fraction = torch.ones((), dtype=torch.float64)
             for dim, flags in keep.items():
-                fraction *= float(flags.sum()) / max(shape[dim], 1)
+                fraction = fraction * flags.sum() / max(shape[dim], 1)
             out[name] = fraction
         return out
 
@@ -239,17 +241,7 @@ class CostModel:
         derived = every[ids.kind(every) == DERIVED]  # derived ids follow their base
         if derived.numel():
             p[derived] = p[ids.base(derived)]
-        fractions = {}
-        for name, (_numel, shape, members) in self._tensors.items():
-            kept: dict[int, torch.Tensor] = {}
-            for member in members:
-                kept[member.dim] = (
-                    p[member.unit] if member.dim not in kept else kept[member.dim] * p[member.unit]
-                )
-            fraction = keep.new_ones(())
-            for dim, values in kept.items():
-                fraction = fraction * values.sum() / max(shape[dim], 1)
-            fractions[name] = fraction
+        fractions = self._fractions(p)
         macs = sum(m * (fractions[w] if w is not None else 1.0) for m, w in self._macs)
         params = self.dense_params - sum(
             numel * (1.0 - fractions[name]) for name, (numel, _, _) in self._tensors.items()
@@ -259,7 +251,7 @@ class CostModel:
     def cost(self, pruned_classes: torch.Tensor) -> dict[str, float]:
         """{"macs", "params"} per sample of the model with ``pruned_classes`` removed (estimates)."""
         alive = self.analysis.ids.alive(pruned_classes)
-        fractions = self._fractions(alive)
+        fractions = {name: float(f) for name, f in self._fractions(alive).items()}
         macs = sum(m * (fractions[w] if w is not None else 1.0) for m, w in self._macs)
         params = self.dense_params - sum(
             numel * (1.0 - fractions[name]) for name, (numel, _, _) in self._tensors.items()

@@ -66,6 +66,14 @@ class Criterion:
     name = "criterion"
     needs = "weights"
     comparable = False
+    # objective(outputs, targets): what a gradient criterion backpropagates on calibration batches
+    # instead of the training loss (relevance); such a criterion scores calibration batches only
+    objective: Callable | None = None
+
+    @property
+    def on_calibration(self) -> bool:
+        """Scores come from calibration batches the pruner runs before each step."""
+        return self.needs == "activations" or self.objective is not None
 
     def __init__(self, aggregate: str = "mean") -> None:
         if aggregate not in AGGREGATES:

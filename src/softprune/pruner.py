@@ -113,9 +113,7 @@ class Pruner:
         self.budget = s.make_budget()
         self.calibration = calibration
         self.loss_fn = loss_fn
-        if (
-            self.criterion.needs == "activations" or hasattr(self.criterion, "objective")
-        ) and not self.has_calibration:
+        if self.criterion.on_calibration and not self.has_calibration:
             raise SoftpruneError(
                 f"criterion {self.criterion.name!r} scores feature maps: pass calibration= (a few batches of "
                 "training data, e.g. a DataLoader) and calibration_batches >= 1"
@@ -258,7 +256,7 @@ class Pruner:
             self._tap.remove()
             self._tap = None
         self.criterion.start(self.prunable)
-        if self.criterion.needs == "gradients" and not hasattr(self.criterion, "objective"):
+        if self.criterion.needs == "gradients" and not self.criterion.on_calibration:
             sites = find_sites(self.analysis, self.prunable, self.model)
             self._tap = FeatureTap(self.model, sites, self.criterion.observe, gradients=True)
 
@@ -279,12 +277,12 @@ class Pruner:
         the parameters' .grad are left as they were. Returns the number of batches."""
         if self.calibration is None or not self.calibration_batches:
             return 0
-        if gradients and self.loss_fn is None and not hasattr(self.criterion, "objective"):
+        if gradients and self.loss_fn is None and self.criterion.objective is None:
             raise SoftpruneError(
                 f"criterion {self.criterion.name!r} needs gradients: train between pruning steps, or give the "
                 "pruner loss_fn= to score it on the calibration batches"
             )
-        loss_fn = (getattr(self.criterion, "objective", None) or self.loss_fn) if gradients else None
+        loss_fn = (self.criterion.objective or self.loss_fn) if gradients else None
         self._soft.plan_pending()
         return run_calibration(
             self.model, self.calibration, self.calibration_batches, self._device(), loss_fn
@@ -334,7 +332,7 @@ class Pruner:
         t, T = self.t, self.total_steps
         rate, alpha, hardness = self.policy.values(t, T)
         self.criterion.begin_step(t)
-        if self.criterion.needs == "activations" or hasattr(self.criterion, "objective"):
+        if self.criterion.on_calibration:
             self._observe(gradients=self.criterion.needs == "gradients")
         elif self.criterion.needs == "gradients" and not self.criterion.observed():
             self._run_calibration(gradients=True)
