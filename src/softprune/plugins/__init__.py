@@ -236,6 +236,22 @@ class Plugin:
 PLUGINS: Registry[type[Plugin]] = Registry("plugin", instance_of=Plugin)
 
 
+def number_option(owner: str, name: str, value: object, low: float, high: float | None = None,
+                  integer: bool = False) -> float:  # fmt: skip
+    """A plugin's numeric option, checked: ``low <= value`` (``< high`` when given), an integer when
+    asked; otherwise a one-line error naming the plugin (``owner``) and the option."""
+    kind = int if integer else (int, float)
+    ok = not isinstance(value, bool) and isinstance(value, kind) and value >= low
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise SoftpruneError(
+            f"{owner} {name} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}"
+        )
+    return int(value) if integer else float(value)
+
+
 def register_plugin(cls: type[Plugin], *, replace: bool = False) -> type[Plugin]:
     """Make a plugin class available by its ``name`` (usable as a decorator)."""
     return PLUGINS.register(cls.name, cls, replace=replace)

@@ -44,9 +44,10 @@ from torch import nn
 from ..criteria import L2, Criterion, register_criterion
 from ..distributed import replicated
 from ..errors import SoftpruneError
-from ..graph import ChannelGroup, Role
+from ..graph import ChannelGroup
 from ..graph.ids import collect_tensors
-from . import PLUGINS, Plugin, PruningView
+from . import PLUGINS, PruningView, number_option
+from .norm_sites import HookedPlugin, group_norms
 
 
 def markov_marginals(alpha: torch.Tensor) -> torch.Tensor:
@@ -64,16 +65,7 @@ def flops_loss(expected: torch.Tensor, target: float) -> torch.Tensor:
     return expected * 0.0
 
 
-def _number(name: str, value: object, low: float, integer: bool = False) -> float:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < low:
-        raise SoftpruneError(
-            f"dmcp {name} must be {'an integer' if integer else 'a number'} >= {low}, got {value!r}"
-        )
-    return value
-
-
-class DMCP(Plugin):
+class DMCP(HookedPlugin):
     name = "dmcp"
 
     def __init__(
@@ -85,19 +77,18 @@ class DMCP(Plugin):
         random_widths: int = 2,
         seed: int = 0,
     ) -> None:
-        self.chunks = int(_number("chunks", chunks, 2, integer=True))
-        self.flops_weight = float(_number("flops_weight", flops_weight, 0.0))
-        self.arch_lr = float(_number("arch_lr", arch_lr, 0.0))
-        self.warmup = float(_number("warmup", warmup, 0.0))
-        self.random_widths = int(_number("random_widths", random_widths, 0, integer=True))
-        self.seed = int(_number("seed", seed, 0, integer=True))
+        self.chunks = number_option("dmcp", "chunks", chunks, 2, integer=True)
+        self.flops_weight = number_option("dmcp", "flops_weight", flops_weight, 0.0)
+        self.arch_lr = number_option("dmcp", "arch_lr", arch_lr, 0.0)
+        self.warmup = number_option("dmcp", "warmup", warmup, 0.0)
+        self.random_widths = number_option("dmcp", "random_widths", random_widths, 0, integer=True)
+        self.seed = number_option("dmcp", "seed", seed, 0, integer=True)
         self.alphas: dict[int, nn.Parameter] = {}  # group position -> one alpha per chunk after the first
         self.chunk_of: dict[int, torch.Tensor] = {}  # group position -> each unit's chunk
         self.norms: dict[int, list[tuple[nn.Module, torch.Tensor]]] = {}  # BatchNorms and their units
         self.target: float | None = None
         self.arch_steps = 0
         self._factors: dict[int, torch.Tensor] | None = None  # per group, the factor per unit now
-        self._handles: list = []
         self._inputs: tuple | None = None  # the caller's latest training batch and its output
         self._teacher: torch.Tensor | None = None
         self._generator = torch.Generator().manual_seed(self.seed)
@@ -130,7 +121,7 @@ class DMCP(Plugin):
         self.target = 1.0 - view.macs_target
         model = view.model
         for i, group in enumerate(view.groups):
-            norms = _norms(group, model)
+            norms = group_norms(group, model)
             if norms is None or group.size < self.chunks:
                 view.hold(i)
                 continue
@@ -161,12 +152,12 @@ class DMCP(Plugin):
         costs = view.cost_model
         return costs.expected(keep)["macs"] / costs.dense_macs
 
-    def _install(self, view: PruningView) -> None:
-        self._handles.append(view.model.register_forward_pre_hook(self._capture))
-        self._handles.append(view.model.register_forward_hook(self._capture_output))
+    def hooks(self, view: PruningView):
+        yield view.model, "pre", self._capture
+        yield view.model, "forward", self._capture_output
         for i, norms in self.norms.items():
             for module, units in norms:
-                self._handles.append(module.register_forward_hook(self._hook(i, units)))
+                yield module, "forward", self._hook(i, units)
 
     def _capture(self, module, args):
         if self._factors is None and torch.is_grad_enabled() and module.training:
@@ -185,14 +176,6 @@ class DMCP(Plugin):
             return output * per_position.view(1, -1, *([1] * (output.dim() - 2)))
 
         return hook
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def lifted(self, view: PruningView):
-        return _Lifted(self, view)
 
     # -- training -----------------------------------------------------------------------------------
     def before_optimizer_step(self, view: PruningView) -> None:
@@ -268,19 +251,6 @@ class DMCP(Plugin):
             self._remove()
 
 
-class _Lifted:
-    def __init__(self, plugin: DMCP, view: PruningView) -> None:
-        self.plugin, self.view = plugin, view
-
-    def __enter__(self) -> None:
-        self.active = bool(self.plugin._handles)
-        self.plugin._remove()
-
-    def __exit__(self, *exc) -> None:
-        if self.active:
-            self.plugin._install(self.view)
-
-
 def _logits(output) -> torch.Tensor:
     tensors = collect_tensors(output)
     if not tensors or tensors[0].dim() != 2:
@@ -288,24 +258,6 @@ def _logits(output) -> torch.Tensor:
             "method dmcp distils classifier outputs: the model must return [batch, classes] logits"
         )
     return tensors[0]
-
-
-def _norms(group: ChannelGroup, model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]] | None:
-    """The group's BatchNorms with each position's unit, if every producer of the group has one."""
-    out = []
-    for member in group.members_with(Role.SCALE):
-        module = model.get_submodule(member.module)
-        if (
-            member.param == "weight"
-            and isinstance(module, nn.modules.batchnorm._BatchNorm)
-            and member.dim == 0
-        ):
-            units = member.unit.clone()
-            units[units < 0] = group.size  # a position outside the group: factor 1
-            out.append((module, units))
-    if not out or len(out) < len(group.members_with(Role.FILTER)):
-        return None
-    return out
 
 
 class MarkovMarginal(Criterion):

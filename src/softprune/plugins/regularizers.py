@@ -20,19 +20,13 @@ from torch import nn
 
 from ..errors import SoftpruneError, choice_error
 from ..graph import Role
-from . import PLUGINS, Plugin, PruningView
+from . import PLUGINS, Plugin, PruningView, number_option
 
 
 class Regularizer(Plugin):
     """A plugin with a penalty; ``Pruner(regularizer=...)`` (a config's ``prune.regularizer``) takes one."""
 
     name = "regularizer"
-
-
-def _number(name: str, value: object, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-        raise SoftpruneError(f"{name} must be a number >= {low}, got {value!r}")
-    return float(value)
 
 
 def _per_position(member, per_unit: torch.Tensor) -> torch.Tensor:
@@ -54,7 +48,7 @@ class BNL1(Regularizer):
     name = "bn_l1"
 
     def __init__(self, strength: float = 1e-4, until: str = "pruned") -> None:
-        self.strength = _number("bn_l1 strength", strength)
+        self.strength = number_option("bn_l1", "strength", strength, 0.0)
         if until not in ("pruned", "end"):
             raise choice_error("bn_l1 until", until, ("pruned", "end"))
         self.until = until
@@ -87,13 +81,13 @@ class GrowingL2(Regularizer):
         uniform_delta: float = 0.0,
         uniform_ceiling: float = 1e-2,
     ) -> None:
-        self.delta = _number("greg delta", delta)
+        self.delta = number_option("greg", "delta", delta, 0.0)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise SoftpruneError(f"greg every must be a positive number of optimizer steps, got {every!r}")
         self.every = every
-        self.ceiling = _number("greg ceiling", ceiling)
-        self.uniform_delta = _number("greg uniform_delta", uniform_delta)
-        self.uniform_ceiling = _number("greg uniform_ceiling", uniform_ceiling)
+        self.ceiling = number_option("greg", "ceiling", ceiling, 0.0)
+        self.uniform_delta = number_option("greg", "uniform_delta", uniform_delta, 0.0)
+        self.uniform_ceiling = number_option("greg", "uniform_ceiling", uniform_ceiling, 0.0)
         self.steps = 0
         self.penalty: list[torch.Tensor] = []  # per group, per original unit
         self.uniform: list[float] = []
