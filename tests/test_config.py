@@ -2,6 +2,7 @@
 
 import pytest
 
+import softprune
 from softprune.errors import SoftpruneError
 from softprune.train.config import RunConfig, config_from_dict, load_config, parse_override
 
@@ -78,6 +79,9 @@ def test_a_saved_config_resolves_to_itself_and_old_tick_keys_become_the_tick_plu
     config = config_from_dict({"prune": {"method": "tick_tock"}})
     again = config_from_dict(config.to_dict())  # a run folder's config.yaml, read back
     assert again == config and again.prune.plugins == [tick]  # the method's plugin is not added twice
+    for method in softprune.list_methods():  # every method: bwcp's plugin has no options at all
+        config = config_from_dict({"prune": {"method": method}})
+        assert config_from_dict(config.to_dict()) == config, method
     old = {"prune": {"method": "hfp", "criterion": "taylor", "tick_batches": 5, "tick_lr": 0.1}}
     assert config_from_dict(old).prune.plugins == [{"kind": "tick", "batches": 5, "lr": 0.1}]
     assert config_from_dict({"prune": {"method": "sfp", "tick_batches": 0}}).prune.plugins == []
@@ -95,6 +99,6 @@ def test_a_method_by_name_brings_its_settings_and_the_config_adds_its_own():
     ]
     with pytest.raises(
         SoftpruneError,
-        match="unknown plugin 'bn_l2'; choose one of: bn_l1, compensate, dmcp, greg1, greg2, resrep, tick",
+        match="unknown plugin 'bn_l2'; choose one of: bn_l1, bwcp, compensate, dmcp, greg1, greg2, resrep, tick",
     ):
         config_from_dict({"prune": {"method": "sfp", "plugins": ["bn_l2"]}})

@@ -335,3 +335,119 @@ def test_dmcp_searches_the_chains_and_keeps_the_prefixes_they_expect():
 def test_dmcp_settings_it_cannot_use_are_one_line_errors(kwargs, message):
     with pytest.raises(SoftpruneError, match=message):
         softprune.Pruner(tiny(), "dmcp", 0.3, 2, example_inputs=X, **kwargs)
+
+
+# -- BWCP -------------------------------------------------------------------------------------
+def test_bwcp_newton_iteration_whitens_a_block():
+    from softprune.plugins.bwcp import newton_inverse_sqrt
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    sigma = a @ a.t() + 0.5 * torch.eye(5, dtype=torch.float64)
+    values, vectors = torch.linalg.eigh(sigma / sigma.trace())
+    exact = vectors @ torch.diag(values.rsqrt()) @ vectors.t()
+    assert torch.allclose(newton_inverse_sqrt(sigma, 60), exact, atol=1e-6)
+    # one step by hand: (3 I - Sigma_N) / 2
+    assert torch.allclose(newton_inverse_sqrt(sigma, 1), (3 * torch.eye(5) - sigma / sigma.trace()) / 2)
+
+
+def test_bwcp_activation_probability_is_phi_of_shift_over_scale():
+    from softprune.plugins.bwcp import activation_probability
+
+    gamma, beta = torch.tensor([2.0, 1.0, 0.5]), torch.tensor([2.05, 0.05, -0.45])
+    p = activation_probability(torch.eye(3), gamma, beta, delta=0.05)
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    assert torch.allclose(p, torch.tensor([phi(1.0), 0.5, phi(-1.0)]), atol=1e-6)
+    s = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])  # gammahat = S gamma
+    assert abs(float(activation_probability(s, gamma, beta, 0.05)[1]) - phi((-0.4 - 0.05) / 1.5)) < 1e-6
+
+
+def _bwcp(model, rate=0.3, steps=2, lr=0.1, **options):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    p = softprune.Pruner(
+        model, "hfp", rate, steps, opt, example_inputs=X, criterion="bwcp",
+        plugins=[{"kind": "bwcp", "group_size": 4, **options}],
+    )  # fmt: skip
+    return p, opt, next(q for q in p.plugins if q.name == "bwcp")
+
+
+def test_bwcp_training_output_is_the_whitened_batchnorm_output_times_a_mask_in_0_1():
+    model = tiny().train()
+    _, _, plugin = _bwcp(model, iterations=30)
+    seen = {}
+    model.bn2.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
+    model(batches(1, size=64)[0])
+    out = seen["out"].detach()
+    flat = out.transpose(0, 1).reshape(8, -1)
+    # whitened blocks (channels 0-3 and 4-7): uncorrelated inside a block, up to the mask's scale
+    corr = torch.corrcoef(flat[:4])
+    assert float((corr - torch.diag(corr.diagonal())).abs().max()) < 0.05
+    assert not torch.allclose(plugin.running[1], torch.eye(8))  # the running whitening moved
+    assert plugin.running[1][:4, 4:].abs().max() == 0  # block diagonal
+
+
+def test_bwcp_eval_mask_drops_channels_whose_probability_is_at_most_half():
+    model = tiny().eval()
+    _, _, plugin = _bwcp(model)
+    with torch.no_grad():
+        model.bn1.bias.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0]))
+    seen = {}
+    model.bn1.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
+    with torch.no_grad():
+        model(batches(1)[0])
+    # running whitening is the identity at first: channels 1 and 3 (p = Phi(-1.05)) are zero
+    assert float(seen["out"][:, [1, 3]].abs().max()) == 0.0
+    assert float(seen["out"][:, [0, 2, 4, 5]].abs().min()) > 0.0
+
+
+def test_bwcp_sparsity_term_adds_l1_sign_gamma_and_l2_to_the_batchnorm_gradients():
+    model = tiny().train()
+    p, opt, plugin = _bwcp(model, l1=0.01, l2=0.02, warmup=0.0)
+    x, y = batches(1, targets=True)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    task_w, task_b = model.bn1.weight.grad.clone(), model.bn1.bias.grad.clone()
+    gamma = model.bn1.weight.detach().clone()
+    plugin.before_optimizer_step(p.view)
+    assert torch.allclose(model.bn1.weight.grad, task_w + 0.01 * torch.sign(gamma))
+    assert torch.allclose(model.bn1.bias.grad, task_b + 0.02)
+
+
+def test_bwcp_removes_the_least_probable_channels_and_merges_the_whitening_exactly():
+    model = tiny().train()
+    _randomize_batchnorm(model)
+    p, opt, plugin = _bwcp(model, rate=0.5, steps=1)
+    for x, y in batches(3, targets=True):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    probabilities = [plugin._scorer(i)(g.size) for i, g in enumerate(p.prunable)]
+    x = torch.randn(4, 1, 8, 8)
+    p.step()
+    for prob, mask in zip(probabilities, p.masks):
+        assert float(prob[mask.hard].max()) <= float(prob[~mask.hard].min())  # the lowest go
+    assert not model.bn1._forward_hooks and plugin.summary()["merged"] == 2
+    with torch.no_grad():
+        masked = model.eval()(x)
+    small = p.compact()
+    assert small.conv1.out_channels == 3 and small.conv2.out_channels == 4
+    with torch.no_grad():
+        assert torch.allclose(small.eval()(x), masked, atol=1e-5)
+
+
+def test_bwcp_without_batchnorm_and_with_bad_options_are_one_line_errors():
+    class NoBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+    with pytest.raises(
+        SoftpruneError, match="method bwcp needs convolutions followed directly by a BatchNorm"
+    ):
+        softprune.Pruner(NoBN(), "bwcp", 0.3, 2, example_inputs=X)
+    with pytest.raises(SoftpruneError, match=r"bwcp tau must be a number >= 1e-06, got 0"):
+        _bwcp(tiny(), tau=0)

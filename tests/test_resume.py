@@ -144,21 +144,21 @@ def test_resume_of_a_run_compacted_during_training(tmp_path, data_root):
     assert sum(p.numel() for p in back.parameters()) == trained[-1]
 
 
-def test_a_resrep_run_killed_midway_resumes_with_its_compactors_and_ends_like_the_uninterrupted_one(
-    tmp_path, data_root
+@pytest.mark.parametrize("method, state_key", [("resrep", "compactors"), ("bwcp", "running")])
+def test_a_run_with_plugin_state_killed_midway_resumes_and_ends_like_the_uninterrupted_one(
+    tmp_path, data_root, method, state_key
 ):
-    """The compactors and their momentum live in the pruner's state (not in the model): a resumed run
-    must carry them on, then merge them as the uninterrupted run does."""
-    extra = ("prune.method=resrep",)
+    """ResRep's compactors and their momentum, BWCP's running whitening and its masks' noise live in
+    the pruner's state (not in the model): a resumed run must carry them on, then merge them as the
+    uninterrupted run does."""
+    extra = (f"prune.method={method}",)
     assert main(_args(data_root, tmp_path / "ref", "run", *extra)) == 0
     checkpoint = _killed_after(data_root, tmp_path, extra, iteration=11)
     saved = load_checkpoint(checkpoint)["pruner"]["plugins"][0]
-    assert (
-        saved["kind"] == "resrep" and len(saved["state"]["compactors"]) == 9 and not saved["state"]["merged"]
-    )
+    assert saved["kind"] == method and len(saved["state"][state_key]) == 9 and not saved["state"]["merged"]
     assert main([*_args(data_root, tmp_path, "run", *extra), "--resume"]) == 0
     mine, ref = _final(tmp_path / "run"), _final(tmp_path / "ref" / "run")
     for key in ref[0]:
         assert torch.equal(mine[0][key], ref[0][key]), key
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["plugins"]["resrep"]["merged"] == 9
+    assert summary["plugins"][method]["merged"] == 9

@@ -47,7 +47,10 @@ class Method:
                     out[same[0]] = {**out[same[0]], **_spec(p)}
                 else:
                     out.append(p)
-            merged["plugins"] = [o if len(o) > 1 else o["kind"] for o in out[: len(own)]] + out[len(own) :]
+            # an own plugin no given one changed keeps its form (a name or a mapping), so that
+            # resolving a resolved config gives it back unchanged
+            kept = [o if _spec(o) == n else n for o, n in zip(own, out)]
+            merged["plugins"] = kept + out[len(own) :]
         return merged
 
 

@@ -105,6 +105,17 @@ register_method(Method(
               "budget": "global", "normalize": "l2", "calibration_batches": 5},
 ))  # fmt: skip
 register_method(Method(
+    "bwcp", "hfp", "each BatchNorm's output whitened across channels and multiplied by a random mask "
+    "drawn with the channel's activation probability; a sparsity term lowers the probabilities of "
+    "useless channels, the least probable are removed and the whitening merges into the layer",
+    "Shao et al., arXiv 2105.06423 (no code released): activation probability, batch whitening in blocks "
+    "of 16 by Newton's iteration, Gumbel masks, the sparsity term and its warm-up from the paper; the "
+    "iteration count, running average and the budget's selection by probability reconstructed "
+    "(docs/literature.md)",
+    settings={"rate_schedule": {"kind": "step", "at": 0.9}, "criterion": "bwcp", "budget": "macs",
+              "plugins": [{"kind": "bwcp"}]},
+))  # fmt: skip
+register_method(Method(
     "dmcp", "hfp", "each layer's kept width is a Markov chain over chunks of channels, its transition "
     "probabilities trained with a budget loss on the expected MACs while sub-networks of sampled widths "
     "train the weights; the expected widths are kept",

@@ -276,4 +276,4 @@ def check_fits(plugin: Plugin, criterion: str, criterion_needs: str, per_iterati
         )
 
 
-from . import compensation, dmcp, regularizers, resrep, tick  # noqa: E402,F401  (registers their plugins)
+from . import bwcp, compensation, dmcp, regularizers, resrep, tick  # noqa: E402,F401  (registers their plugins)

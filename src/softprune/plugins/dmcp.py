@@ -35,19 +35,16 @@ the end: the code trains the chosen widths again from scratch, the recipe fine-t
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..criteria import L2, Criterion, register_criterion
+from ..criteria import register_criterion
 from ..distributed import replicated
 from ..errors import SoftpruneError
-from ..graph import ChannelGroup
 from ..graph.ids import collect_tensors
 from . import PLUGINS, PruningView, number_option
-from .norm_sites import HookedPlugin, group_norms
+from .norm_sites import PLUGIN_SCORES, HookedPlugin, PluginScore, group_norms
 
 
 def markov_marginals(alpha: torch.Tensor) -> torch.Tensor:
@@ -130,7 +127,8 @@ class DMCP(HookedPlugin):
             self.chunk_of[i] = torch.div(
                 torch.arange(group.size) * self.chunks, group.size, rounding_mode="floor"
             )
-            CHAINS.setdefault(model, {})[group.name] = (self, i)
+            for module, _ in norms:
+                PLUGIN_SCORES[module] = self._scorer(i)
         if not self.alphas:
             raise SoftpruneError(
                 f"method dmcp needs layers of at least {self.chunks} channels whose every producer is followed "
@@ -144,6 +142,15 @@ class DMCP(HookedPlugin):
     def marginals(self, i: int) -> torch.Tensor:
         """Per unit of group i: the probability that the chain keeps it."""
         return markov_marginals(self.alphas[i])[self.chunk_of[i]]
+
+    def _scorer(self, i: int):
+        def scores(size: int) -> torch.Tensor | None:
+            if self._ended or self.chunk_of[i].numel() != size:
+                return None
+            tie = 1e-6 * (1.0 - torch.arange(size, dtype=torch.float32) / size)
+            return self.marginals(i).detach().float().cpu() + tie
+
+        return scores
 
     def _expected(self, view: PruningView) -> torch.Tensor:
         keep = torch.ones(view.class_count)
@@ -260,26 +267,12 @@ def _logits(output) -> torch.Tensor:
     return tensors[0]
 
 
-class MarkovMarginal(Criterion):
+class MarkovMarginal(PluginScore):
     """DMCP's selection: each unit's marginal probability of being kept by its layer's chain (later
     positions lower within a chunk, so ties break towards the prefix). Groups without a chain (held)
-    fall back to the filters' L2 norm."""
+    or whose chain has ended fall back to the filters' L2 norm."""
 
     name = "dmcp"
-    comparable = True
-
-    def scores(self, group: ChannelGroup, model: nn.Module) -> torch.Tensor:
-        chain = CHAINS.get(model, {}).get(group.name)
-        if chain is None or chain[0]._ended:
-            return L2(self.aggregate).scores(group, model)
-        plugin, i = chain
-        tie = 1e-6 * (1.0 - torch.arange(group.size, dtype=torch.float32) / group.size)
-        return plugin.marginals(i).detach().float().cpu() + tie
-
-
-# model -> {group name: (plugin, group position)}: where the criterion finds the chains (weak: a copy
-# of the model or a dropped pruner leaves nothing behind)
-CHAINS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[DMCP, int]]] = weakref.WeakKeyDictionary()
 
 
 PLUGINS.register(DMCP.name, DMCP)

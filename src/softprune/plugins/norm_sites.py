@@ -21,11 +21,13 @@ a BatchNorm's output through a forward hook, so the model's code is never edited
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from ..criteria import L2, Criterion
 from ..errors import SoftpruneError
 from ..graph import ChannelGroup, Role
 from ..graph.ids import collect_tensors
@@ -33,6 +35,29 @@ from ..modes import training_mode
 from . import Plugin, PruningView
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+# BatchNorm module -> a function of the group's size giving per-unit scores from a plugin's state (a
+# compactor's row norms, a chain's marginals, an activation probability), or None when the plugin has
+# no say any more; weak, so a copy of the model or a dropped pruner leaves nothing behind
+PLUGIN_SCORES: weakref.WeakKeyDictionary[nn.Module, Callable[[int], torch.Tensor | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class PluginScore(Criterion):
+    """A criterion whose scores a plugin keeps (registered on the group's BatchNorm in PLUGIN_SCORES,
+    on one scale across layers); a group the plugin does not cover (held, merged, ended) is scored by
+    its filters' L2 norm. Each method's criterion is a named subclass."""
+
+    comparable = True
+
+    def scores(self, group: ChannelGroup, model: nn.Module) -> torch.Tensor:
+        for member in group.members_with(Role.SCALE):
+            scorer = PLUGIN_SCORES.get(model.get_submodule(member.module))
+            found = scorer(group.size) if scorer is not None else None
+            if found is not None:
+                return found.detach().float().cpu()
+        return L2(self.aggregate).scores(group, model)
 
 
 class HookedPlugin(Plugin):

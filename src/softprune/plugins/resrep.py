@@ -22,21 +22,14 @@ unchanged; their values and momentum are saved with the Pruner's state.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
-from ..criteria import L2, Criterion, register_criterion
+from ..criteria import register_criterion
 from ..distributed import replicated
 from ..errors import SoftpruneError
-from ..graph import ChannelGroup, Role
 from . import PLUGINS, PruningView, number_option
-from .norm_sites import HookedPlugin, MergeCheck, apply_channels, conv_sites
-
-# BatchNorm module -> the compactor applied to its output (read by the ``compactor`` criterion); weak,
-# so a copy of the model or a dropped pruner leaves nothing behind
-COMPACTORS: weakref.WeakKeyDictionary[nn.Module, nn.Parameter] = weakref.WeakKeyDictionary()
+from .norm_sites import PLUGIN_SCORES, HookedPlugin, MergeCheck, PluginScore, apply_channels, conv_sites
 
 
 class ResRep(HookedPlugin):
@@ -76,7 +69,7 @@ class ResRep(HookedPlugin):
             bn = view.model.get_submodule(bn_name)
             n = view.groups[i].size
             self.compactors[i] = nn.Parameter(torch.eye(n, device=bn.weight.device, dtype=bn.weight.dtype))
-            COMPACTORS[bn] = self.compactors[i]
+            PLUGIN_SCORES[bn] = self._scorer(i)
         self._optimizer = torch.optim.SGD(list(self.compactors.values()), lr=0.0, momentum=self.momentum)
         self._install(view)
 
@@ -84,6 +77,13 @@ class ResRep(HookedPlugin):
         for i, (_, bn_name) in self.sites.items():
             if i not in self.merged:
                 yield view.model.get_submodule(bn_name), "forward", self._hook(i)
+
+    def _scorer(self, i: int):
+        def scores(size: int) -> torch.Tensor | None:
+            q = self.compactors[i]
+            return q.detach().norm(dim=1) if i not in self.merged and q.shape[0] == size else None
+
+        return scores
 
     def _hook(self, i: int):
         def hook(module, args, output):
@@ -156,7 +156,7 @@ class ResRep(HookedPlugin):
             self._install(view)
             raise
         for i in due:
-            COMPACTORS.pop(view.model.get_submodule(self.sites[i][1]), None)
+            PLUGIN_SCORES.pop(view.model.get_submodule(self.sites[i][1]), None)
         if ratios:
             self.zeroed_norm = max(ratios + ([self.zeroed_norm] if self.zeroed_norm is not None else []))
 
@@ -178,24 +178,16 @@ class ResRep(HookedPlugin):
             self.merged |= merged
             self._install(self._view)
         for i in merged:
-            COMPACTORS.pop(self._view.model.get_submodule(self.sites[i][1]), None)
+            PLUGIN_SCORES.pop(self._view.model.get_submodule(self.sites[i][1]), None)
         if self._optimizer is not None and state.get("optimizer"):
             self._optimizer.load_state_dict(state["optimizer"])
 
 
-class CompactorNorm(Criterion):
+class CompactorNorm(PluginScore):
     """ResRep's selection: the L2 norm of each channel's compactor row (on one scale across layers).
     A group without a compactor (held by ResRep, or merged already) is scored by its filters' L2 norm."""
 
     name = "compactor"
-    comparable = True
-
-    def scores(self, group: ChannelGroup, model: nn.Module) -> torch.Tensor:
-        for member in group.members_with(Role.SCALE):
-            q = COMPACTORS.get(model.get_submodule(member.module))
-            if q is not None and q.shape[0] == group.size:
-                return q.detach().norm(dim=1).float().cpu()
-        return L2(self.aggregate).scores(group, model)
 
 
 PLUGINS.register(ResRep.name, ResRep)
