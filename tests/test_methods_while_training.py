@@ -35,6 +35,18 @@ def _randomize_batchnorm(model, seed=1):
             m.running_var = torch.rand(n, generator=g) + 0.2
 
 
+class NoBN(nn.Module):
+    """A convolution without a BatchNorm: nothing for the BatchNorm-based methods to act on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
 # -- ResRep -----------------------------------------------------------------------------------
 def test_resrep_merges_its_compactors_exactly_and_removes_the_zero_rows():
     model = tiny()
@@ -126,15 +138,6 @@ def test_resrep_state_round_trip_keeps_the_compactors_and_their_momentum():
 
 
 def test_resrep_without_batchnorm_is_a_one_line_error():
-    class NoBN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 4, 3)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(F.relu(self.conv(x)).mean((2, 3)))
-
     with pytest.raises(
         SoftpruneError, match="method resrep needs convolutions followed directly by a BatchNorm"
     ):
@@ -436,15 +439,6 @@ def test_bwcp_removes_the_least_probable_channels_and_merges_the_whitening_exact
 
 
 def test_bwcp_without_batchnorm_and_with_bad_options_are_one_line_errors():
-    class NoBN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 4, 3)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(F.relu(self.conv(x)).mean((2, 3)))
-
     with pytest.raises(
         SoftpruneError, match="method bwcp needs convolutions followed directly by a BatchNorm"
     ):

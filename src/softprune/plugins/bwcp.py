@@ -41,9 +41,8 @@ import torch
 
 from ..criteria import register_criterion
 from ..distributed import replicated
-from ..errors import SoftpruneError
 from . import PLUGINS, PruningView, number_option
-from .norm_sites import PLUGIN_SCORES, HookedPlugin, MergeCheck, PluginScore, apply_channels, conv_sites
+from .norm_sites import PLUGIN_SCORES, ConvSitePlugin, PluginScore, apply_channels
 
 
 def newton_inverse_sqrt(sigma: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -71,7 +70,7 @@ def activation_probability(
     return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
 
 
-class BWCP(HookedPlugin):
+class BWCP(ConvSitePlugin):
     """``group_size``: channels whitened together; ``iterations``: Newton steps; ``tau``: the masks'
     temperature; ``delta``: the activation threshold; ``l1``, ``l2``: the sparsity term's factors on
     |gamma| and beta; ``warmup``: the fraction of pruning steps before the sparsity term starts;
@@ -100,11 +99,9 @@ class BWCP(HookedPlugin):
         self.warmup = number_option("bwcp", "warmup", warmup, 0.0, 1.0)
         self.momentum = number_option("bwcp", "momentum", momentum, 1e-6, 1.000001)
         self.seed = number_option("bwcp", "seed", seed, 0, integer=True)
-        self.sites: dict[int, tuple[str, str]] = {}  # group position -> (convolution, BatchNorm)
+        super().__init__()
         self.running: dict[int, torch.Tensor] = {}  # group position -> running S (C x C, block diagonal)
         self.final: dict[int, torch.Tensor] = {}  # the matrices being merged (eval mode uses them)
-        self.merged: set[int] = set()
-        self.held_groups: list[str] = []
         self.cut_below_half: float | None = None  # of the removed channels, the share with p <= 0.5
         self._generator = torch.Generator().manual_seed(self.seed)
 
@@ -123,19 +120,12 @@ class BWCP(HookedPlugin):
 
     # -- placing the whitening ------------------------------------------------------------------------
     def attach(self, view: PruningView) -> None:
-        self._view = view
-        self.sites = conv_sites(view, "bwcp")
-        self.held_groups = [g.name for i, g in enumerate(view.groups) if i not in self.sites]
+        self._place(view)
         for i, (_, bn_name) in self.sites.items():
             bn = view.model.get_submodule(bn_name)
             self.running[i] = torch.eye(bn.num_features, dtype=torch.float32, device=bn.weight.device)
             PLUGIN_SCORES[bn] = self._scorer(i)
         self._install(view)
-
-    def hooks(self, view: PruningView):
-        for i, (_, bn_name) in self.sites.items():
-            if i not in self.merged:
-                yield view.model.get_submodule(bn_name), "forward", self._hook(i)
 
     def _blocks(self, channels: int) -> list[slice]:
         return [slice(a, min(a + self.group_size, channels)) for a in range(0, channels, self.group_size)]
@@ -201,20 +191,10 @@ class BWCP(HookedPlugin):
             if bn.bias.grad is not None:
                 bn.bias.grad.add_(self.l2)
 
-    # -- the end: merging -------------------------------------------------------------------------
-    def after_selection(self, view: PruningView, previous_hard: list[torch.Tensor]) -> None:
-        """The first step that makes channels hard fixes the architecture: every site's whitening,
-        the removed channels' rows zero, merges into its layer."""
-        if any(bool(view.masks[i].hard.any()) for i in self.sites if i not in self.merged):
-            self._merge_all(view)
-
-    def before_compaction(self, view: PruningView) -> None:
-        if any(i not in self.merged for i in self.sites):
-            self._merge_all(view)
-
+    # -- the end: merging ---------------------------------------------------------------------------
     @torch.no_grad()
     def _merge_all(self, view: PruningView) -> None:
-        due = [i for i in self.sites if i not in self.merged]
+        due = self._due()
         if replicated():  # each process kept its own running whitening: merge the same one everywhere
             for i in due:
                 torch.distributed.all_reduce(self.running[i])
@@ -225,21 +205,10 @@ class BWCP(HookedPlugin):
             p = self._scorer(i)(self.running[i].shape[0])
             cut, below = cut + int(hard.sum()), below + int((p[hard.to(p.device)] <= 0.5).sum())
             self.final[i] = (~hard).float().unsqueeze(1) * self.running[i]
-        try:
-            with MergeCheck(view, "bwcp") as merge:
-                self.merged.update(due)
-                self._install(view)
-                for i in due:
-                    merge.fold(*self.sites[i], self.final[i])
-        except SoftpruneError:
-            self.merged.difference_update(due)
-            self._install(view)
-            raise
+        try:  # eval mode (the check's reference output) applies the matrices being merged
+            self._merge_sites(view, self.final)
         finally:
-            for i in due:
-                self.final.pop(i, None)
-        for i in due:
-            PLUGIN_SCORES.pop(view.model.get_submodule(self.sites[i][1]), None)
+            self.final.clear()
         if cut:
             self.cut_below_half = below / cut
 
@@ -257,12 +226,7 @@ class BWCP(HookedPlugin):
         for i, value in state.get("running", {}).items():
             if int(i) in self.running:
                 self.running[int(i)] = value.clone().to(self.running[int(i)].device)
-        merged = {int(i) for i in state.get("merged", [])} & set(self.sites)
-        if merged - self.merged:  # the saved weights are merged already: only drop the hooks
-            self.merged |= merged
-            self._install(self._view)
-        for i in merged:
-            PLUGIN_SCORES.pop(self._view.model.get_submodule(self.sites[i][1]), None)
+        self._load_merged(state)
         if state.get("generator") is not None:
             self._generator.set_state(state["generator"])
         self.cut_below_half = state.get("cut_below_half")

@@ -85,6 +85,76 @@ class HookedPlugin(Plugin):
         return _Lifted(self, view)
 
 
+class ConvSitePlugin(HookedPlugin):
+    """A plugin with a C x C matrix after the BatchNorm of each conv site (ResRep's compactor, BWCP's
+    whitening), merged into the site at the first step that makes channels hard (or before
+    compaction). Subclasses give ``_hook(i)`` and ``_merge_all(view)``, which computes each due
+    site's matrix and calls ``_merge_sites``; the placing, hooks, merge bookkeeping and the resume of
+    merged sites live here."""
+
+    def __init__(self) -> None:
+        self.sites: dict[int, tuple[str, str]] = {}  # group position -> (convolution, BatchNorm)
+        self.merged: set[int] = set()
+        self.held_groups: list[str] = []
+
+    def _place(self, view: PruningView) -> None:
+        """Find the conv sites; every other group is held whole."""
+        self._view = view
+        self.sites = conv_sites(view, self.name)
+        self.held_groups = [g.name for i, g in enumerate(view.groups) if i not in self.sites]
+
+    def _hook(self, i: int) -> Callable:
+        raise NotImplementedError
+
+    def hooks(self, view: PruningView):
+        for i, (_, bn_name) in self.sites.items():
+            if i not in self.merged:
+                yield view.model.get_submodule(bn_name), "forward", self._hook(i)
+
+    def _due(self) -> list[int]:
+        return [i for i in self.sites if i not in self.merged]
+
+    def after_selection(self, view: PruningView, previous_hard: list[torch.Tensor]) -> None:
+        """The first step that makes channels hard ends the method's training: every site merges (the
+        hard channels' rows zero), so the model is a plain one from here on."""
+        if any(bool(view.masks[i].hard.any()) for i in self._due()):
+            self._merge_all(view)
+
+    def before_compaction(self, view: PruningView) -> None:
+        if self._due():
+            self._merge_all(view)  # nothing was made hard: the matrices merge as they are
+
+    def _merge_all(self, view: PruningView) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _merge_sites(self, view: PruningView, matrices: dict[int, torch.Tensor]) -> None:
+        """Fold each site's matrix, checked (MergeCheck); on a failed check the hooks come back and
+        the error propagates, so a wrong merge never stays in the user's model."""
+        due = list(matrices)
+        try:
+            with MergeCheck(view, self.name) as merge:
+                self.merged.update(due)
+                self._install(view)  # the merged sites' hooks go
+                for i in due:
+                    merge.fold(*self.sites[i], matrices[i])
+        except SoftpruneError:
+            self.merged.difference_update(due)
+            self._install(view)
+            raise
+        for i in due:
+            PLUGIN_SCORES.pop(view.model.get_submodule(self.sites[i][1]), None)
+
+    def _load_merged(self, state: dict) -> None:
+        """The saved weights are merged already for the saved ``merged`` sites: only drop their hooks."""
+        merged = {int(i) for i in state.get("merged", [])} & set(self.sites)
+        if merged - self.merged:
+            self.merged |= merged
+            self._install(self._view)
+        for i in merged:
+            PLUGIN_SCORES.pop(self._view.model.get_submodule(self.sites[i][1]), None)
+
+
 class _Lifted:
     def __init__(self, plugin: HookedPlugin, view: PruningView) -> None:
         self.plugin, self.view = plugin, view

@@ -29,10 +29,10 @@ from ..criteria import register_criterion
 from ..distributed import replicated
 from ..errors import SoftpruneError
 from . import PLUGINS, PruningView, number_option
-from .norm_sites import PLUGIN_SCORES, HookedPlugin, MergeCheck, PluginScore, apply_channels, conv_sites
+from .norm_sites import PLUGIN_SCORES, ConvSitePlugin, PluginScore, apply_channels
 
 
-class ResRep(HookedPlugin):
+class ResRep(ConvSitePlugin):
     """``strength``: the group-lasso factor lambda (the authors' code: 1e-4). ``momentum``: the
     compactors' SGD (the authors' code: 0.99)."""
 
@@ -41,10 +41,8 @@ class ResRep(HookedPlugin):
     def __init__(self, strength: float = 1e-4, momentum: float = 0.99) -> None:
         self.strength = number_option("resrep", "strength", strength, 0.0)
         self.momentum = number_option("resrep", "momentum", momentum, 0.0, 1.0)
-        self.sites: dict[int, tuple[str, str]] = {}  # group position -> (convolution, BatchNorm)
+        super().__init__()
         self.compactors: dict[int, nn.Parameter] = {}
-        self.merged: set[int] = set()
-        self.held_groups: list[str] = []
         self.zeroed_norm: float | None = None  # largest norm of a row set to zero by a merge, / median kept
         self._optimizer: torch.optim.SGD | None = None
 
@@ -62,9 +60,7 @@ class ResRep(HookedPlugin):
 
     # -- placing the compactors ---------------------------------------------------------------------
     def attach(self, view: PruningView) -> None:
-        self._view = view
-        self.sites = conv_sites(view, "resrep")  # the other groups are held: ResRep leaves them whole
-        self.held_groups = [g.name for i, g in enumerate(view.groups) if i not in self.sites]
+        self._place(view)  # the other groups are held: ResRep leaves them whole
         for i, (_, bn_name) in self.sites.items():
             bn = view.model.get_submodule(bn_name)
             n = view.groups[i].size
@@ -72,11 +68,6 @@ class ResRep(HookedPlugin):
             PLUGIN_SCORES[bn] = self._scorer(i)
         self._optimizer = torch.optim.SGD(list(self.compactors.values()), lr=0.0, momentum=self.momentum)
         self._install(view)
-
-    def hooks(self, view: PruningView):
-        for i, (_, bn_name) in self.sites.items():
-            if i not in self.merged:
-                yield view.model.get_submodule(bn_name), "forward", self._hook(i)
 
     def _scorer(self, i: int):
         def scores(size: int) -> torch.Tensor | None:
@@ -122,22 +113,10 @@ class ResRep(HookedPlugin):
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
 
-    # -- the end: merging -------------------------------------------------------------------------
-    @torch.no_grad()
-    def after_selection(self, view: PruningView, previous_hard: list[torch.Tensor]) -> None:
-        """The first step that makes channels hard ends ResRep's training: every compactor merges (the
-        hard channels' rows set to zero first), so the model is a plain one from here on."""
-        if not any(bool(view.masks[i].hard.any()) for i in self.sites if i not in self.merged):
-            return
-        self._merge_all(view)
-
-    def before_compaction(self, view: PruningView) -> None:
-        if any(i not in self.merged for i in self.sites):
-            self._merge_all(view)  # nothing was made hard: the compactors merge as they are
-
+    # -- the end: merging ---------------------------------------------------------------------------
     @torch.no_grad()
     def _merge_all(self, view: PruningView) -> None:
-        due = [i for i in self.sites if i not in self.merged]
+        due = self._due()
         ratios = []
         for i in due:
             q, hard = self.compactors[i], view.masks[i].hard.to(self.compactors[i].device)
@@ -145,18 +124,7 @@ class ResRep(HookedPlugin):
             if bool(hard.any()) and bool((~hard).any()):
                 ratios.append(float(norms[hard].max() / norms[~hard].median().clamp(min=1e-12)))
             q[hard] = 0.0
-        try:
-            with MergeCheck(view, "resrep") as merge:
-                self.merged.update(due)
-                self._install(view)  # the merged sites' hooks go
-                for i in due:
-                    merge.fold(*self.sites[i], self.compactors[i])
-        except SoftpruneError:
-            self.merged.difference_update(due)  # a wrong merge must not stay: the compactors come back
-            self._install(view)
-            raise
-        for i in due:
-            PLUGIN_SCORES.pop(view.model.get_submodule(self.sites[i][1]), None)
+        self._merge_sites(view, {i: self.compactors[i] for i in due})
         if ratios:
             self.zeroed_norm = max(ratios + ([self.zeroed_norm] if self.zeroed_norm is not None else []))
 
@@ -173,12 +141,7 @@ class ResRep(HookedPlugin):
         for i, value in state.get("compactors", {}).items():
             if int(i) in self.compactors:
                 self.compactors[int(i)].copy_(value)
-        merged = {int(i) for i in state.get("merged", [])} & set(self.sites)
-        if merged - self.merged:  # the saved weights are merged already: only drop the hooks
-            self.merged |= merged
-            self._install(self._view)
-        for i in merged:
-            PLUGIN_SCORES.pop(self._view.model.get_submodule(self.sites[i][1]), None)
+        self._load_merged(state)
         if self._optimizer is not None and state.get("optimizer"):
             self._optimizer.load_state_dict(state["optimizer"])
 
