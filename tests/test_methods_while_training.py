@@ -389,18 +389,29 @@ def test_bwcp_training_output_is_the_whitened_batchnorm_output_times_a_mask_in_0
     assert plugin.running[1][:4, 4:].abs().max() == 0  # block diagonal
 
 
-def test_bwcp_eval_mask_drops_channels_whose_probability_is_at_most_half():
-    model = tiny().eval()
-    _, _, plugin = _bwcp(model)
-    with torch.no_grad():
-        model.bn1.bias.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0]))
-    seen = {}
-    model.bn1.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
-    with torch.no_grad():
-        model(batches(1)[0])
-    # running whitening is the identity at first: channels 1 and 3 (p = Phi(-1.05)) are zero
-    assert float(seen["out"][:, [1, 3]].abs().max()) == 0.0
-    assert float(seen["out"][:, [0, 2, 4, 5]].abs().min()) > 0.0
+def test_bwcp_eval_mask_is_the_probability_or_the_papers_threshold():
+    x = batches(1)[0]
+    outs = {}
+    for how in ("mean", "threshold"):
+        model = tiny().eval()
+        _, _, plugin = _bwcp(model, eval_mask=how)
+        with torch.no_grad():
+            model.bn1.bias.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0]))
+        seen = {}
+        model.bn1.register_forward_hook(lambda m, a, out, seen=seen: seen.__setitem__("out", out))
+        with torch.no_grad():
+            model(x)
+            plain = F.batch_norm(model.conv1(x), model.bn1.running_mean, model.bn1.running_var,
+                                 model.bn1.weight, model.bn1.bias, False, 0.0, model.bn1.eps)  # fmt: skip
+        outs[how] = (seen["out"], plain)
+    # running whitening is the identity at first: p = Phi((beta - 0.05) / |gamma|) with gamma = 1
+    beta = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0])
+    p = 0.5 * (1 + torch.erf((beta - 0.05) / math.sqrt(2)))
+    out, plain = outs["mean"]
+    assert torch.allclose(out, plain * p.view(1, -1, 1, 1), atol=1e-6)
+    out, plain = outs["threshold"]  # channels 1 and 3 (p = Phi(-1.05)) are zero, the others whole
+    assert float(out[:, [1, 3]].abs().max()) == 0.0
+    assert torch.allclose(out[:, [0, 2, 4, 5]], plain[:, [0, 2, 4, 5]], atol=1e-6)
 
 
 def test_bwcp_sparsity_term_adds_l1_sign_gamma_and_l2_to_the_batchnorm_gradients():
@@ -445,3 +456,88 @@ def test_bwcp_without_batchnorm_and_with_bad_options_are_one_line_errors():
         softprune.Pruner(NoBN(), "bwcp", 0.3, 2, example_inputs=X)
     with pytest.raises(SoftpruneError, match=r"bwcp tau must be a number >= 1e-06, got 0"):
         _bwcp(tiny(), tau=0)
+
+
+# -- CONet ---------------------------------------------------------------------------------------------
+def _low_rank(rows, cols, rank, noise, seed):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g))
+    values = torch.zeros(rows)
+    values[:rank] = torch.linspace(10.0, 6.0, rank)
+    return u @ torch.diag(values) @ v[:, :rows].t() + noise * torch.randn(rows, cols, generator=g)
+
+
+def test_evbmf_finds_the_rank_and_the_noise_of_a_low_rank_matrix():
+    from softprune.plugins.conet import evbmf
+
+    signal = _low_rank(40, 90, 3, 0.1, seed=0)
+    kept, sigma2 = evbmf(signal)
+    assert kept.numel() == 3 and abs(sigma2 - 0.01) < 0.001  # the noise's variance, estimated
+    assert torch.allclose(kept, torch.tensor([10.0, 8.0, 6.0]), atol=0.1)  # shrunk slightly
+    assert evbmf(signal.t())[0].numel() == 3  # either orientation
+    assert evbmf(0.1 * torch.randn(40, 90, generator=torch.Generator().manual_seed(1)))[0].numel() == 0
+    assert evbmf(_low_rank(6, 9, 2, 0.0, seed=2))[0].numel() == 2  # no noise at all
+
+
+def test_conet_rank_slope_direction_and_need_by_hand():
+    from softprune.plugins.conet import CONet, rank_slope
+
+    assert rank_slope([0.1, 0.3, 0.5, 0.4]) == pytest.approx(0.4 / (2 + 1e-4))
+    assert rank_slope([0.5, 0.4, 0.3]) == 0.0  # the rank never rose above the first epoch's
+    step, rank = CONet(delta=0.02, condition=10.0, factor=0.2), CONet(factor=0.2, widths="rank")
+    for plugin in (step, rank):
+        plugin.history = {0: [0.2, 0.5], 1: [0.5, 0.505], 2: [0.2, 0.6]}
+        plugin.conditions = {0: 3.0, 1: 3.0, 2: 12.0}
+        assert [plugin.direction(i) for i in range(3)] == [1, -1, -1]  # grows; flat slope; bad condition
+        assert plugin.need(3, 16) == 16.0  # never measured: the whole group
+    assert [step.need(i, 10) for i in range(3)] == pytest.approx([12.0, 8.0, 8.0])
+    assert [rank.need(i, 10) for i in range(3)] == pytest.approx([0.5 * 12, 0.505 * 8, 0.6 * 8])
+
+
+def test_conet_keeps_widths_in_proportion_to_each_layers_need_and_the_smallest_filters_go_first():
+    from softprune.plugins.conet import rank_measures
+
+    model = tiny()
+    with torch.no_grad():  # conv1: rank 2 of 6 plus a little noise; the consumer conv2 is random
+        model.conv1.weight.copy_(_low_rank(6, 9, 2, 1e-3, seed=3).view(6, 1, 3, 3))
+        model.conv2.weight.copy_(_low_rank(8, 54, 6, 1e-3, seed=4).view(8, 6, 3, 3))
+    p = softprune.Pruner(
+        model,
+        "conet",
+        0.5,
+        1,
+        example_inputs=X,
+        budget="global",
+        plugins=[{"kind": "conet", "widths": "rank"}],
+    )
+    plugin = next(q for q in p.plugins if q.name == "conet")
+    ratio, _ = rank_measures(p.prunable[0], model)
+    assert ratio == pytest.approx((2 / 6 + 0 / 6) / 2)  # producer rank 2 of 6, random consumer none
+    norms = [softprune.criteria.L2().scores(g, model) for g in p.prunable]
+    p.step()
+    needs = [plugin.need(i, g.size) for i, g in enumerate(p.prunable)]
+    kept = [int((~m.hard).sum()) for m in p.masks]
+    assert sum(kept) == 14 - 7  # the global budget: half of all units
+    # one threshold tau across layers: group g keeps ceil(tau * need_g) units
+    taus = [(k - 1) / n for k, n in zip(kept, needs)], [k / n for k, n in zip(kept, needs)]
+    assert max(taus[0]) < min(taus[1])
+    for norm, mask in zip(norms, p.masks):  # in each group, the smallest filters went
+        if mask.hard.any():
+            assert float(norm[mask.hard].max()) <= float(norm[~mask.hard].min())
+
+
+def test_conet_resumes_its_rank_history_and_refuses_a_layer_budget():
+    model = tiny()
+    p = softprune.Pruner(model, "conet", 0.5, 3, example_inputs=X)
+    p.step()
+    again = softprune.Pruner(tiny(), "conet", 0.5, 3, example_inputs=X)
+    again.load_state_dict(p.state_dict())
+    mine, theirs = (next(q for q in r.plugins if q.name == "conet") for r in (again, p))
+    assert mine.history == theirs.history and len(mine.history[0]) == 1
+    with pytest.raises(SoftpruneError, match="method conet .* needs a budget across layers .* not 'layer'"):
+        softprune.Pruner(tiny(), "conet", 0.5, 1, example_inputs=X, budget="layer")
+    with pytest.raises(SoftpruneError, match=r"conet factor must be a number in \[0.0, 1.0\), got 1.5"):
+        softprune.Pruner(
+            tiny(), "conet", 0.5, 1, example_inputs=X, plugins=[{"kind": "conet", "factor": 1.5}]
+        )

@@ -110,9 +110,9 @@ register_method(Method(
     "useless channels, the least probable are removed and the whitening merges into the layer",
     "Shao et al., arXiv 2105.06423 (no code released): activation probability, batch whitening in blocks "
     "of 16 by Newton's iteration, Gumbel masks, the sparsity term and its warm-up from the paper; the "
-    "iteration count, running average and the budget's selection by probability reconstructed "
-    "(docs/literature.md)",
-    settings={"rate_schedule": {"kind": "step", "at": 0.9}, "criterion": "bwcp", "budget": "macs",
+    "iteration count, running average, the mean mask in eval mode and the budget's selection by "
+    "probability (one step at two thirds) reconstructed (docs/literature.md)",
+    settings={"rate_schedule": {"kind": "step", "at": 0.67}, "criterion": "bwcp", "budget": "macs",
               "plugins": [{"kind": "bwcp"}]},
 ))  # fmt: skip
 register_method(Method(
@@ -124,4 +124,14 @@ register_method(Method(
     "labels, and the chosen widths are fine-tuned rather than trained again (docs/literature.md)",
     settings={"rate_schedule": {"kind": "step", "at": 0.67}, "criterion": "dmcp", "budget": "macs",
               "plugins": [{"kind": "dmcp", "warmup": 0.34}]},
+))  # fmt: skip
+register_method(Method(
+    "conet", "hfp", "the rank of each layer's weights (EVBMF) is measured every epoch; layers whose "
+    "rank stopped rising or whose mapping condition is poor shrink by CONet's step, the others grow, "
+    "and one threshold across layers meets the budget, each layer's smallest filters going",
+    "Hosseini et al., ICCVW 2021 and the authors' code (mahdihosseini/CONet): EVBMF ranks of the "
+    "unfoldings, slope, delta, mu = 10, phi = 0.2; one search window and a budget instead of trials that "
+    "grow and shrink widths (docs/literature.md)",
+    settings={"rate_schedule": _AFTER_A_THIRD, "criterion": "conet", "budget": "macs",
+              "plugins": [{"kind": "conet"}]},
 ))  # fmt: skip

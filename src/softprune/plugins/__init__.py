@@ -22,8 +22,9 @@ Plugins are registered by name (``PLUGINS``) and built from a name or a mapping
 ``{kind: name, **options}``; ``Pruner(..., plugins=[...])`` adds them after the method's own (one of a
 kind the method already has sets that plugin's options instead). Here:
 the regularizers (``regularizers.py``), weight compensation (``compensation.py``, built from the
-``compensate`` setting), Gate Decorator's Tick (``tick.py``), ResRep's compactors (``resrep.py``) and DMCP's
-Markov chains (``dmcp.py``); the
+``compensate`` setting), Gate Decorator's Tick (``tick.py``), ResRep's compactors (``resrep.py``), DMCP's
+Markov chains (``dmcp.py``), BWCP's whitening and masks (``bwcp.py``) and CONet's rank measurements
+(``conet.py``); the
 hard-zero keeper every Pruner
 runs first lives with the masks (``softprune.masks.HardKeeper``).
 docs/writing_a_method.md walks through one.
@@ -130,6 +131,11 @@ class PruningView:
         """The MACs cut the run ends at (the policy's last rate) under a MACs budget, else None."""
         o = self._owner
         return o.policy.values(o.total_steps - 1, o.total_steps)[0] if o.budget.kind == "macs" else None
+
+    @property
+    def budget_kind(self) -> str:
+        """How a step's rate becomes counts: "layer", "global", "macs" or "params"."""
+        return self._owner.budget.kind
 
     @property
     def class_count(self) -> int:
@@ -276,4 +282,4 @@ def check_fits(plugin: Plugin, criterion: str, criterion_needs: str, per_iterati
         )
 
 
-from . import bwcp, compensation, dmcp, regularizers, resrep, tick  # noqa: E402,F401  (registers their plugins)
+from . import bwcp, compensation, conet, dmcp, regularizers, resrep, tick  # noqa: E402,F401  (registers their plugins)

@@ -36,7 +36,7 @@ from . import Plugin, PruningView
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
-# BatchNorm module -> a function of the group's size giving per-unit scores from a plugin's state (a
+# BatchNorm (or producing layer) module -> a function of the group's size giving per-unit scores from a plugin's state (a
 # compactor's row norms, a chain's marginals, an activation probability), or None when the plugin has
 # no say any more; weak, so a copy of the model or a dropped pruner leaves nothing behind
 PLUGIN_SCORES: weakref.WeakKeyDictionary[nn.Module, Callable[[int], torch.Tensor | None]] = (
@@ -45,14 +45,14 @@ PLUGIN_SCORES: weakref.WeakKeyDictionary[nn.Module, Callable[[int], torch.Tensor
 
 
 class PluginScore(Criterion):
-    """A criterion whose scores a plugin keeps (registered on the group's BatchNorm in PLUGIN_SCORES,
-    on one scale across layers); a group the plugin does not cover (held, merged, ended) is scored by
-    its filters' L2 norm. Each method's criterion is a named subclass."""
+    """A criterion whose scores a plugin keeps (registered in PLUGIN_SCORES on the group's BatchNorm
+    or on one of its producers, on one scale across layers); a group the plugin does not cover (held,
+    merged, ended) is scored by its filters' L2 norm. Each method's criterion is a named subclass."""
 
     comparable = True
 
     def scores(self, group: ChannelGroup, model: nn.Module) -> torch.Tensor:
-        for member in group.members_with(Role.SCALE):
+        for member in [*group.members_with(Role.SCALE), *group.members_with(Role.FILTER)]:
             scorer = PLUGIN_SCORES.get(model.get_submodule(member.module))
             found = scorer(group.size) if scorer is not None else None
             if found is not None:
