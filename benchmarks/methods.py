@@ -88,7 +88,7 @@ BUDGETS = {
 # of training, so they stretch to this budget) with a MACs budget set to the cut the 40% presets
 # reach, so that every row ends at the same cost.
 RECIPES = ["slimming", "hrank", "ezcrop", "tick_tock", "lrf", "similarity", "greg1", "greg2", "random",
-           "resrep", "adsc", "pfwt", "frs", "dmcp", "bwcp", "conet"]  # fmt: skip
+           "resrep", "adsc", "pfwt", "frs", "dmcp", "bwcp", "conet", "c2s2"]  # fmt: skip
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
 SMOKE_METHODS = ["dense", "sfp", "ghfp", "hrank"]
 

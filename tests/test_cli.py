@@ -103,7 +103,7 @@ def test_existing_run_is_never_overwritten(trained, capsys):
         ("train.epochs=three", "config key 'train.epochs' has value 'three'; expected an integer"),
         (
             "prune.criterion=l3",
-            "unknown criterion 'l3'; choose one of: activation, bn_scale, bwcp, compactor, conet, dmcp, ezcrop, fpgm, fpgm_mix, hrank, l1, l2, l2_bn, lrf, random, relevance, similarity, taylor",
+            "unknown criterion 'l3'; choose one of: activation, bn_scale, bwcp, c2s2, compactor, conet, dmcp, ezcrop, fpgm, fpgm_mix, hrank, l1, l2, l2_bn, lrf, random, relevance, similarity, taylor",
         ),
         ("data.root=/nonexistent/fmnist", "/nonexistent/fmnist"),
         ("model.name=resnet21", "unknown model 'resnet21'"),

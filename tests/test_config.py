@@ -99,6 +99,6 @@ def test_a_method_by_name_brings_its_settings_and_the_config_adds_its_own():
     ]
     with pytest.raises(
         SoftpruneError,
-        match="unknown plugin 'bn_l2'; choose one of: bn_l1, bwcp, compensate, conet, dmcp, greg1, greg2, resrep, tick",
+        match="unknown plugin 'bn_l2'; choose one of: bn_l1, bwcp, c2s2, compensate, conet, dmcp, greg1, greg2, resrep, tick",
     ):
         config_from_dict({"prune": {"method": "sfp", "plugins": ["bn_l2"]}})

@@ -541,3 +541,84 @@ def test_conet_resumes_its_rank_history_and_refuses_a_layer_budget():
         softprune.Pruner(
             tiny(), "conet", 0.5, 1, example_inputs=X, plugins=[{"kind": "conet", "factor": 1.5}]
         )
+
+
+# -- C2S2 ----------------------------------------------------------------------------------------------
+def _c2s2(model, rate=0.5, steps=4, lr=0.1, **options):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    p = softprune.Pruner(
+        model,
+        "c2s2",
+        rate,
+        steps,
+        opt,
+        example_inputs=X,
+        budget="global",
+        plugins=[{"kind": "c2s2", **options}],
+    )
+    return p, opt, next(q for q in p.plugins if q.name == "c2s2")
+
+
+def test_c2s2_forward_applies_the_binary_copy_and_passes_the_gradient_to_the_real_one():
+    model = tiny().train()
+    _, _, plugin = _c2s2(model)
+    with torch.no_grad():
+        plugin.factors[0].copy_(torch.tensor([1.0, 0.4, 0.7, 0.5, 0.9, 0.2]))
+    seen = {}
+    model.bn1.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
+    x = batches(1)[0]
+    model(x).sum().backward()
+    plain = F.batch_norm(model.conv1(x), None, None, model.bn1.weight, model.bn1.bias, True)
+    b = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])  # 1[w > 0.5]
+    assert torch.allclose(seen["out"], plain * b.view(1, -1, 1, 1), atol=1e-5)
+    # straight through: d(loss)/dw_c is the gradient with respect to channel c's factor at b_c; an
+    # off channel's output is 0, where the ReLU after it passes nothing: only the sparsity term moves it
+    grad = plugin.factors[0].grad
+    assert float(grad[b == 1].abs().min()) > 0 and float(grad[b == 0].abs().max()) == 0.0
+
+
+def test_c2s2_sparsity_is_weighted_by_each_channels_macs_and_layers_start_in_turn():
+    model = tiny().train()
+    p, opt, plugin = _c2s2(model, strength=0.01, span=0.5, steps=4)
+    # a conv1 channel: 9 x 64 MACs of its own + 8 x 9 x 64 in conv2; a conv2 channel: 6 x 9 x 64 + 4 in fc
+    units = torch.tensor([5184.0] * 6 + [3460.0] * 8)
+    assert torch.allclose(torch.cat([plugin.costs[0], plugin.costs[1]]), units / units.mean(), atol=1e-5)
+    assert plugin.starts == {0: 0.0, 1: 0.25}  # group 1 starts at step 1 of 4
+    x, y = batches(1, targets=True)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    task = plugin.factors[0].grad.clone()
+    opt.step()  # step 0: only group 0 trains
+    expected = (1.0 - 0.1 * (task + 0.01 * plugin.costs[0])).clamp(0.0, 1.0)
+    assert torch.allclose(plugin.factors[0].detach(), expected, atol=1e-6)
+    assert torch.equal(plugin.factors[1].detach(), torch.ones(8))
+
+
+def test_c2s2_removes_the_lowest_factors_and_the_compact_model_equals_the_trained_one():
+    model = tiny().train()
+    p, opt, plugin = _c2s2(model, strength=0.5, steps=1, span=0.0)
+    for x, y in batches(3, targets=True):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    factors = [plugin.factors[i].detach().clone() for i in (0, 1)]
+    assert 0.0 < float(torch.cat(factors).min()) < 0.9  # the sparsity term moved them
+    p.step()
+    for w, mask in zip(factors, p.masks):
+        assert float(w[mask.hard].max()) <= float(w[~mask.hard].min())  # the lowest go
+    # 7 of the 14 by the lowest factors, but max_rate 0.9 keeps one of conv1's 6: 5 there, 1 in conv2
+    assert [int(m.hard.sum()) for m in p.masks] == [5, 1] and not model.bn1._forward_hooks
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        masked = model.eval()(x)
+        small = p.compact()
+        assert torch.allclose(small.eval()(x), masked, atol=1e-5)
+
+
+def test_c2s2_without_batchnorm_and_with_bad_options_are_one_line_errors():
+    with pytest.raises(
+        SoftpruneError, match="method c2s2 needs layers whose every producer is followed by a BatchNorm"
+    ):
+        softprune.Pruner(NoBN(), "c2s2", 0.3, 2, example_inputs=X, budget="global")
+    with pytest.raises(SoftpruneError, match=r"c2s2 threshold must be a number in \[0.0, 1.0\), got 1.5"):
+        _c2s2(tiny(), threshold=1.5)

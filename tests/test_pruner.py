@@ -265,12 +265,12 @@ def test_coupled_mode_prunes_every_layer_of_a_stream_at_the_rate():
     [
         (
             {"method": "gfhp"},
-            "unknown method 'gfhp'; choose one of: adsc, asfp, asrfp, bwcp, conet, dmcp, ezcrop, frs, ghfp, greg1, greg2, hfp, hrank, "
+            "unknown method 'gfhp'; choose one of: adsc, asfp, asrfp, bwcp, c2s2, conet, dmcp, ezcrop, frs, ghfp, greg1, greg2, hfp, hrank, "
             "lrf, pfwt, random, resrep, sfp, similarity, slimming, srfp, tick_tock. Did you mean 'ghfp'",
         ),
         (
             {"criterion": "l3"},
-            "unknown criterion 'l3'; choose one of: activation, bn_scale, bwcp, compactor, conet, dmcp, ezcrop, fpgm, fpgm_mix, hrank, l1, l2, l2_bn, lrf, random, relevance, similarity, taylor",
+            "unknown criterion 'l3'; choose one of: activation, bn_scale, bwcp, c2s2, compactor, conet, dmcp, ezcrop, fpgm, fpgm_mix, hrank, l1, l2, l2_bn, lrf, random, relevance, similarity, taylor",
         ),
         ({"rate": 1.0}, r"rate must lie in \[0, 1\)"),
         ({"rate": -0.2}, r"rate must lie in \[0, 1\)"),

@@ -135,3 +135,12 @@ register_method(Method(
     settings={"rate_schedule": _AFTER_A_THIRD, "criterion": "conet", "budget": "macs",
               "plugins": [{"kind": "conet"}]},
 ))  # fmt: skip
+register_method(Method(
+    "c2s2", "hfp", "a pruning layer (one factor per channel, real and binary) after the BatchNorms: the "
+    "binary copy masks the channel while the real one trains under a sparsity term weighted by the "
+    "channel's MACs, layer after layer; the lowest factors meet the budget",
+    "Chiu, Chen, Liu, arXiv 1904.03508: only the abstract could be read, every formula is reconstructed "
+    "(docs/literature.md)",
+    settings={"rate_schedule": {"kind": "step", "at": 0.67}, "criterion": "c2s2", "budget": "macs",
+              "plugins": [{"kind": "c2s2"}]},
+))  # fmt: skip

@@ -23,8 +23,8 @@ Plugins are registered by name (``PLUGINS``) and built from a name or a mapping
 kind the method already has sets that plugin's options instead). Here:
 the regularizers (``regularizers.py``), weight compensation (``compensation.py``, built from the
 ``compensate`` setting), Gate Decorator's Tick (``tick.py``), ResRep's compactors (``resrep.py``), DMCP's
-Markov chains (``dmcp.py``), BWCP's whitening and masks (``bwcp.py``) and CONet's rank measurements
-(``conet.py``); the
+Markov chains (``dmcp.py``), BWCP's whitening and masks (``bwcp.py``), C2S2's pruning layers
+(``c2s2.py``) and CONet's rank measurements (``conet.py``); the
 hard-zero keeper every Pruner
 runs first lives with the masks (``softprune.masks.HardKeeper``).
 docs/writing_a_method.md walks through one.
@@ -282,4 +282,4 @@ def check_fits(plugin: Plugin, criterion: str, criterion_needs: str, per_iterati
         )
 
 
-from . import bwcp, compensation, conet, dmcp, regularizers, resrep, tick  # noqa: E402,F401  (registers their plugins)
+from . import bwcp, c2s2, compensation, conet, dmcp, regularizers, resrep, tick  # noqa: E402,F401  (registers their plugins)
