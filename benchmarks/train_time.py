@@ -7,7 +7,10 @@ ends, the network made smaller after each, ``prune.compact_during_training``); t
 the masked full-size network trained to the end (compaction only at the end), which isolates what
 compacting during training saves; and HFP (one hard step, then masked training), the cheapest a
 masked method gets. Each row: total seconds of training (evaluation included, as the training
-command records it), seconds of the last epoch, and MACs per image of the model trained in that epoch.
+command records it), seconds of the last epoch, MACs per image of the model trained in that epoch,
+and the median time of one training step (forward, backward, SGD step; batch 128) of the network
+trained in the last epoch (the run's model.safetensors), timed after the run: the last epoch's steps times this, against
+the epoch's seconds, separates the network's own cost from what the run does around it.
 
     python benchmarks/train_time.py [--epochs 6] [--smoke]
 """
@@ -17,10 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
+import time
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 import methods as bench
 from common import machine, write
+import softprune
 from softprune.train.config import config_from_dict
 from softprune.train.engine import train
 
@@ -31,6 +40,23 @@ ROWS = {
     "frs, compacting": ("frs", []),
     "hfp, masked to the end": ("hfp", []),
 }
+
+
+def step_seconds(model: torch.nn.Module, batch: int = 128, repeats: int = 20) -> float:
+    """The median wall time of one SGD training step of ``model`` on a random batch of 28x28 images."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    times = []
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if i >= 3:  # the first steps allocate
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -74,6 +100,8 @@ def main() -> None:
             "trained_params_last_epoch": epochs[-1]["trained_params"],
             "final_macs": (summary.get("compact") or summary["dense"])["macs"],
             "test_acc": (summary.get("compact") or {}).get("test_acc", summary["history_test_acc"][-1]),
+            "train_step_seconds": step_seconds(softprune.load(config.run_dir / "model.safetensors")),
+            "steps_per_epoch": -(-args.train_limit // 128),
         })  # fmt: skip
     dense = rows[0]["seconds"]
     for r in rows:
@@ -87,13 +115,15 @@ def main() -> None:
         f"## Training wall time against dense: ResNet-20 on Fashion-MNIST, {args.epochs} epochs, "
         f"{args.train_limit} images, run one after another",
         "",
-        "| row | training seconds | vs dense | last epoch seconds | parameters trained in the last epoch | final MACs | test accuracy |",
-        "|---|---|---|---|---|---|---|",
+        "| row | training seconds | vs dense | last epoch seconds | parameters trained in the last epoch | final MACs "
+        "| test accuracy | a training step of the last epoch's network (batch 128) | the last epoch's steps at that speed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['row']} | {r['seconds']:.0f} | {r['time_vs_dense']:.2f} | {r['epoch_seconds'][-1]:.1f} "
-            f"| {r['trained_params_last_epoch'] / 1e3:.1f}K | {r['final_macs'] / 1e6:.2f}M | {r['test_acc']:.2f} |"
+            f"| {r['trained_params_last_epoch'] / 1e3:.1f}K | {r['final_macs'] / 1e6:.2f}M | {r['test_acc']:.2f} "
+            f"| {r['train_step_seconds'] * 1e3:.1f} ms | {r['train_step_seconds'] * r['steps_per_epoch']:.1f} s |"
         )
     write("train_time_smoke" if args.smoke else "train_time", payload, "\n".join(lines), args.out)
 

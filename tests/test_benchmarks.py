@@ -172,4 +172,6 @@ def test_train_time_smoke(tmp_path):
     assert rows["frs, compacting"]["trained_params_last_epoch"] < full
     # both end at the same model size: compaction during training changes the cost, not the result's size
     assert rows["pfwt, compacting"]["final_macs"] == rows["pfwt, masked to the end"]["final_macs"]
-    assert "| pfwt, compacting |" in (tmp_path / "train_time_smoke.md").read_text()
+    assert all(r["steps_per_epoch"] == 2 for r in rows.values())  # 256 images in batches of 128
+    md = (tmp_path / "train_time_smoke.md").read_text()
+    assert "| pfwt, compacting |" in md and "the last epoch's steps at that speed" in md
