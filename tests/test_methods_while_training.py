@@ -559,22 +559,21 @@ def _c2s2(model, rate=0.5, steps=4, lr=0.1, **options):
     return p, opt, next(q for q in p.plugins if q.name == "c2s2")
 
 
-def test_c2s2_forward_applies_the_binary_copy_and_passes_the_gradient_to_the_real_one():
+def test_c2s2_forward_applies_the_real_factor_and_the_binary_copy_counts_what_it_would_mask():
     model = tiny().train()
     _, _, plugin = _c2s2(model)
+    w = torch.tensor([1.0, 0.4, 0.7, 0.5, 0.9, 0.2])
     with torch.no_grad():
-        plugin.factors[0].copy_(torch.tensor([1.0, 0.4, 0.7, 0.5, 0.9, 0.2]))
+        plugin.factors[0].copy_(w)
     seen = {}
     model.bn1.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
     x = batches(1)[0]
     model(x).sum().backward()
     plain = F.batch_norm(model.conv1(x), None, None, model.bn1.weight, model.bn1.bias, True)
-    b = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])  # 1[w > 0.5]
-    assert torch.allclose(seen["out"], plain * b.view(1, -1, 1, 1), atol=1e-5)
-    # straight through: d(loss)/dw_c is the gradient with respect to channel c's factor at b_c; an
-    # off channel's output is 0, where the ReLU after it passes nothing: only the sparsity term moves it
-    grad = plugin.factors[0].grad
-    assert float(grad[b == 1].abs().min()) > 0 and float(grad[b == 0].abs().max()) == 0.0
+    assert torch.allclose(seen["out"], plain * w.view(1, -1, 1, 1), atol=1e-5)
+    assert float(plugin.factors[0].grad.abs().min()) > 0  # every channel's factor learns
+    assert torch.equal(plugin.binary(0), torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]))  # 1[w > 0.5]
+    assert plugin.summary()["binary_copy_off"] == 3
 
 
 def test_c2s2_sparsity_is_weighted_by_each_channels_macs_and_layers_start_in_turn():
@@ -603,7 +602,10 @@ def test_c2s2_removes_the_lowest_factors_and_the_compact_model_equals_the_traine
         opt.step()
     factors = [plugin.factors[i].detach().clone() for i in (0, 1)]
     assert 0.0 < float(torch.cat(factors).min()) < 0.9  # the sparsity term moved them
+    gamma = model.bn1.weight.detach().clone()
     p.step()
+    kept = ~p.masks[0].hard  # folded into the BatchNorm (the removed channels are zero)
+    assert torch.allclose(model.bn1.weight.detach()[kept], (gamma * factors[0])[kept])
     for w, mask in zip(factors, p.masks):
         assert float(w[mask.hard].max()) <= float(w[~mask.hard].min())  # the lowest go
     # 7 of the 14 by the lowest factors, but max_rate 0.9 keeps one of conv1's 6: 5 there, 1 in conv2
@@ -613,6 +615,21 @@ def test_c2s2_removes_the_lowest_factors_and_the_compact_model_equals_the_traine
         masked = model.eval()(x)
         small = p.compact()
         assert torch.allclose(small.eval()(x), masked, atol=1e-5)
+
+
+def test_c2s2_folds_its_factors_exactly_when_compacted_without_a_step():
+    model = tiny().train()
+    p, opt, plugin = _c2s2(model, strength=0.5, steps=1, span=0.0)
+    for x, y in batches(3, targets=True):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        trained = model.eval()(x)  # the pruning layers' factors applied by the hooks
+        small = p.compact()
+        assert not model.bn1._forward_hooks and float((plugin.factors[0] - 1).abs().max()) > 0.01
+        assert torch.allclose(small.eval()(x), trained, atol=1e-5)
 
 
 def test_c2s2_without_batchnorm_and_with_bad_options_are_one_line_errors():

@@ -3,11 +3,15 @@ trained with a cost-aware sparsity term, layer by layer.
 
 Every normalized group (each producer followed by a BatchNorm, a residual stream included) gets a
 pruning layer: one 1x1 depthwise kernel per channel, kept in two formats. The real copy w (1 at the
-start) is what trains; the binary copy b = 1[w > ``threshold``] is what the forward pass applies
-after the BatchNorms, with the gradient passed straight through to w (the channel is multiplied by
-b + w - stopgrad(w)). A channel whose b is 0 is already off in the network that trains; its output
-is then 0, where a following ReLU passes no gradient, so only the sparsity term moves its w (down):
-in a ReLU network an off channel stays off.
+start) multiplies the BatchNorms' outputs and trains with the network, end to end; the binary copy
+b = 1[w > ``threshold``] is the mask it points to (the run's summary counts the channels it has off),
+and the selection removes the channels of lowest w.
+
+The binary copy is not the forward pass's factor. Measured (methods benchmark, seed 0): with b in the
+forward pass and the gradient passed straight through to w, the network fell to 10% accuracy within
+the first epoch and never came back: a channel whose b turns 0 outputs 0, where the following ReLU
+passes no gradient, so only the sparsity term moves its w, down, and the layers switch off one
+channel after another.
 
 The sparsity term pulls w towards 0 with a force proportional to what the channel costs:
 
@@ -21,14 +25,16 @@ with them already thinned. The factors train with their own SGD (the hooked opti
 momentum 0.9, no weight decay) and stay in [0, 1].
 
 The selection (criterion ``c2s2``, one scale across layers) removes the channels of lowest w to meet
-the budget; from that step on the pruning layers are gone (the kept channels' b is 1, so nothing
-merges and the compact model equals the trained one).
+the budget; at that step (or before compaction, when no step made channels hard) each factor folds
+into the BatchNorms it follows (gamma and beta times w: exact) and the pruning layers go, so the
+compact model equals the trained one.
 
 What is from where: only the paper's abstract could be read (its method section was not reachable):
 the pruning layer of 1x1 depthwise kernels after the layers, its real and binary formats, the binary
 one as the mask, a sparsity criterion, a cost-aware mechanism, the layer-by-layer progression. Every
-formula above is reconstructed: the straight-through forward, the threshold 0.5, the cost weight
-from the MACs gradient, the staggered start, the strength and the single hard step at the budget.
+formula above is reconstructed: the real factor in the forward pass, the threshold 0.5, the cost
+weight from the MACs gradient, the staggered start, the strength and the single hard step at the
+budget.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ class C2S2(HookedPlugin):
         binary = [self.binary(i) for i in self.factors]
         return {
             "pruning_layers": len(self.factors),
-            "off_in_training": int(sum(int((b == 0).sum()) for b in binary)),
+            "binary_copy_off": int(sum(int((b == 0).sum()) for b in binary)),
             "units": int(sum(b.numel() for b in binary)),
         }
 
@@ -127,7 +133,7 @@ class C2S2(HookedPlugin):
             w = self.factors[i]
             if w.device != output.device:  # the model moved after the pruner was built
                 w.data = w.data.to(output.device)
-            factor = self.binary(i).to(w.device) + (w - w.detach())  # b forward, w's gradient
+            factor = w
             per_position = torch.cat([factor, factor.new_ones(1)])[units.to(w.device)]
             return output * per_position.to(output.dtype).view(1, -1, *([1] * (output.dim() - 2)))
 
@@ -165,8 +171,25 @@ class C2S2(HookedPlugin):
 
     def after_selection(self, view: PruningView, previous_hard: list[torch.Tensor]) -> None:
         if not self._ended and any(bool(view.masks[i].hard.any()) for i in self.factors):
-            self._ended = True  # the channels are chosen: the pruning layers go
-            self._remove()
+            self._fold()  # the channels are chosen: the pruning layers go
+
+    def before_compaction(self, view: PruningView) -> None:
+        if not self._ended:
+            self._fold()
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        """BN(x) w = BN'(x) with gamma' = gamma w, beta' = beta w: exact, in train and eval mode."""
+        for i, norms in self.norms.items():
+            w = self.factors[i].detach()
+            for module, units in norms:
+                at = units < w.numel()  # positions that are units of the group
+                scale = torch.ones(units.numel())
+                scale[at] = w[units[at]].cpu()
+                module.weight.mul_(scale.to(module.weight.device, module.weight.dtype))
+                module.bias.mul_(scale.to(module.bias.device, module.bias.dtype))
+        self._ended = True
+        self._remove()
 
     # -- resume -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
