@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import methods as bench
-from common import machine, write
 import softprune
+from common import machine, write
 from softprune.train.config import config_from_dict
 from softprune.train.engine import train
 
