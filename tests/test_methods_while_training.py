@@ -303,6 +303,21 @@ def test_dmcp_sandwich_pass_trains_only_the_narrow_networks_channels():
     assert plugin.arch_steps == 0
 
 
+def test_dmcp_sandwich_gradients_are_added_whole_or_over_the_number_of_passes():
+    x, y = batches(1, targets=True)[0]
+    added = {}
+    for how in ("sum", "mean"):
+        model = tiny().train()
+        p, opt, plugin = _dmcp(model, random_widths=0, warmup=10.0, sandwich=how)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = model.conv2.weight.grad.clone()
+        plugin.before_optimizer_step(p.view)
+        added[how] = model.conv2.weight.grad - before
+    assert float(added["sum"].abs().max()) > 0
+    assert torch.allclose(added["mean"], added["sum"] / 2, atol=1e-7)  # two passes: full and narrowest
+
+
 def test_dmcp_searches_the_chains_and_keeps_the_prefixes_they_expect():
     model = tiny().train()
     p, opt, plugin = _dmcp(model, warmup=0.0)
