@@ -104,3 +104,30 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root,
     if "prune.compact_during_training=true" in extra:  # the replicas trained the compacted network,
         # re-wrapped in DDP after each compaction
         assert rows[0]["trained_params"] > rows[-1]["trained_params"]
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="no torchrun",
+)
+@pytest.mark.parametrize("method", ["resrep", "bwcp", "c2s2"])
+def test_methods_with_their_own_trained_state_keep_the_replicas_identical(tmp_path, data_root, method):
+    """ResRep's compactors, C2S2's factors (gradients averaged by hand: they are not the DDP module's
+    parameters) and BWCP's running whitening (averaged before it merges) must leave every process
+    with rank 0's weights and masks. Per-process BatchNorm statistics make two processes differ from
+    one, so only the replicas are compared."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "PYTHONPATH": str(Path(softprune.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    # ResRep merges at its last hard step (a fine-tuning epoch after it), BWCP at two thirds: in training
+    extra = [f"prune.method={method}", *(["prune.finetune_epochs=1"] if method == "resrep" else [])]
+    args = [a for a in _args(data_root, tmp_path, "two", *extra) if a != "model.name=lenet5"]
+    port = 29531 + ["resrep", "bwcp", "c2s2"].index(method)
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "softprune", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["model"] == "resnet20"
+    assert summary["replicas"] == {"processes": 2, "max_weight_difference": 0.0, "masks_agree": True}
+    assert summary["compact"]["macs"] < 0.7 * summary["dense"]["macs"]  # the method did prune
+    if method != "c2s2":  # merged during training, before the replicas were compared
+        assert summary["plugins"][method]["merged"] > 0

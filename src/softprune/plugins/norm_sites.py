@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..criteria import L2, Criterion
+from ..distributed import broadcast_from_rank0, replicated
 from ..errors import SoftpruneError
 from ..graph import ChannelGroup, Role
 from ..graph.ids import collect_tensors
@@ -132,6 +133,9 @@ class ConvSitePlugin(HookedPlugin):
         """Fold each site's matrix, checked (MergeCheck); on a failed check the hooks come back and
         the error propagates, so a wrong merge never stays in the user's model."""
         due = list(matrices)
+        if replicated():  # each process's BatchNorm statistics moved with its own last batches: the
+            # fold reads them, so every process folds rank 0's (as DDP's next forward would use them)
+            broadcast_from_rank0(t for i in due for t in view.model.get_submodule(self.sites[i][1]).buffers())
         try:
             with MergeCheck(view, self.name) as merge:
                 self.merged.update(due)
