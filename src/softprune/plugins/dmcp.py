@@ -50,7 +50,6 @@ from ..graph.ids import collect_tensors
 from . import PLUGINS, PruningView, number_option
 from .norm_sites import PLUGIN_SCORES, HookedPlugin, PluginScore, group_norms
 
-
 SANDWICH = ("mean", "sum")
 
 
