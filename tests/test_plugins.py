@@ -265,3 +265,13 @@ def test_the_writing_a_method_guide_runs_and_its_plugin_resets_exactly_the_selec
         for registry, name in ((PLUGINS, "reset_selected"), (METHODS, "sfp_reset")):
             if name in registry:
                 registry.unregister(name)
+
+
+def test_every_plugin_reports_the_options_it_was_built_with_and_is_rebuilt_from_them():
+    for kind in PLUGINS.names():
+        options = make_plugin(kind).options()
+        assert options, kind  # every built-in plugin has settings a checkpoint must record
+        again = make_plugin({"kind": kind, **options})
+        assert again.options() == options, kind
+    changed = make_plugin({"kind": "bwcp", "tau": 0.25, "eval_mask": "threshold"}).options()
+    assert changed["tau"] == 0.25 and changed["eval_mask"] == "threshold" and changed["group_size"] == 16

@@ -32,6 +32,7 @@ docs/writing_a_method.md walks through one.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -225,8 +226,10 @@ class Plugin:
         return nullcontext()
 
     def options(self) -> dict:
-        """The options it was built with (saved beside its state, so a checkpoint says what ran)."""
-        return {}
+        """The options it was built with (saved beside its state, so a checkpoint says what ran): by
+        default each argument of ``__init__`` read back from the attribute of the same name."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {n: getattr(self, n) for n in names if hasattr(self, n)}
 
     def summary(self) -> dict:
         """What the plugin measured, for the run's summary.json (numbers; empty: nothing to say)."""

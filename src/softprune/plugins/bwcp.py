@@ -117,11 +117,6 @@ class BWCP(ConvSitePlugin):
         self.cut_below_half: float | None = None  # of the removed channels, the share with p <= 0.5
         self._generator = torch.Generator().manual_seed(self.seed)
 
-    def options(self) -> dict:
-        return {"group_size": self.group_size, "iterations": self.iterations, "tau": self.tau,
-                "delta": self.delta, "l1": self.l1, "l2": self.l2, "warmup": self.warmup,
-                "momentum": self.momentum, "seed": self.seed, "eval_mask": self.eval_mask}  # fmt: skip
-
     def summary(self) -> dict:
         return {
             "whitened_layers": len(self.sites),

@@ -67,9 +67,6 @@ class C2S2(HookedPlugin):
         self._optimizer: torch.optim.SGD | None = None
         self._ended = False
 
-    def options(self) -> dict:
-        return {"strength": self.strength, "threshold": self.threshold, "span": self.span}
-
     def summary(self) -> dict:
         binary = [self.binary(i) for i in self.factors]
         return {

@@ -56,9 +56,6 @@ class Compensator(Plugin):
         self.source = source
         self.ridge = ridge
 
-    def options(self) -> dict:
-        return {"source": self.source, "ridge": self.ridge}
-
     def attach(self, view: PruningView) -> None:
         if self.source == "activations" and not view.has_calibration:
             raise SoftpruneError(

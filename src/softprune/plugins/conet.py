@@ -165,14 +165,6 @@ class CONet(Plugin):
         self.conditions: dict[int, float] = {}  # group position -> the last mapping condition
         self._view: PruningView | None = None
 
-    def options(self) -> dict:
-        return {
-            "delta": self.delta,
-            "condition": self.condition,
-            "factor": self.factor,
-            "widths": self.widths,
-        }
-
     def attach(self, view: PruningView) -> None:
         if view.budget_kind == "layer":
             raise SoftpruneError(

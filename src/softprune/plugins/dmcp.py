@@ -100,11 +100,6 @@ class DMCP(HookedPlugin):
         self._optimizer: torch.optim.SGD | None = None
         self._ended = False
 
-    def options(self) -> dict:
-        return {"chunks": self.chunks, "flops_weight": self.flops_weight, "arch_lr": self.arch_lr,
-                "warmup": self.warmup, "random_widths": self.random_widths, "seed": self.seed,
-                "sandwich": self.sandwich}  # fmt: skip
-
     @torch.no_grad()
     def summary(self) -> dict:
         return {

@@ -64,9 +64,6 @@ class BNL1(Regularizer):
                 if member.param == "weight" and isinstance(module, nn.modules.batchnorm._BatchNorm):
                     _add_to_grad(member.tensor(view.model), member, live, torch.sign)
 
-    def options(self) -> dict:
-        return {"strength": self.strength, "until": self.until}
-
 
 class GrowingL2(Regularizer):
     """GReg-1 (``uniform_delta=0``) and GReg-2 (a uniform growing phase before the selection)."""

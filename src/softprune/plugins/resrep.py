@@ -46,9 +46,6 @@ class ResRep(ConvSitePlugin):
         self.zeroed_norm: float | None = None  # largest norm of a row set to zero by a merge, / median kept
         self._optimizer: torch.optim.SGD | None = None
 
-    def options(self) -> dict:
-        return {"strength": self.strength, "momentum": self.momentum}
-
     def summary(self) -> dict:
         """How close to zero the rows were when the merge cut them (1.0: as large as a kept row)."""
         return {

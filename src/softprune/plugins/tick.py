@@ -39,9 +39,6 @@ class Tick(Plugin):
             raise SoftpruneError(f"tick momentum must be a number in [0, 1), got {momentum!r}")
         self.batches, self.lr, self.momentum = batches, float(lr), float(momentum)
 
-    def options(self) -> dict:
-        return {"batches": self.batches, "lr": self.lr, "momentum": self.momentum}
-
     def attach(self, view: PruningView) -> None:
         if not view.has_calibration or view.loss_fn is None:
             raise SoftpruneError(
