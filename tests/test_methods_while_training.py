@@ -429,6 +429,29 @@ def test_bwcp_eval_mask_is_the_probability_or_the_papers_threshold():
     assert torch.allclose(out[:, [0, 2, 4, 5]], plain[:, [0, 2, 4, 5]], atol=1e-6)
 
 
+def test_bwcp_training_mask_is_a_sample_or_the_probability_itself():
+    x = batches(1, size=64)[0]
+    outs = {}
+    for how in ("sample", "mean"):
+        model = tiny().train()
+        _, _, plugin = _bwcp(model, train_mask=how, iterations=30)
+        seen = {}
+        model.bn1.register_forward_hook(lambda m, a, out, seen=seen: seen.__setitem__("out", out))
+        model(x)
+        outs[how] = seen["out"].detach()
+    # train_mask mean: the whitened output times p, no noise; a sample of the mask differs from it
+    model = tiny().train()
+    _, _, plugin = _bwcp(model, train_mask="mean", iterations=30)
+    y = F.batch_norm(model.conv1(x), None, None, model.bn1.weight, model.bn1.bias, True).detach()
+    s = plugin._batch_whitening(y)
+    from softprune.plugins.bwcp import activation_probability
+
+    p = activation_probability(s, model.bn1.weight.float(), model.bn1.bias.float(), plugin.delta).detach()
+    expected = torch.movedim(torch.movedim(y, 1, -1) @ (p.unsqueeze(1) * s).t(), -1, 1)
+    assert torch.allclose(outs["mean"], expected, atol=1e-4)
+    assert not torch.allclose(outs["sample"], expected, atol=1e-2)
+
+
 def test_bwcp_sparsity_term_adds_l1_sign_gamma_and_l2_to_the_batchnorm_gradients():
     model = tiny().train()
     p, opt, plugin = _bwcp(model, l1=0.01, l2=0.02, warmup=0.0)

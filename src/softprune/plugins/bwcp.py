@@ -76,6 +76,7 @@ def activation_probability(
 
 
 EVAL_MASKS = ("mean", "threshold")
+TRAIN_MASKS = ("sample", "mean")
 
 
 class BWCP(ConvSitePlugin):
@@ -84,7 +85,8 @@ class BWCP(ConvSitePlugin):
     |gamma| and beta; ``warmup``: the fraction of pruning steps before the sparsity term starts;
     ``momentum``: of the running whitening; ``seed``: of the masks' noise; ``eval_mask``: in eval mode
     and at the merge, each channel times its probability p (``mean``, the mask's expectation) or
-    1[p > 0.5] (``threshold``, the paper's)."""
+    1[p > 0.5] (``threshold``, the paper's); ``train_mask``: while training, a relaxed Bernoulli
+    sample of p (``sample``, the paper's) or p itself (``mean``, no noise)."""
 
     name = "bwcp"
 
@@ -100,6 +102,7 @@ class BWCP(ConvSitePlugin):
         momentum: float = 0.1,
         seed: int = 0,
         eval_mask: str = "mean",
+        train_mask: str = "sample",
     ) -> None:
         self.group_size = number_option("bwcp", "group_size", group_size, 1, integer=True)
         self.iterations = number_option("bwcp", "iterations", iterations, 1, integer=True)
@@ -111,6 +114,7 @@ class BWCP(ConvSitePlugin):
         self.momentum = number_option("bwcp", "momentum", momentum, 1e-6, 1.000001)
         self.seed = number_option("bwcp", "seed", seed, 0, integer=True)
         self.eval_mask = check_choice("bwcp eval_mask", eval_mask, EVAL_MASKS)
+        self.train_mask = check_choice("bwcp train_mask", train_mask, TRAIN_MASKS)
         super().__init__()
         self.running: dict[int, torch.Tensor] = {}  # group position -> running S (C x C, block diagonal)
         self.final: dict[int, torch.Tensor] = {}  # the matrices being merged (eval mode uses them)
@@ -161,7 +165,9 @@ class BWCP(ConvSitePlugin):
             else:
                 s = self.running[i].to(output.device)
             p = activation_probability(s, module.weight.float(), module.bias.float(), self.delta)
-            if module.training:
+            if module.training and self.train_mask == "mean":
+                mask = p
+            elif module.training:
                 u = torch.rand(p.shape, generator=self._generator).to(p.device).clamp(1e-6, 1 - 1e-6)
                 p = p.clamp(1e-6, 1 - 1e-6)
                 logits = torch.log(p) - torch.log1p(-p) + torch.log(u) - torch.log1p(-u)
