@@ -130,8 +130,7 @@ class C2S2(HookedPlugin):
             w = self.factors[i]
             if w.device != output.device:  # the model moved after the pruner was built
                 w.data = w.data.to(output.device)
-            factor = w
-            per_position = torch.cat([factor, factor.new_ones(1)])[units.to(w.device)]
+            per_position = torch.cat([w, w.new_ones(1)])[units.to(w.device)]
             return output * per_position.to(output.dtype).view(1, -1, *([1] * (output.dim() - 2)))
 
         return hook
