@@ -582,6 +582,13 @@ def test_conet_resumes_its_rank_history_and_refuses_a_layer_budget():
 
 
 # -- C2S2 ----------------------------------------------------------------------------------------------
+def _train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
 def _c2s2(model, rate=0.5, steps=4, lr=0.1, **options):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     p = softprune.Pruner(
@@ -634,10 +641,7 @@ def test_c2s2_sparsity_is_weighted_by_each_channels_macs_and_layers_start_in_tur
 def test_c2s2_removes_the_lowest_factors_and_the_compact_model_equals_the_trained_one():
     model = tiny().train()
     p, opt, plugin = _c2s2(model, strength=0.5, steps=1, span=0.0)
-    for x, y in batches(3, targets=True):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    _train(model, opt, batches(3, targets=True))
     factors = [plugin.factors[i].detach().clone() for i in (0, 1)]
     assert 0.0 < float(torch.cat(factors).min()) < 0.9  # the sparsity term moved them
     gamma = model.bn1.weight.detach().clone()
@@ -658,10 +662,7 @@ def test_c2s2_removes_the_lowest_factors_and_the_compact_model_equals_the_traine
 def test_c2s2_folds_its_factors_exactly_when_compacted_without_a_step():
     model = tiny().train()
     p, opt, plugin = _c2s2(model, strength=0.5, steps=1, span=0.0)
-    for x, y in batches(3, targets=True):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    _train(model, opt, batches(3, targets=True))
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         trained = model.eval()(x)  # the pruning layers' factors applied by the hooks
