@@ -20,6 +20,13 @@ def replicated() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def average_over_processes(tensor: torch.Tensor) -> None:
+    """The mean of ``tensor`` over the processes, in place, on every process (call on all): for state a
+    plugin keeps outside the DDP module (its gradients or running statistics are not averaged by DDP)."""
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+
+
 def broadcast_from_rank0(tensors: Iterable[torch.Tensor | None]) -> None:
     """Rank 0's values of the floating-point tensors, in place, on every process (call on all)."""
     for tensor in tensors:

@@ -44,7 +44,7 @@ import math
 import torch
 
 from ..criteria import register_criterion
-from ..distributed import replicated
+from ..distributed import average_over_processes, replicated
 from ..errors import check_choice
 from . import PLUGINS, PruningView, number_option
 from .norm_sites import PLUGIN_SCORES, ConvSitePlugin, PluginScore, apply_channels
@@ -213,8 +213,7 @@ class BWCP(ConvSitePlugin):
         due = self._due()
         if replicated():  # each process kept its own running whitening: merge the same one everywhere
             for i in due:
-                torch.distributed.all_reduce(self.running[i])
-                self.running[i] /= torch.distributed.get_world_size()
+                average_over_processes(self.running[i])
         cut = below = 0
         for i in due:
             hard = view.masks[i].hard.to(self.running[i].device)

@@ -43,10 +43,17 @@ import torch
 from torch import nn
 
 from ..criteria import register_criterion
-from ..distributed import replicated
+from ..distributed import average_over_processes, replicated
 from ..errors import SoftpruneError
 from . import PLUGINS, PruningView, number_option
-from .norm_sites import PLUGIN_SCORES, HookedPlugin, PluginScore, group_norms
+from .norm_sites import (
+    PLUGIN_SCORES,
+    HookedPlugin,
+    PluginScore,
+    group_norms,
+    position_factors,
+    scale_channels,
+)
 
 
 class C2S2(HookedPlugin):
@@ -130,8 +137,7 @@ class C2S2(HookedPlugin):
             w = self.factors[i]
             if w.device != output.device:  # the model moved after the pruner was built
                 w.data = w.data.to(output.device)
-            per_position = torch.cat([w, w.new_ones(1)])[units.to(w.device)]
-            return output * per_position.to(output.dtype).view(1, -1, *([1] * (output.dim() - 2)))
+            return scale_channels(output, w, units)
 
         return hook
 
@@ -156,8 +162,7 @@ class C2S2(HookedPlugin):
                 continue
             grad = torch.zeros_like(w) if w.grad is None else w.grad
             if replicated():  # the factors are not the DDP module's parameters: average by hand
-                torch.distributed.all_reduce(grad)
-                grad /= torch.distributed.get_world_size()
+                average_over_processes(grad)
             w.grad = grad + self.strength * self.costs[i].to(w.device)
         self._optimizer.param_groups[0]["lr"] = view.optimizer.param_groups[0]["lr"]
         self._optimizer.step()
@@ -179,9 +184,7 @@ class C2S2(HookedPlugin):
         for i, norms in self.norms.items():
             w = self.factors[i].detach()
             for module, units in norms:
-                at = units < w.numel()  # positions that are units of the group
-                scale = torch.ones(units.numel())
-                scale[at] = w[units[at]].cpu()
+                scale = position_factors(w, units)
                 module.weight.mul_(scale.to(module.weight.device, module.weight.dtype))
                 module.bias.mul_(scale.to(module.bias.device, module.bias.dtype))
         self._ended = True

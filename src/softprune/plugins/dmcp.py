@@ -16,10 +16,11 @@ batch), the plugin runs, on that batch's inputs (captured by a forward pre-hook)
 - the sandwich rule: the narrowest network (first chunks only) and ``random_widths`` networks of
   random prefix widths per group, each distilled towards the full network's output (KL divergence),
   their weight gradients divided by the number of passes (the full one included) and added to the
-  caller's before the step (``sandwich: mean``; the authors' code adds them whole, ``sandwich: sum``). Measured on the methods benchmark's ResNet-20, one
-  epoch at lr 0.1: summed, the training accuracy was 28.4% against dense's 61.2%; with the
-  sub-networks' gradients divided by the number of passes, 58.8%. The summed gradients are about
-  four steps in one: too large a step at this learning rate;
+  caller's before the step (``sandwich: mean``; the authors' code adds them whole, ``sandwich:
+  sum``). Measured on the methods benchmark's ResNet-20, one epoch at lr 0.1: summed, the training
+  accuracy was 28.4% against dense's 61.2%; with the sub-networks' gradients divided by the number
+  of passes, 58.8%. The summed gradients are about four steps in one: too large a step at this
+  learning rate;
 - after ``warmup`` of the pruning steps: an architecture step, the full network with every channel
   scaled by its marginal (after its BatchNorm), loss = KL to the full output + ``flops_weight`` x
   L_flops, on the alphas only (SGD, ``arch_lr``, momentum 0.9, nesterov, no weight decay).
@@ -48,7 +49,7 @@ from ..distributed import replicated
 from ..errors import SoftpruneError, check_choice
 from ..graph.ids import collect_tensors
 from . import PLUGINS, PruningView, number_option
-from .norm_sites import PLUGIN_SCORES, HookedPlugin, PluginScore, group_norms
+from .norm_sites import PLUGIN_SCORES, HookedPlugin, PluginScore, group_norms, scale_channels
 
 SANDWICH = ("mean", "sum")
 
@@ -182,9 +183,7 @@ class DMCP(HookedPlugin):
         def hook(module, args, output):
             if self._factors is None:
                 return None
-            factor = self._factors[i]
-            per_position = torch.cat([factor, factor.new_ones(1)])[units].to(output.device, output.dtype)
-            return output * per_position.view(1, -1, *([1] * (output.dim() - 2)))
+            return scale_channels(output, self._factors[i], units)
 
         return hook
 

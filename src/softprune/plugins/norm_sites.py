@@ -257,6 +257,17 @@ def group_norms(group: ChannelGroup, model: nn.Module) -> list[tuple[nn.Module, 
     return out
 
 
+def scale_channels(x: torch.Tensor, per_unit: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """x times each channel's unit's factor (1 at positions that are no unit of the group: ``units``
+    holds the group's size there, as :func:`group_norms` gives them); differentiable in ``per_unit``."""
+    return x * position_factors(per_unit, units).to(x.device, x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def position_factors(per_unit: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """Per position of a layer, its unit's factor, 1 where the position is no unit of the group."""
+    return torch.cat([per_unit, per_unit.new_ones(1)])[units.to(per_unit.device)]
+
+
 def apply_channels(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Q along the channel dimension (1) of x: a 1x1 convolution for any number of spatial dims."""
     return torch.movedim(torch.movedim(x, 1, -1) @ q.t(), -1, 1)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..criteria import register_criterion
-from ..distributed import replicated
+from ..distributed import average_over_processes, replicated
 from ..errors import SoftpruneError
 from . import PLUGINS, PruningView, number_option
 from .norm_sites import PLUGIN_SCORES, ConvSitePlugin, PluginScore, apply_channels
@@ -100,8 +100,7 @@ class ResRep(ConvSitePlugin):
             if q.grad is None:
                 continue
             if replicated():  # the compactors are not the DDP module's parameters: average by hand
-                torch.distributed.all_reduce(q.grad)
-                q.grad /= torch.distributed.get_world_size()
+                average_over_processes(q.grad)
             selected = view.masks[i].pruned.to(q.device)
             q.grad[selected] = 0.0  # gradient resetting: selected rows follow the penalty only
             q.grad.add_(self.strength * q / q.norm(dim=1, keepdim=True).clamp(min=1e-12))
