@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,13 @@ def net(num_classes=10):
 """
 
 
+def _free_port() -> int:
+    """A port no one listens on now: fixed ports collide when tests run in parallel (xdist)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _folder_args(tmp_path):
     """An image folder read by worker processes, and a user's factory (no BatchNorm, as LeNet-5)."""
     from softprune.data.fixtures import write_image_folder
@@ -73,7 +81,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root,
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(29517 + len(extra) % 7),
+        str(_free_port()),
         "-m",
         "softprune",
         *_args(data_root, tmp_path, "two", *extra),
@@ -121,8 +129,7 @@ def test_methods_with_their_own_trained_state_keep_the_replicas_identical(tmp_pa
     # ResRep merges at its last hard step (a fine-tuning epoch after it), BWCP at two thirds: in training
     extra = [f"prune.method={method}", *(["prune.finetune_epochs=1"] if method == "resrep" else [])]
     args = [a for a in _args(data_root, tmp_path, "two", *extra) if a != "model.name=lenet5"]
-    port = 29531 + ["resrep", "bwcp", "c2s2"].index(method)
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "softprune", *args]
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "softprune", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
