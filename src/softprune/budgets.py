@@ -35,7 +35,6 @@ from torch import nn
 from .cost import count_flops
 from .errors import SoftpruneError, check_choice
 from .graph import Analysis, ChannelGroup, Role
-from .graph.ids import CONST, DERIVED, ZERO
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -231,16 +230,7 @@ class CostModel:
         """{"macs", "params"} expected when each class c is kept with probability ``keep[c]``, the
         classes independently (DMCP's expected FLOPs): each tensor's kept fraction along a sliced
         dimension is the mean keep probability of its positions. Differentiable in ``keep``."""
-        ids = self.analysis.ids
-        p = keep[ids.label].clone()
-        p[ZERO], p[CONST] = 0.0, 1.0
-        for sid, parts in ids.parts.items():  # a sum of channels is there if any part is
-            if sid not in ids.collapsed:
-                p[sid] = 1.0 - torch.prod(1.0 - p[list(parts)])
-        every = torch.arange(ids.count)
-        derived = every[ids.kind(every) == DERIVED]  # derived ids follow their base
-        if derived.numel():
-            p[derived] = p[ids.base(derived)]
+        p = self.analysis.ids.survival(keep)
         fractions = self._fractions(p)
         macs = sum(m * (fractions[w] if w is not None else 1.0) for m, w in self._macs)
         params = self.dense_params - sum(

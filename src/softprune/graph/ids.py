@@ -232,19 +232,23 @@ class IdTable:
 
     def alive(self, pruned_classes: torch.Tensor) -> torch.Tensor:
         """Per id: does it survive when the classes flagged in ``pruned_classes`` are removed?"""
+        return self.survival((~pruned_classes).to(torch.float64)) > 0.5
+
+    def survival(self, keep: torch.Tensor) -> torch.Tensor:
+        """Per id, the probability that it survives when each class c is kept with probability
+        ``keep[c]``, the classes independently (with 0/1 probabilities: whether it survives). A sum
+        of channels survives if any part does; derived ids follow their base. Differentiable in
+        ``keep`` (DMCP's and C2S2's expected cost)."""
         assert self.label is not None
-        n = self.count
-        alive = ~pruned_classes[self.label]
-        alive[ZERO] = False
-        alive[CONST] = True
+        p = keep[self.label].clone()
+        p[ZERO], p[CONST] = 0.0, 1.0
         for sid, parts in self.parts.items():
             if sid not in self.collapsed:
-                alive[sid] = bool(alive[list(parts)].any())
-        # derived ids follow their base (a sum base included)
-        derived = torch.nonzero(self._kind[:n] == DERIVED).view(-1)
-        if derived.numel():
-            alive[derived] = alive[self._base[derived]]
-        return alive
+                p[sid] = 1.0 - torch.prod(1.0 - p[list(parts)])
+        derived = torch.nonzero(self._kind[: self.count] == DERIVED).view(-1)
+        if derived.numel():  # a sum base included
+            p[derived] = p[self._base[derived]]
+        return p
 
 
 class Context:
