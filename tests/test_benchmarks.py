@@ -33,7 +33,7 @@ def _run(script, out, *extra):
 def test_overhead_smoke(tmp_path):
     _run("overhead.py", tmp_path)
     data = json.loads((tmp_path / "overhead_smoke.json").read_text())
-    presets = ("hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp")
+    presets = ("hfp", "sfp", "asfp", "srfp", "asrfp", "ghfp", "ghfp-masks-only")
     assert set(data["preset_ratios"]) == set(presets)
     for method in presets:
         ratio = data["train_step"][method]["median_ms"] / data["train_step"]["plain"]["median_ms"]

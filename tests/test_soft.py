@@ -306,3 +306,81 @@ def test_forward_masks_are_planned_at_the_next_forward_pass_so_a_step_then_compa
     model(x)
     assert plans == [1] and pruner.soft_masks.active  # planned once, at the first forward pass
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def _split_reference(module, x, scale):
+    """The layer's output written so that autograd itself gives the parameters every row's gradient
+    and the input only ``scale`` of each row's share: layer(x, W * s) + layer(x.detach(), W * (1 - s))."""
+    view = [-1] + [1] * (module.weight.dim() - 1)
+    s = scale.view(view)
+    if isinstance(module, nn.Linear):
+        return F.linear(x, module.weight * s, module.bias) + F.linear(x.detach(), module.weight * (1 - s))
+    conv = module._conv_forward
+    return conv(x, module.weight * s, module.bias) + conv(x.detach(), module.weight * (1 - s), None)
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Conv2d(6, 8, 3, padding=1, bias=False), (4, 6, 9, 9)),
+        (nn.Conv2d(6, 8, 3, dilation=2, padding="same", groups=2), (4, 6, 9, 9)),
+        (nn.Conv2d(6, 8, 3, stride=2, padding=1), (4, 6, 9, 9)),
+        (nn.Conv2d(6, 8, 4, padding="valid"), (6, 9, 9)),  # an unbatched input
+        (nn.Conv1d(6, 8, 5, padding=2), (4, 6, 17)),
+        (nn.Conv3d(6, 8, 3, padding=1), (2, 6, 5, 5, 5)),
+        (nn.Linear(6, 8), (4, 5, 6)),  # a sequence: rows on the last dimension
+    ],
+)
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_a_producer_passes_its_soft_rows_only_alpha_of_their_gradient_into_its_input(layer, shape, alpha):
+    """Every weight and bias gets all of the output's gradient; the input gets the kept rows' share
+    and alpha of the soft rows' (the gradient stop of a producer), followed by an in-place ReLU."""
+    torch.manual_seed(0)
+    rows = torch.tensor([1, 4, 5])
+    scale = torch.ones(8)
+    scale[rows] = alpha
+    x = torch.randn(shape, requires_grad=True)
+    target = torch.randn_like(_split_reference(layer, x, scale))
+    handle = layer.register_forward_hook(softprune.soft.SoftMasks._producer_hook(layer, rows, alpha))
+    out = F.relu(layer(x), inplace=True)
+    got = torch.autograd.grad((out * target).sum(), [x, *layer.parameters()])
+    handle.remove()
+    expected_out = F.relu(_split_reference(layer, x, scale))
+    expected = torch.autograd.grad((expected_out * target).sum(), [x, *layer.parameters()])
+    assert torch.allclose(out, expected_out, atol=1e-5)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and torch.allclose(g, e, atol=1e-5, rtol=1e-4)
+    assert float(got[0].abs().sum()) > 0
+
+
+def test_the_producer_gradient_follows_autocast():
+    """Under bf16 autocast the layer runs in bf16: the gradient stop differentiates the same
+    computation, and returns each gradient in its tensor's dtype."""
+    torch.manual_seed(0)
+    layer, rows = nn.Conv2d(4, 6, 3, padding=1), torch.tensor([0, 3])
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    scale = torch.ones(6)
+    scale[rows] = 0.0
+    handle = layer.register_forward_hook(softprune.soft.SoftMasks._producer_hook(layer, rows, 0.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.autograd.grad(layer(x).float().square().sum(), [x, layer.weight, layer.bias])
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.autograd.grad(
+            _split_reference(layer, x, scale).float().square().sum(), [x, layer.weight, layer.bias]
+        )
+    assert [g.dtype for g in got] == [torch.float32] * 3
+    for g, e in zip(got, ref):
+        assert torch.allclose(g, e, atol=0.05 * float(e.abs().max()))
+
+
+def test_a_reflect_padded_producer_is_masked_through_its_parameters():
+    """Reflect padding happens before the convolution, where the gradient stop cannot reach: such a
+    group falls back to zeroed parameters rather than a wrong gradient."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))  # fmt: skip
+    pruner = softprune.Pruner(model, "sfp", 0.5, 4, example_inputs=torch.randn(1, 3, 8, 8))
+    pruner.step()
+    model(torch.randn(2, 3, 8, 8))  # plans the masks
+    assert pruner.soft_fallback == [pruner.prunable[0].name]
+    assert torch.count_nonzero(model[0].weight[pruner.masks[0].soft]) == 0

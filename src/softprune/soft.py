@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .graph import CONST, Analysis, ChannelGroup, Role
 from .masks import apply, clear_optimizer_state
@@ -93,18 +94,92 @@ class Producer:
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
 
 
-def _input_gradient(
-    module: nn.Module, shape: torch.Size, weight: torch.Tensor, grad: torch.Tensor
-) -> torch.Tensor:
-    """What ``grad`` at the module's output adds to the gradient of its input (of ``shape``), through
-    ``weight`` (the rows it concerns; the others are zero or left out)."""
-    if isinstance(module, nn.Linear):
-        return grad @ weight
-    fn = _CONV_INPUT[weight.dim() - 2]
-    return fn(shape, weight, grad, module.stride, module.padding, module.dilation, module.groups)
+@dataclass(frozen=True)
+class _Layer:
+    """What the backward of a producer's layer needs: a linear layer, or a convolution's geometry
+    with its padding as numbers."""
+
+    linear: bool
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _Layer | None:
+        """None for a convolution whose padding the backward cannot repeat (a padding mode other than
+        zeros pads before the convolution; "same" with an even kernel span pads one side more)."""
+        if isinstance(module, nn.Linear):
+            return cls(linear=True)
+        if module.padding_mode != "zeros":
+            return None
+        padding = module.padding
+        if padding == "valid":
+            padding = (0,) * len(module.kernel_size)
+        elif padding == "same":
+            spans = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            if any(span % 2 for span in spans):
+                return None
+            padding = tuple(span // 2 for span in spans)
+        return cls(False, tuple(module.stride), tuple(padding), tuple(module.dilation), module.groups)
+
+
+class _SoftRowsGradient(torch.autograd.Function):
+    """A producer's output as its layer computed it, differentiated so that the layer's parameters get
+    all of the output's gradient and its input only ``scale`` of each output row's share (alpha_t for
+    a soft row, 1 for a kept one). Scaling the rows before the layer's one input backward costs a
+    multiply; taking their share out afterwards cost a second, partial backward of the layer (+32%
+    on a ResNet-56 training step, benchmarks/results/overhead.md before this)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer: _Layer, scale: torch.Tensor, computed: list):
+        # the output arrives in a list, not as an argument: returned as an argument it would become a
+        # view, and an in-place activation after the layer would then be refused
+        ctx.save_for_backward(x, weight)
+        ctx.layer, ctx.scale, ctx.has_bias = layer, scale, bias is not None
+        return computed[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        layer, dtype = ctx.layer, grad.dtype  # under autocast the layer ran in the gradient's dtype
+        xs, ws = x.to(dtype), weight.to(dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        if layer.linear:
+            if need_x:
+                gx = (grad * ctx.scale.to(grad)) @ ws
+            flat = grad.reshape(-1, grad.shape[-1])
+            if need_w:
+                gw = flat.T @ xs.reshape(-1, xs.shape[-1])
+            if need_b:
+                gb = flat.sum(0)
+        else:
+            unbatched = xs.dim() == ws.dim() - 1
+            if unbatched:
+                xs, grad = xs.unsqueeze(0), grad.unsqueeze(0)
+            geometry = (
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                False,
+                (0,) * len(layer.stride),
+                layer.groups,
+            )
+            conv_backward = torch.ops.aten.convolution_backward
+            if need_x:
+                scale = ctx.scale.to(grad).view(1, -1, *[1] * (grad.dim() - 2))
+                gx = conv_backward(grad * scale, xs, ws, None, *geometry, (True, False, False))[0]
+                gx = gx.squeeze(0) if unbatched else gx
+            if need_w or need_b:
+                sizes = [ws.shape[0]] if ctx.has_bias else None
+                _, gw, gb = conv_backward(grad, xs, ws, sizes, *geometry, (False, need_w, need_b))
+        gx = gx.to(x.dtype) if gx is not None else None
+        gw = gw.to(weight.dtype) if gw is not None else None
+        return gx, gw, gb, None, None, None
 
 
 class SoftMasks:
@@ -242,6 +317,7 @@ class SoftMasks:
                     and member.dim == 0
                     and type(module).forward
                     in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward)
+                    and _Layer.of(module) is not None
                 ):
                     self.producers.append(Producer(member.module, gi, member.unit))
                 else:
@@ -322,6 +398,10 @@ class SoftMasks:
             self._install()
 
     def _install(self) -> None:
+        # producers first: a mask on the same module's output then wraps the output they rebuild
+        for k, rows in self._rows.items():
+            module = self.model.get_submodule(self.producers[k].module)
+            self._handles.append(module.register_forward_hook(self._producer_hook(module, rows, self._alpha)))
         by_module: dict[str, list[int]] = {}
         for k in self._masks:
             by_module.setdefault(self.points[k].module, []).append(k)
@@ -340,15 +420,14 @@ class SoftMasks:
                 )
             if outputs:
                 self._handles.append(module.register_forward_hook(self._output_hook(name, outputs)))
-        for k, rows in self._rows.items():
-            module = self.model.get_submodule(self.producers[k].module)
-            self._handles.append(module.register_forward_hook(self._producer_hook(rows, self._alpha)))
 
     @staticmethod
-    def _producer_hook(rows: torch.Tensor, alpha: float):
+    def _producer_hook(module: nn.Module, rows: torch.Tensor, alpha: float):
         # The forward pass carries alpha of a soft channel, the straight-through backward all of its
-        # gradient: the soft rows' input share is 1 - alpha too much (all of it for SFP's alpha = 0).
-        excess = 1.0 - alpha
+        # gradient: the layer's input gets only alpha of the soft rows' share (none for SFP's 0).
+        layer = _Layer.of(module)
+        scale = torch.ones(module.weight.shape[0])
+        scale[rows] = alpha
 
         def hook(module, args, output):
             x = args[0] if args else None
@@ -356,36 +435,7 @@ class SoftMasks:
                 return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
-            seen: dict[str, torch.Tensor] = {}
-            shape = x.shape  # not x: a hook on x that held x would keep every batch's input alive
-
-            def keep_output_grad(grad):
-                seen["grad"] = grad
-
-            def correct_input_grad(grad):
-                g = seen.pop("grad", None)
-                if g is None:
-                    return None
-                index = rows.to(g.device)
-                dim = g.dim() - 1 if isinstance(module, nn.Linear) else 1
-                if module.groups > 1 if not isinstance(module, nn.Linear) else False:
-                    keep = torch.zeros(g.shape[dim], dtype=g.dtype, device=g.device).index_fill_(0, index, 1)
-                    view = [1] * g.dim()
-                    view[dim] = -1
-                    weight = module.weight.detach().to(g.dtype) * keep.view(
-                        -1, *[1] * (module.weight.dim() - 1)
-                    )
-                    share = _input_gradient(module, shape, weight, g * keep.view(view))
-                else:
-                    weight = (
-                        module.weight.detach().index_select(0, index.to(module.weight.device)).to(g.dtype)
-                    )
-                    share = _input_gradient(module, shape, weight, g.index_select(dim, index))
-                return grad - excess * share.to(grad.dtype)
-
-            output.register_hook(keep_output_grad)
-            x.register_hook(correct_input_grad)
-            return None
+            return _SoftRowsGradient.apply(x, module.weight, module.bias, layer, scale, [output.detach()])
 
         return hook
 
