@@ -60,15 +60,18 @@ METHODS = {
         "prune.rate_schedule=constant",
         "prune.criterion=l2",
         "prune.min_steps=1",
+        "prune.finetune_epochs=0",
     ],  # fmt: skip
     "fpgm": ["prune.method=sfp", "prune.criterion=fpgm"],
-    # GHFP with one pruning step per epoch, as its code (the preset spreads 24 steps over a short run)
-    "ghfp-epoch-steps": ["prune.method=ghfp", "prune.min_steps=1"],
+    # GHFP with one pruning step per epoch and no step-free last epoch, as its code (the preset spreads
+    # 24 steps over a short run and ends it with an epoch without steps)
+    "ghfp-epoch-steps": ["prune.method=ghfp", "prune.min_steps=1", "prune.finetune_epochs=0"],
 }
 # Ablations, run only when named in --only: each changes one knob of a preset ({third}: a third of
 # the budget's epochs).
 ABLATIONS = {
     "ghfp-tail": ["prune.method=ghfp", "prune.finetune_epochs={third}"],  # ramps end at 2/3
+    "ghfp-no-tail": ["prune.method=ghfp", "prune.finetune_epochs=0"],  # steps until the last epoch ends
     "ghfp-comp": ["prune.method=ghfp", "prune.compensate=activations"],
     "ghfp-l2": ["prune.method=ghfp", "prune.criterion=l2"],  # the code's ramps, the plain L2 norm
     "sfp-steps": ["prune.method=sfp", "prune.min_steps=24"],  # 24 steps spread over a short run

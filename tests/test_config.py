@@ -102,3 +102,16 @@ def test_a_method_by_name_brings_its_settings_and_the_config_adds_its_own():
         match="unknown plugin 'bn_l2'; choose one of: bn_l1, bwcp, c2s2, compensate, conet, dmcp, greg1, greg2, resrep, tick",
     ):
         config_from_dict({"prune": {"method": "sfp", "plugins": ["bn_l2"]}})
+
+
+def test_ghfp_runs_end_with_an_epoch_without_pruning_steps_unless_told_otherwise():
+    """prune.finetune_epochs left unset takes the method's: GHFP keeps its last epoch free of steps
+    (at most train.epochs - 1, so a one-epoch run still prunes), the other methods none; a value the
+    config gives wins and is what the saved config says."""
+    tail = {m: config_from_dict({"prune": {"method": m}, "train": {"epochs": 6}}).prune.finetune_epochs
+            for m in ("ghfp", "sfp", "hfp", "dense")}  # fmt: skip
+    assert tail == {"ghfp": 1, "sfp": 0, "hfp": 0, "dense": 0}
+    assert config_from_dict({"train": {"epochs": 1}}).prune.finetune_epochs == 0  # ghfp, one epoch
+    given = config_from_dict({"prune": {"method": "ghfp", "finetune_epochs": 0}, "train": {"epochs": 6}})
+    assert given.prune.finetune_epochs == 0
+    assert config_from_dict(given.to_dict()).prune.finetune_epochs == 0

@@ -257,8 +257,9 @@ def test_initial_step_and_finetuning_tail(tmp_path, data_root):
 @pytest.mark.slow
 def test_a_short_run_spreads_its_pruning_steps_over_the_iterations(tmp_path, data_root):
     """prune.min_steps: 2 epochs of 4 iterations give 2 epoch-end steps; min_steps=3 asks for more, so a
-    step comes every 8 // 3 = 2 optimizer steps: 4 steps, 2 in each epoch."""
-    assert main(_tiny(data_root, tmp_path, "spread", "prune.method=ghfp", "prune.min_steps=3")) == 0
+    step comes every 8 // 3 = 2 optimizer steps: 4 steps, 2 in each epoch (with no step-free tail)."""
+    extra = ("prune.method=ghfp", "prune.min_steps=3", "prune.finetune_epochs=0")
+    assert main(_tiny(data_root, tmp_path, "spread", *extra)) == 0
     rows = [json.loads(line) for line in (tmp_path / "spread" / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((tmp_path / "spread" / "summary.json").read_text())
     assert [r["step"] for r in rows] == [2, 4]

@@ -27,6 +27,9 @@ class Method:
     settings: dict[str, Any] = field(default_factory=dict)  # PruneSettings keys
     # pruning steps a training run takes at least (a short run spreads them over its iterations)
     min_steps: int = 1
+    # the last epochs of a training run that take no pruning step, so the network it ends with trains
+    # on (prune.finetune_epochs; a run of fewer epochs than this plus one keeps none)
+    finetune_epochs: int = 0
 
     @property
     def criterion(self) -> str:

@@ -34,4 +34,5 @@ register_method(Method(
     "hardness, the BN-scaled L2 norm; docs/methods.md says what is from the code and what the paper",
     settings={"criterion": "l2_bn"},
     min_steps=24,
+    finetune_epochs=1,
 ))  # fmt: skip

@@ -66,6 +66,12 @@ def default_min_steps(method: str) -> int:
     return 1 if method == "dense" else get_method(method).min_steps
 
 
+def default_finetune_epochs(method: str, epochs: int) -> int:
+    """The epochs without pruning steps that end a run of ``method`` (prune.finetune_epochs): the
+    method's, but a run keeps at least one epoch to prune in."""
+    return 0 if method == "dense" else max(0, min(get_method(method).finetune_epochs, epochs - 1))
+
+
 @dataclass
 class PruneConfig(PruneSettings):
     """The config's prune section: the pruning settings (softprune.settings.PruneSettings, shared
@@ -84,8 +90,9 @@ class PruneConfig(PruneSettings):
     # one more pruning step before the first epoch, as SFP's and GHFP's released code do; off by
     # default: on the methods benchmark it cost GHFP 0.7 points and did not help SFP (docs/methods.md)
     initial_step: bool = False
-    # the last k epochs train the pruned model with every selected unit hard: no pruning steps in them
-    finetune_epochs: int = 0
+    # the last k epochs train the pruned model with every selected unit hard: no pruning steps in them.
+    # None: the method's, 1 for ghfp (at most train.epochs - 1) and 0 for the others
+    finetune_epochs: int | None = None
     # remove hard filters physically after each pruning step that made some, and train the smaller
     # model from there on (the optimizer, LR schedule and DDP wrapper follow): training gets cheaper
     compact_during_training: bool = False
@@ -321,6 +328,8 @@ def config_from_dict(data: Any, overrides: list[str] = ()) -> RunConfig:
         config.prune.criterion = "l2" if dense else get_method(config.prune.method).criterion
     if config.prune.min_steps is None:
         config.prune.min_steps = default_min_steps(config.prune.method)
+    if config.prune.finetune_epochs is None:
+        config.prune.finetune_epochs = default_finetune_epochs(config.prune.method, config.train.epochs)
     _validate(config)
     return config
 
