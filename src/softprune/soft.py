@@ -39,8 +39,8 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from .gradient_stop import Layer, SoftRowsGradient
 from .graph import CONST, Analysis, ChannelGroup, Role
 from .masks import apply, clear_optimizer_state
 from .modes import training_mode
@@ -94,92 +94,6 @@ class Producer:
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """What the backward of a producer's layer needs: a linear layer, or a convolution's geometry
-    with its padding as numbers."""
-
-    linear: bool
-    stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()
-    dilation: tuple[int, ...] = ()
-    groups: int = 1
-
-    @classmethod
-    def of(cls, module: nn.Module) -> _Layer | None:
-        """None for a convolution whose padding the backward cannot repeat (a padding mode other than
-        zeros pads before the convolution; "same" with an even kernel span pads one side more)."""
-        if isinstance(module, nn.Linear):
-            return cls(linear=True)
-        if module.padding_mode != "zeros":
-            return None
-        padding = module.padding
-        if padding == "valid":
-            padding = (0,) * len(module.kernel_size)
-        elif padding == "same":
-            spans = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-            if any(span % 2 for span in spans):
-                return None
-            padding = tuple(span // 2 for span in spans)
-        return cls(False, tuple(module.stride), tuple(padding), tuple(module.dilation), module.groups)
-
-
-class _SoftRowsGradient(torch.autograd.Function):
-    """A producer's output as its layer computed it, differentiated so that the layer's parameters get
-    all of the output's gradient and its input only ``scale`` of each output row's share (alpha_t for
-    a soft row, 1 for a kept one). Scaling the rows before the layer's one input backward costs a
-    multiply; taking their share out afterwards cost a second, partial backward of the layer (+32%
-    on a ResNet-56 training step, benchmarks/results/overhead.md before this)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer: _Layer, scale: torch.Tensor, computed: list):
-        # the output arrives in a list, not as an argument: returned as an argument it would become a
-        # view, and an in-place activation after the layer would then be refused
-        ctx.save_for_backward(x, weight)
-        ctx.layer, ctx.scale, ctx.has_bias = layer, scale, bias is not None
-        return computed[0]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        layer, dtype = ctx.layer, grad.dtype  # under autocast the layer ran in the gradient's dtype
-        xs, ws = x.to(dtype), weight.to(dtype)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = gw = gb = None
-        if layer.linear:
-            if need_x:
-                gx = (grad * ctx.scale.to(grad)) @ ws
-            flat = grad.reshape(-1, grad.shape[-1])
-            if need_w:
-                gw = flat.T @ xs.reshape(-1, xs.shape[-1])
-            if need_b:
-                gb = flat.sum(0)
-        else:
-            unbatched = xs.dim() == ws.dim() - 1
-            if unbatched:
-                xs, grad = xs.unsqueeze(0), grad.unsqueeze(0)
-            geometry = (
-                layer.stride,
-                layer.padding,
-                layer.dilation,
-                False,
-                (0,) * len(layer.stride),
-                layer.groups,
-            )
-            conv_backward = torch.ops.aten.convolution_backward
-            if need_x:
-                scale = ctx.scale.to(grad).view(1, -1, *[1] * (grad.dim() - 2))
-                gx = conv_backward(grad * scale, xs, ws, None, *geometry, (True, False, False))[0]
-                gx = gx.squeeze(0) if unbatched else gx
-            if need_w or need_b:
-                sizes = [ws.shape[0]] if ctx.has_bias else None
-                _, gw, gb = conv_backward(grad, xs, ws, sizes, *geometry, (False, need_w, need_b))
-        gx = gx.to(x.dtype) if gx is not None else None
-        gw = gw.to(weight.dtype) if gw is not None else None
-        return gx, gw, gb, None, None, None
 
 
 class SoftMasks:
@@ -317,7 +231,7 @@ class SoftMasks:
                     and member.dim == 0
                     and type(module).forward
                     in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward)
-                    and _Layer.of(module) is not None
+                    and Layer.of(module) is not None
                 ):
                     self.producers.append(Producer(member.module, gi, member.unit))
                 else:
@@ -425,7 +339,7 @@ class SoftMasks:
     def _producer_hook(module: nn.Module, rows: torch.Tensor, alpha: float):
         # The forward pass carries alpha of a soft channel, the straight-through backward all of its
         # gradient: the layer's input gets only alpha of the soft rows' share (none for SFP's 0).
-        layer = _Layer.of(module)
+        layer = Layer.of(module)
         scale = torch.ones(module.weight.shape[0])
         scale[rows] = alpha
 
@@ -435,7 +349,7 @@ class SoftMasks:
                 return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
-            return _SoftRowsGradient.apply(x, module.weight, module.bias, layer, scale, [output.detach()])
+            return SoftRowsGradient.apply(x, module.weight, module.bias, layer, scale, [output.detach()])
 
         return hook
 
