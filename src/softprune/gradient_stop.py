@@ -6,7 +6,8 @@ its producer's output is the gradient it would have if it were alive. Its own fi
 from it; the layers before it should not (they would train for a channel the network does not use).
 PyTorch's convolution backward computes the input's and the weights' gradients from one output
 gradient; here they are computed from two (``torch.ops.aten.convolution_backward`` with its output
-mask, once each), so the stop costs one multiply of the output gradient and no second backward.
+mask, once each): the input's with the soft rows of the weight scaled by alpha_t, which scales their
+share, the weights' from the whole gradient. No second backward, and no pass over the gradient.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ class Layer:
 class SoftRowsGradient(torch.autograd.Function):
     """A producer's output as its layer computed it, differentiated so that the layer's parameters get
     all of the output's gradient and its input only ``scale`` of each output row's share (alpha_t for
-    a soft row, 1 for a kept one). Scaling the rows before the layer's one input backward costs a
-    multiply; taking their share out afterwards cost a second, partial backward of the layer (+32%
-    on a ResNet-56 training step, benchmarks/results/overhead.md before this)."""
+    a soft row, 1 for a kept one). The stop used to take the soft rows' share out with a
+    second, partial backward of the layer: a ResNet-56 training step with soft units cost 32-35% more
+    than a plain one, now 7-11% (benchmarks/results/overhead.md)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer: Layer, scale: torch.Tensor, computed: list):
@@ -72,8 +73,8 @@ class SoftRowsGradient(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
         if layer.linear:
-            if need_x:
-                gx = (grad * ctx.scale.to(grad)) @ ws
+            if need_x:  # scaling the weight's rows scales their share: cheaper than scaling the gradient
+                gx = grad @ (ws * ctx.scale.to(ws).unsqueeze(1))
             flat = grad.reshape(-1, grad.shape[-1])
             if need_w:
                 gw = flat.T @ xs.reshape(-1, xs.shape[-1])
@@ -92,9 +93,9 @@ class SoftRowsGradient(torch.autograd.Function):
                 layer.groups,
             )
             conv_backward = torch.ops.aten.convolution_backward
-            if need_x:
-                scale = ctx.scale.to(grad).view(1, -1, *[1] * (grad.dim() - 2))
-                gx = conv_backward(grad * scale, xs, ws, None, *geometry, (True, False, False))[0]
+            if need_x:  # the rows' share scaled through the (small) weight, not the (large) gradient
+                scaled = ws * ctx.scale.to(ws).view(-1, *[1] * (ws.dim() - 1))
+                gx = conv_backward(grad, xs, scaled, None, *geometry, (True, False, False))[0]
                 gx = gx.squeeze(0) if unbatched else gx
             if need_w or need_b:
                 sizes = [ws.shape[0]] if ctx.has_bias else None
