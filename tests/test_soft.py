@@ -10,6 +10,7 @@ from torch import nn
 import softprune
 from softprune.data import BatchLoader, load_dataset
 from softprune.errors import SoftpruneError
+from softprune.gradient_stop import Layer
 from softprune.graph import Role
 from softprune.masks import zero_units, zero_units_of
 
@@ -341,7 +342,9 @@ def test_a_producer_passes_its_soft_rows_only_alpha_of_their_gradient_into_its_i
     scale[rows] = alpha
     x = torch.randn(shape, requires_grad=True)
     target = torch.randn_like(_split_reference(layer, x, scale))
-    handle = layer.register_forward_hook(softprune.soft.SoftMasks._producer_hook(layer, rows, alpha))
+    handle = layer.register_forward_hook(
+        softprune.soft.SoftMasks._producer_hook(layer, Layer.of(layer), rows, alpha)
+    )
     out = F.relu(layer(x), inplace=True)
     got = torch.autograd.grad((out * target).sum(), [x, *layer.parameters()])
     handle.remove()
@@ -361,7 +364,9 @@ def test_the_producer_gradient_follows_autocast():
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     scale = torch.ones(6)
     scale[rows] = 0.0
-    handle = layer.register_forward_hook(softprune.soft.SoftMasks._producer_hook(layer, rows, 0.0))
+    handle = layer.register_forward_hook(
+        softprune.soft.SoftMasks._producer_hook(layer, Layer.of(layer), rows, 0.0)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = torch.autograd.grad(layer(x).float().square().sum(), [x, layer.weight, layer.bias])
     handle.remove()

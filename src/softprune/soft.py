@@ -91,6 +91,7 @@ class Producer:
     module: str
     group: int
     unit: torch.Tensor  # per output row
+    layer: Layer  # what its backward needs (softprune.gradient_stop)
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -213,8 +214,8 @@ class SoftMasks:
         Let through the soft filter into the layer's input, it would train the kept layers before
         it for a channel the network does not use (measured: the kept filters of a ResNet-20's first
         stage got 45 times the gradient they get when the same units are zeroed, and the loss rose
-        from 1.9 to 29 in ten steps). Each producer's hook takes the soft rows' share back out of its
-        input's gradient. Layers other than convolutions and linear layers cannot do that here:
+        from 1.9 to 29 in ten steps). Each producer's backward gives its input only alpha_t of the
+        soft rows' share (softprune.gradient_stop). Layers other than convolutions and linear layers cannot do that here:
         their groups are masked through their parameters instead."""
         for gi, group in enumerate(self.groups):
             for member in group.members_with(Role.FILTER):
@@ -226,14 +227,15 @@ class SoftMasks:
                 )
                 if depthwise:
                     continue  # reads the same units it writes: nothing of another unit to keep apart
-                if (
+                plain = (
                     isinstance(module, (*_CONVS, nn.Linear))
                     and member.dim == 0
                     and type(module).forward
                     in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward)
-                    and Layer.of(module) is not None
-                ):
-                    self.producers.append(Producer(member.module, gi, member.unit))
+                )
+                layer = Layer.of(module) if plain else None
+                if layer is not None:
+                    self.producers.append(Producer(member.module, gi, member.unit, layer))
                 else:
                     self.fallback.add(gi)
 
@@ -314,8 +316,10 @@ class SoftMasks:
     def _install(self) -> None:
         # producers first: a mask on the same module's output then wraps the output they rebuild
         for k, rows in self._rows.items():
-            module = self.model.get_submodule(self.producers[k].module)
-            self._handles.append(module.register_forward_hook(self._producer_hook(module, rows, self._alpha)))
+            producer = self.producers[k]
+            module = self.model.get_submodule(producer.module)
+            hook = self._producer_hook(module, producer.layer, rows, self._alpha)
+            self._handles.append(module.register_forward_hook(hook))
         by_module: dict[str, list[int]] = {}
         for k in self._masks:
             by_module.setdefault(self.points[k].module, []).append(k)
@@ -336,12 +340,12 @@ class SoftMasks:
                 self._handles.append(module.register_forward_hook(self._output_hook(name, outputs)))
 
     @staticmethod
-    def _producer_hook(module: nn.Module, rows: torch.Tensor, alpha: float):
+    def _producer_hook(module: nn.Module, layer: Layer, rows: torch.Tensor, alpha: float):
         # The forward pass carries alpha of a soft channel, the straight-through backward all of its
         # gradient: the layer's input gets only alpha of the soft rows' share (none for SFP's 0).
-        layer = Layer.of(module)
-        scale = torch.ones(module.weight.shape[0])
-        scale[rows] = alpha
+        # The scale lives where the weight does, so no backward copies it there.
+        scale = torch.ones(module.weight.shape[0], device=module.weight.device)
+        scale[rows.to(scale.device)] = alpha
 
         def hook(module, args, output):
             x = args[0] if args else None
