@@ -20,21 +20,12 @@ RECIPE = Path(softprune.__file__).parent / "configs" / "fashion_mnist_ghfp.yaml"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("runs")
+    # prune.finetune_epochs=0: a step at every epoch's end, which the schedules test below reads
     args = [
-        "train",
-        str(RECIPE),
-        f"output={out}",
-        "name=e2e",
-        f"data.root={data_root}",
-        "data.train_limit=1024",
-        "data.test_limit=400",
-        "train.epochs=3",
-        "train.batch_size=64",
-        "report.latency_repeats=3",
-        "prune.recalibrate_bn=4",
-        "prune.finetune_epochs=0",
-        "--quiet",
-    ]  # fmt: skip  (finetune_epochs=0: a step at every epoch's end, the schedules below)
+        "train", str(RECIPE), f"output={out}", "name=e2e", f"data.root={data_root}", "data.train_limit=1024",
+        "data.test_limit=400", "train.epochs=3", "train.batch_size=64", "report.latency_repeats=3",
+        "prune.recalibrate_bn=4", "prune.finetune_epochs=0", "--quiet",
+    ]  # fmt: skip
     assert main(args) == 0
     return out / "e2e"
 
